@@ -1,0 +1,93 @@
+"""Tiny models built from configs (never from Hub ids) and small offline helpers shared by the tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import transformers
+from transformers import PreTrainedTokenizerFast
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)
+
+VOCAB = 64
+FAMILIES = ["bert", "roberta", "distilbert", "llama", "mistral", "qwen2", "qwen3", "gpt2"]
+ENCODERS = ["bert", "roberta", "distilbert"]
+DECODERS = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
+
+
+def tiny_config(family: str, **overrides) -> transformers.PretrainedConfig:
+    """A 2–4 layer, 16–32 wide config of ``family`` with 4 heads (GQA 4/2 for the Llama family)."""
+    common = dict(vocab_size=VOCAB, num_labels=3, pad_token_id=0)
+    if family in ("bert", "roberta"):
+        cls = transformers.BertConfig if family == "bert" else transformers.RobertaConfig
+        kw = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
+                  max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        if family == "roberta":
+            kw.update(pad_token_id=1, bos_token_id=0, eos_token_id=2)
+        cfg = cls(**{**common, **kw})
+    elif family == "distilbert":
+        cfg = transformers.DistilBertConfig(**common, dim=16, hidden_dim=32, n_layers=4, n_heads=4,
+                                            max_position_embeddings=64, dropout=0.0, attention_dropout=0.0)
+    elif family == "gpt2":
+        cfg = transformers.GPT2Config(**common, n_embd=16, n_inner=32, n_layer=4, n_head=4, n_positions=64,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    else:
+        cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+               "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
+        cfg = cls(**common, hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+        if family == "qwen3":
+            cfg.head_dim = 4
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+HEADS = {
+    "base": transformers.AutoModel,
+    "seq_cls": transformers.AutoModelForSequenceClassification,
+    "token_cls": transformers.AutoModelForTokenClassification,
+    "qa": transformers.AutoModelForQuestionAnswering,
+    "masked_lm": transformers.AutoModelForMaskedLM,
+    "causal_lm": transformers.AutoModelForCausalLM,
+}
+
+
+def tiny_model(family: str, head: str = "base", seed: int = 0, **overrides):
+    """A randomly initialised tiny ``family`` model with the given ``head``, in eval mode."""
+    torch.manual_seed(seed)
+    model = HEADS[head].from_config(tiny_config(family, **overrides))
+    return model.eval()
+
+
+def tiny_inputs(batch: int = 2, seq: int = 8, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``VOCAB`` tokens built locally with ``tokenizers``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(VOCAB - 5)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
