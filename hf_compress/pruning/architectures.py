@@ -31,6 +31,7 @@ class Family:
     ffn_config: str = "intermediate_size"  # config field holding the FFN width
     conv1d: bool = False  # weights stored as [in, out] (transformers ``Conv1D``)
     causal_cache: bool = False  # blocks carry a ``layer_idx`` used by the KV cache
+    config_head_dim: bool = False  # the config stores ``head_dim``, so fewer heads per layer are expressible
 
 
 _BERT = Family(
@@ -56,6 +57,7 @@ _LLAMA = Family(
     attention="self_attn",
     head_dim="head_dim",
     causal_cache=True,
+    config_head_dim=True,
 )
 
 FAMILIES: dict[str, Family] = {

@@ -1,0 +1,123 @@
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import transformers
+from huggingface_hub import ModelCard
+
+from hf_compress.cards import TEMPLATE_PATH, load_code, needs_hf_compress, render_card, write_card
+from hf_compress.quantization import quantize_int8
+from tests.conftest import tiny_model
+
+transformers.logging.set_verbosity_error()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _report(nonzero, disk, ms, accuracy, quantized=False):
+    return {"params": {"total": 1000, "nonzero": nonzero}, "sparsity": 1 - nonzero / 1000,
+            "linear_sparsity": 1 - nonzero / 1000, "memory_bytes": disk, "disk_bytes": disk, "quantized": quantized,
+            "latency_ms": {"1": ms, "32": 10 * ms}, "metrics": {"eval_accuracy": accuracy, "eval_runtime": 1.0},
+            "latency_setup": {"device": "cpu", "threads": 2, "cpu": "x86_64", "repeats": 10}}
+
+
+TEACHER = _report(1000, 4_000_000, 8.0, 0.90)
+STUDENT = _report(400, 1_000_000, 2.0, 0.88, quantized=True)
+
+
+def test_template_copies_are_identical():
+    assert TEMPLATE_PATH == ROOT / "hf_compress" / "model_cards" / "default.md"
+    assert (ROOT / "model_cards" / "default.md").read_bytes() == TEMPLATE_PATH.read_bytes()
+
+
+def test_render_card_metadata_and_model_index():
+    card = render_card("tiny-student", base_model="org/teacher", datasets=["glue"], report=STUDENT,
+                       reference_report=TEACHER, config={"architectures": ["BertForSequenceClassification"]})
+    data = card.data.to_dict()
+    assert data["base_model"] == "org/teacher" and data["datasets"] == ["glue"]
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-classification"
+    assert data["tags"] == ["distillation", "pruning", "hf-compress", "quantization"]
+    results = data["model-index"][0]["results"]
+    assert data["model-index"][0]["name"] == "tiny-student"
+    assert [(m["type"], m["value"]) for m in results[0]["metrics"]] == [("accuracy", 0.88)]  # no eval_runtime
+    assert results[0]["dataset"]["name"] == "glue" and results[0]["task"]["type"] == "text-classification"
+    reparsed = ModelCard(str(card))  # the YAML header parses back
+    assert reparsed.data.eval_results[0].metric_value == 0.88
+
+
+def test_render_card_body_table_recipe_limitations():
+    card = render_card("tiny-student", base_model="org/teacher", datasets="glue", report=STUDENT,
+                       reference_report=TEACHER, recipe={"distill": {"temperature": 2.0}})
+    text = card.text
+    assert "# tiny-student" in text
+    assert "| org/teacher (reference) | 1,000 | 4.0 MB | 0.0% | 8.0 ms | 80.0 ms | 0.9 |" in text
+    assert "| tiny-student | 400 | 1.0 MB | 60.0% | 2.0 ms | 20.0 ms | 0.88 | 4.00x | 4.00x | 4.00x | 97.8% |" in text
+    assert "```yaml\ndistill:\n  temperature: 2.0\n```" in text
+    assert "Unstructured sparsity is stored as explicit zeros" in text
+    assert "Int8 weights target CPU inference" in text
+    assert "threads: 2" in text
+
+
+def test_plain_card_has_no_quantization_tag_and_uses_auto_class():
+    config = {"architectures": ["LlamaForCausalLM"]}
+    card = render_card("plain", report={**TEACHER, "quantized": False}, config=config, repo_id="me/plain")
+    assert "quantization" not in card.data.tags and card.data.pipeline_tag == "text-generation"
+    expected = ("from transformers import AutoModelForCausalLM\n\n"
+                'model = AutoModelForCausalLM.from_pretrained("me/plain")')
+    assert expected in card.text
+    assert "Int8 weights" not in card.text and "Unstructured sparsity" not in card.text
+    assert card.data.eval_results is None  # no datasets: no model-index
+    assert "## Recipe" not in card.text
+
+
+def test_load_code_detects_hf_compress_records():
+    assert needs_hf_compress({"hf_compress": {"layers": []}})
+    assert needs_hf_compress({"hf_compress_quantization": {"method": "hf_compress_int8"}})
+    assert not needs_hf_compress({"architectures": ["BertModel"]})
+    code = load_code("me/m", {"architectures": ["BertModel"], "hf_compress": {"layers": []}})
+    assert code.startswith("import hf_compress\n\nmodel = hf_compress.from_pretrained(\"me/m\")")
+    assert load_code("me/m", {"architectures": ["BertModel"]}).endswith('AutoModel.from_pretrained("me/m")')
+
+
+def test_write_card_reads_config_of_a_quantized_folder(tmp_path):
+    quantize_int8(tiny_model("bert", "seq_cls")).save_pretrained(tmp_path)
+    card = write_card(tmp_path, model_name="tiny-int8", datasets=["glue"], report=STUDENT, repo_id="me/tiny-int8")
+    written = (tmp_path / "README.md").read_text()
+    assert written == str(card)
+    assert 'hf_compress.from_pretrained("me/tiny-int8")' in written
+    assert "quantization" in ModelCard.load(tmp_path / "README.md").data.tags
+
+
+def test_card_errors(tmp_path):
+    with pytest.raises(ValueError, match="`model_name` must be a non-empty string"):
+        render_card("  ")
+    with pytest.raises(TypeError, match="`report` must be a dict, got list"):
+        render_card("m", report=[1])
+    with pytest.raises(FileNotFoundError, match="`folder` must be an existing model folder"):
+        write_card(tmp_path / "missing")
+
+
+def test_template_ships_in_the_wheel(tmp_path):
+    pytest.importorskip("setuptools")
+    src = tmp_path / "src"
+    (src / "hf_compress").mkdir(parents=True)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copy(ROOT / "hf_compress" / "__init__.py", src / "hf_compress" / "__init__.py")
+    shutil.copytree(ROOT / "hf_compress" / "model_cards", src / "hf_compress" / "model_cards")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w",
+                    str(tmp_path / "dist"), str(src)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        assert archive.read("hf_compress/model_cards/default.md") == TEMPLATE_PATH.read_bytes()
+
+
+def test_card_json_config_roundtrip_of_real_folder(tmp_path):
+    model = tiny_model("distilbert", "masked_lm")
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    card = render_card("m", config=config)
+    assert card.data.pipeline_tag == "fill-mask" and "AutoModelForMaskedLM" in card.text

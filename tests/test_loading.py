@@ -1,0 +1,145 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import hf_compress.loading as loading
+from hf_compress.pruning.architectures import head_counts
+from hf_compress.pruning.surgery import drop_layers, prune_ffn_neurons, prune_heads
+from tests.conftest import DECODERS, FAMILIES, HEADS, tiny_inputs, tiny_model
+
+GQA = DECODERS[:4]
+UNIFORM_HEADS = {layer: [0, 1] for layer in range(4)}
+
+
+def _head(family):
+    """A task head with tied weights where the family has them (MLM decoders, GPT-2 LM head)."""
+    return "causal_lm" if family in DECODERS else "masked_lm"
+
+
+def _logits(model):
+    return model(**tiny_inputs()).logits
+
+
+def _plain_load(family, path):
+    return HEADS[_head(family)].from_pretrained(path)
+
+
+def _assert_same(a, b):
+    assert type(a) is type(b)
+    assert sorted(a.state_dict()) == sorted(b.state_dict())
+    torch.testing.assert_close(_logits(a), _logits(b), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("surgery", ["ffn", "layers"])
+def test_uniform_ffn_and_layer_surgery_reload_with_plain_transformers(family, surgery, tmp_path):
+    model = tiny_model(family, _head(family))
+    if surgery == "ffn":
+        prune_ffn_neurons(model, {layer: list(range(0, 32, 4)) for layer in range(4)})
+    else:
+        drop_layers(model, [0, 2])
+    loading.save_pretrained(model, tmp_path)
+    assert "hf_compress" not in json.loads((tmp_path / "config.json").read_text())
+    _assert_same(model, _plain_load(family, tmp_path))
+    _assert_same(model, loading.from_pretrained(tmp_path))
+
+
+@pytest.mark.parametrize("family", GQA)
+def test_uniform_llama_family_heads_reload_with_plain_transformers(family, tmp_path):
+    model = prune_heads(tiny_model(family, "causal_lm"), UNIFORM_HEADS)
+    model.save_pretrained(tmp_path)
+    reloaded = _plain_load(family, tmp_path)
+    assert head_counts(reloaded, 3) == (2, 1)
+    _assert_same(model, reloaded)
+
+
+def test_non_expressible_structure_reloads_with_hf_compress(family, tmp_path):
+    model = tiny_model(family, _head(family))
+    prune_heads(model, {0: [2, 3], 2: [0, 1]})
+    prune_ffn_neurons(model, {1: [0, 1, 2], 3: list(range(10))})
+    drop_layers(model, [1])
+    loading.save_pretrained(model, tmp_path)
+    reloaded = loading.from_pretrained(tmp_path)
+    _assert_same(model, reloaded)
+    assert reloaded.config.hf_compress["layers"] == model.config.hf_compress["layers"]
+    assert not reloaded.training
+
+
+def test_bert_like_uniform_heads_reload_with_hf_compress(family, tmp_path):
+    model = prune_heads(tiny_model(family, _head(family)), UNIFORM_HEADS)
+    model.save_pretrained(tmp_path)
+    _assert_same(model, loading.from_pretrained(tmp_path))
+
+
+NON_EXPRESSIBLE = [(f, s) for f in FAMILIES for s in ("one_layer_heads", "one_layer_ffn")]
+NON_EXPRESSIBLE += [(f, "uniform_heads") for f in FAMILIES if f not in GQA]  # head width = hidden / heads
+
+
+@pytest.mark.parametrize(("family", "surgery"), NON_EXPRESSIBLE)
+def test_plain_transformers_refuses_non_expressible_folders(family, surgery, tmp_path):
+    model = tiny_model(family, _head(family))
+    if surgery == "uniform_heads":
+        prune_heads(model, UNIFORM_HEADS)
+    elif surgery == "one_layer_heads":
+        prune_heads(model, {2: [2, 3]})
+    else:
+        prune_ffn_neurons(model, {0: [4]})
+    model.save_pretrained(tmp_path)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        _plain_load(family, tmp_path)
+
+
+def test_unstructured_pruning_delegates_to_transformers(tmp_path):
+    model = tiny_model("llama", "causal_lm")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[:, ::2] = 0.0  # masks only: shapes unchanged
+    model.save_pretrained(tmp_path)
+    assert "hf_compress" not in json.loads((tmp_path / "config.json").read_text())
+    _assert_same(model, loading.from_pretrained(tmp_path))
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    model = prune_heads(tiny_model("bert", "seq_cls"), {1: [3]})
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    _assert_same(model, loading.from_pretrained(tmp_path))
+
+
+def test_missing_tensor_is_an_error_not_a_random_init(tmp_path):
+    model = prune_heads(tiny_model("gpt2"), {1: [0]})
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["h.3.mlp.c_fc.bias"]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing \['h.3.mlp.c_fc.bias'\]"):
+        loading.from_pretrained(tmp_path)
+
+
+def test_hand_edited_structure_is_an_error(tmp_path):
+    model = prune_heads(tiny_model("bert"), {1: [3]})
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["hf_compress"]["layers"][0]["ffn"] = 64
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="cannot be cut from"):
+        loading.from_pretrained(tmp_path)
+
+
+def test_unknown_kwargs_and_dtype(tmp_path):
+    model = prune_heads(tiny_model("bert"), {1: [3]})
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="device_map"):
+        loading.from_pretrained(tmp_path, device_map="cpu")
+    half = loading.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert half.encoder.layer[1].attention.self.query.weight.dtype == torch.bfloat16
+    assert half.encoder.layer[1].attention.self.query.weight.shape == (12, 16)
+
+
+def test_unknown_architecture_is_an_error(tmp_path):
+    prune_heads(tiny_model("bert"), {1: [3]}).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["architectures"] = ["MyBertModel"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="'MyBertModel'.*trust_remote_code=True"):
+        loading.from_pretrained(tmp_path)
