@@ -1,0 +1,334 @@
+"""``PruningCallback``: prune during any ``Trainer`` run (schedule -> importance -> masks -> surgery).
+
+Event by event (transformers ``Trainer`` loop):
+
+* ``on_train_begin``: refuse PEFT adapters, build masks, restore them from ``checkpoint-<step>`` when resuming, prune
+  at step 0 if the schedule says so.
+* ``on_pre_optimizer_step``: accumulate Taylor scores from the (already all-reduced) gradients, then zero the
+  gradients of removed structure.
+* ``on_optimizer_step``: zero removed weights again, so Adam momentum or weight decay cannot revive them.
+* ``on_step_end``: on scheduled steps, score units, choose what to remove (monotonically) and apply the masks to the
+  weights and the optimizer state.
+* ``on_save``: write ``pruning_masks.safetensors`` and ``pruning_state.json`` into the checkpoint folder.
+* ``on_log``: add ``sparsity/<target>`` to the logs.
+* ``on_train_end``: physically remove masked heads / neurons / layers (``surgery``), so ``trainer.save_model()``
+  saves the small model. Unstructured zeros stay in the dense weights.
+
+Distributed runs (DDP): importance scores are averaged over ranks and the resulting masks are broadcast from rank 0, so
+every rank applies identical masks. FSDP / DeepSpeed (sharded parameters) are refused.
+
+Logging: ``sparsity/<target>`` is added to the logs dict (console printer) and to ``state.log_history``. The
+``report_to`` integrations (TensorBoard, W&B ...) are registered before user callbacks, so they do not receive it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import TrainerCallback
+
+from .architectures import unwrap
+from .config import PruningConfig
+from .importance import block_influence_scores, head_groups, layer_scores, unit_scores
+from .masks import (
+    MASKS_NAME,
+    PruningMasks,
+    load_masks,
+    mask_grads,
+    mask_optimizer_state,
+    mask_weights,
+    save_masks,
+    select_units,
+    skip_layers,
+    structured_slices,
+)
+from .schedules import is_pruning_step, sparsity_at
+from .unstructured import magnitude_masks, prunable_weights
+
+logger = logging.getLogger(__name__)
+
+STATE_NAME = "pruning_state.json"
+
+
+def _check_not_peft(model: torch.nn.Module) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if any(isinstance(module, BaseTunerLayer) for module in model.modules()):
+        raise ValueError(
+            "`model` carries PEFT adapters (e.g. LoRA), which PruningCallback cannot prune consistently; merge them "
+            "first with `model = model.merge_and_unload()` and train the merged model."
+        )
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _mean_over_ranks(scores: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if _world_size() == 1:
+        return scores
+    value = scores.to(device, torch.float32)
+    torch.distributed.all_reduce(value)
+    return (value / _world_size()).cpu()
+
+
+def _broadcast(masks: PruningMasks, device: torch.device) -> PruningMasks:
+    if _world_size() == 1:
+        return masks
+    state = {}
+    for key, value in sorted(masks.state_dict().items()):
+        value = value.to(device, torch.uint8)
+        torch.distributed.broadcast(value, src=0)
+        state[key] = value.cpu().bool()
+    return PruningMasks.from_state_dict(state)
+
+
+class PruningCallback(TrainerCallback):
+    r"""
+    Prune a model while it trains with any [`~transformers.Trainer`] (including `DistillationTrainer`).
+
+    Masks grow on the schedule of `config` and hold through every optimizer step; structured targets are removed
+    physically at the end of training, so `trainer.save_model()` after `trainer.train()` saves the small model.
+    Masks are saved in every checkpoint and restored when training resumes from one in `args.output_dir`. A
+    PEFT-wrapped (LoRA) model is refused: merge the adapters first.
+
+    Args:
+        config ([`PruningConfig`], *optional*):
+            What, how much and when to prune; keyword arguments build one when it is omitted.
+
+    Attributes:
+        masks ([`~hf_compress.pruning.masks.PruningMasks`]): Current masks (`None` before training).
+        removed (`dict`): After training, what surgery removed: `{"heads": {layer: [...]}, ...}`.
+
+    Example:
+
+    >>> from transformers import Trainer
+    >>> from hf_compress import PruningCallback, PruningConfig
+    >>> config = PruningConfig(targets={"heads": 0.5, "ffn_neurons": 0.5}, schedule="cubic", end_step=300)
+    >>> trainer = Trainer(  # doctest: +SKIP
+    ...     model=model, args=args, train_dataset=dataset, callbacks=[PruningCallback(config)]
+    ... )
+    >>> trainer.train()  # doctest: +SKIP
+    >>> trainer.save_model("pruned")  # doctest: +SKIP
+    """
+
+    def __init__(self, config: PruningConfig | None = None, **kwargs):
+        if config is not None and kwargs:
+            raise ValueError(f"Pass either `config` or keyword arguments, got both ({sorted(kwargs)}).")
+        self.config = config if config is not None else PruningConfig(**kwargs)
+        self.masks: PruningMasks | None = None
+        self.removed: dict = {}
+        self._taylor: dict[str, torch.Tensor] = {}
+        self._slices = None
+        self._hooks: list = []
+        self._end_step = 0
+
+    # ---- schedule -------------------------------------------------------------------------------------------------
+
+    def _is_pruning_step(self, step: int) -> bool:
+        c = self.config
+        return is_pruning_step(step, c.start_step, self._end_step, c.frequency, c.schedule)
+
+    def _target_sparsity(self, target: str, step: int) -> float:
+        c = self.config
+        return sparsity_at(step, c.targets[target], c.schedule, c.start_step, self._end_step, c.frequency)
+
+    # ---- events ---------------------------------------------------------------------------------------------------
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            _check_not_peft(model)
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        _check_not_peft(model)
+        if args.fsdp or args.deepspeed:
+            raise ValueError(
+                f"`args.fsdp`={args.fsdp!r} / `args.deepspeed`={args.deepspeed!r} shard parameters, which "
+                "PruningCallback cannot mask; train with plain DDP (`accelerate launch --multi_gpu`) instead."
+            )
+        self._end_step = self.config.end_step if self.config.end_step is not None else state.max_steps
+        if self._end_step > state.max_steps:
+            logger.warning(f"`end_step`={self._end_step} is past the last step {state.max_steps}; the final "
+                           "sparsity will not be reached.")
+        if self.masks is None:
+            names = list(prunable_weights(model)) if "unstructured" in self.config.targets else None
+            self.masks = PruningMasks.full(model, list(self.config.targets), names)
+        if state.global_step > 0:
+            self._restore(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), model)
+        elif self._is_pruning_step(0):
+            self._prune(0, args, model, optimizer, train_dataloader)
+        self._apply(model, optimizer)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.masks is None:
+            return
+        last = self.config.start_step if self.config.schedule == "one_shot" else self._end_step
+        if self.config.importance == "taylor" and state.global_step < last:
+            self._accumulate_taylor(model)
+        mask_grads(model, self.masks, self._slices)
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.masks is not None:
+            mask_weights(model, self.masks, self._slices)
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        if self.masks is not None and self._is_pruning_step(state.global_step):
+            self._prune(state.global_step, args, model, optimizer, train_dataloader)
+            self._apply(model, optimizer)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.masks is None or logs is None:
+            return
+        values = {f"sparsity/{target}": round(value, 6) for target, value in self.masks.sparsity().items()}
+        logs.update(values)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(values)
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if self.masks is None or not args.should_save or not os.path.isdir(folder):
+            return
+        save_masks(self.masks, os.path.join(folder, MASKS_NAME), extra=self._taylor)
+        info = {"global_step": state.global_step, "sparsity": self.masks.sparsity(),
+                "config": dataclasses.asdict(self.config)}
+        with open(os.path.join(folder, STATE_NAME), "w") as f:
+            json.dump(info, f, indent=2)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.masks is None:
+            return
+        best = state.best_model_checkpoint
+        if args.load_best_model_at_end and best and os.path.isfile(os.path.join(best, MASKS_NAME)):
+            self.masks, _ = load_masks(os.path.join(best, MASKS_NAME))
+            self._slices = None
+        mask_weights(model, self.masks, self._slices)
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        self._physical_removal(model)
+        self.masks = None
+        self._slices = None
+        self._taylor = {}
+
+    # ---- steps ----------------------------------------------------------------------------------------------------
+
+    def _apply(self, model, optimizer) -> None:
+        """Recompute the zeroed slices and apply masks to weights, optimizer state and (for layers) hooks."""
+        self._slices = structured_slices(model, self.masks)
+        params = dict(unwrap(model).named_parameters())
+        self.masks.weights = {name: keep.to(params[name].device) for name, keep in self.masks.weights.items()}
+        mask_weights(model, self.masks, self._slices)
+        if optimizer is not None:
+            mask_optimizer_state(optimizer, model, self.masks, self._slices)
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = skip_layers(model, self.masks.layers) if self.masks.layers is not None else []
+
+    def _accumulate_taylor(self, model) -> None:
+        for target in self.config.structured_targets:
+            if target == "layers":
+                scores = {"layers": layer_scores(model, "taylor")}
+            else:
+                scores = {f"{target}.{i}": s for i, s in unit_scores(model, target, "taylor").items()}
+            for key, value in scores.items():
+                self._taylor[key] = self._taylor.get(key, torch.zeros_like(value)) + value
+
+    def _scores(self, target: str, args, model, train_dataloader) -> dict[int, torch.Tensor]:
+        importance = self.config.importance
+        if importance == "taylor" and not self._taylor:
+            logger.warning(f"No Taylor scores were accumulated before pruning {target}; using magnitude instead.")
+            importance = "magnitude"
+        if target == "layers":
+            if importance == "block_influence":
+                # ShortGPT removes the blocks that change their input the least: low influence = low importance.
+                scores = block_influence_scores(model, self._calibration(args, train_dataloader))
+            elif importance == "taylor":
+                scores = self._taylor["layers"]
+            else:
+                scores = layer_scores(model, "magnitude")
+            return {0: _mean_over_ranks(scores, args.device)}
+        if importance == "taylor":
+            scores = {int(k.split(".")[1]): v for k, v in self._taylor.items() if k.startswith(f"{target}.")}
+        else:
+            scores = unit_scores(model, target, "magnitude")
+        return {layer: _mean_over_ranks(value, args.device) for layer, value in scores.items()}
+
+    def _calibration(self, args, train_dataloader):
+        """The first ``calibration_batches`` training batches, read in order by a fresh loader (no RNG side effect)."""
+        if train_dataloader is None:
+            raise ValueError("`importance`='block_influence' needs the Trainer's training data for calibration.")
+        loader = DataLoader(train_dataloader.dataset, batch_size=args.per_device_train_batch_size,
+                            collate_fn=train_dataloader.collate_fn)
+        for index, batch in enumerate(loader):
+            if index >= self.config.calibration_batches:
+                return
+            yield {k: v.to(args.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    @torch.no_grad()
+    def _prune(self, step: int, args, model, optimizer, train_dataloader) -> None:
+        config, masks = self.config, self.masks
+        for target in config.targets:
+            sparsity = self._target_sparsity(target, step)
+            if target == "unstructured":
+                weights = prunable_weights(model)
+                new = magnitude_masks(weights, sparsity, config.scope, previous=masks.weights)
+                masks.weights = {name: keep & masks.weights[name].to(keep.device) for name, keep in new.items()}
+                continue
+            scores = self._scores(target, args, model, train_dataloader)
+            if target == "layers":
+                masks.layers = select_units(scores, {0: masks.layers}, sparsity, "local", min_keep=1)[0]
+            elif target == "ffn_neurons":
+                masks.ffn_neurons = select_units(scores, masks.ffn_neurons, sparsity, config.scope, min_keep=1)
+            else:
+                masks.heads = self._select_heads(model, scores, sparsity)
+        self.masks = _broadcast(masks, args.device)
+        self._taylor = {}
+        logger.info(f"Pruning step {step}: sparsity {self.masks.sparsity()}")
+
+    def _select_heads(self, model, scores, sparsity) -> dict[int, torch.Tensor]:
+        """Select whole head groups (single heads without GQA); ``min_heads_per_layer`` is rounded up to groups."""
+        groups = {layer: head_groups(model, layer) for layer in scores}
+        keep = {layer: torch.stack([self.masks.heads[layer][g].all() for g in groups[layer]]) for layer in scores}
+        size = len(groups[0][0])
+        min_groups = -(-self.config.min_heads_per_layer // size)
+        new = select_units(scores, keep, sparsity, self.config.scope, min_keep=min_groups)
+        return {layer: new[layer].repeat_interleave(size) for layer in scores}
+
+    def _restore(self, checkpoint: str, model) -> None:
+        path = os.path.join(checkpoint, MASKS_NAME)
+        if os.path.isfile(path):
+            self.masks, self._taylor = load_masks(path)
+            return
+        # Resuming from a checkpoint outside `args.output_dir`: removed structure is exactly zero in the weights.
+        logger.warning(f"No {MASKS_NAME} in {checkpoint}; rebuilding head/neuron/weight masks from zeroed weights.")
+        for target in ("heads", "ffn_neurons"):
+            if target in self.config.targets:
+                alive = {layer: s > 0 for layer, s in unit_scores(model, target, "magnitude").items()}
+                if target == "heads":
+                    alive = {k: v.repeat_interleave(len(head_groups(model, k)[0])) for k, v in alive.items()}
+                setattr(self.masks, target, alive)
+        weights = prunable_weights(model)
+        self.masks.weights = {name: weights[name].detach().cpu() != 0 for name in self.masks.weights}
+
+    def _physical_removal(self, model) -> None:
+        targets = self.config.structured_targets
+        if not targets:
+            return
+        from . import surgery
+
+        dropped = self.masks.removed("layers") if "layers" in targets else []
+        heads = {k: v for k, v in self.masks.removed("heads").items() if k not in dropped}
+        neurons = {k: v for k, v in self.masks.removed("ffn_neurons").items() if k not in dropped}
+        if heads:
+            surgery.prune_heads(model, heads)
+        if neurons:
+            surgery.prune_ffn_neurons(model, neurons)
+        if dropped:
+            surgery.drop_layers(model, dropped)
+        self.removed = {"heads": heads, "ffn_neurons": neurons, "layers": dropped}
