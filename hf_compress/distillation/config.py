@@ -1,0 +1,180 @@
+"""`DistillationConfig`: `TrainingArguments` plus the knobs of knowledge distillation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class DistillationConfig(TrainingArguments):
+    r"""
+    Configuration of [`DistillationTrainer`]: every [`~transformers.TrainingArguments`] field plus the ones below.
+    A plain `TrainingArguments` also works with the trainer; the distillation fields then take these defaults.
+
+    Parameters:
+        > Soft (teacher) term
+
+        temperature (`float`, *optional*, defaults to `4.0`):
+            Softmax temperature `T` of the soft term, > 0. The soft term is scaled by `T**2`.
+        alpha (`float`, *optional*, defaults to `0.5`):
+            Weight of the soft term in [0, 1]; the label cross-entropy gets `1 - alpha`.
+        distillation_loss (`str`, *optional*, defaults to `"kl"`):
+            Divergence of the soft term: `"kl"` (forward KL(teacher || student)), `"reverse_kl"`, `"jsd"`
+            (generalised Jensen-Shannon) or `"mse"` (on logits).
+        jsd_beta (`float`, *optional*, defaults to `0.5`):
+            Teacher weight of the `"jsd"` mixture, in (0, 1).
+        loss_chunk_size (`int`, *optional*, defaults to `1024`):
+            Token positions per chunk when computing token-level losses over a large vocabulary.
+
+        > Intermediate-layer terms
+
+        hidden_loss_weight (`float`, *optional*, defaults to `0.0`):
+            Weight of the hidden-state loss (0 disables it). Widths that differ get a learned linear projection.
+        hidden_loss (`str`, *optional*, defaults to `"mse"`):
+            Hidden-state distance: `"mse"` or `"cosine"`.
+        layer_map (`dict[int, int]` or `str`, *optional*):
+            Student layer -> teacher layer (0-based transformer layers) for the hidden-state and attention losses, as
+            a dict or a JSON string such as `'{"0": 1, "1": 3}'`. Defaults to [`default_layer_map`]: spread
+            uniformly, last layer to last layer.
+        attention_loss_weight (`float`, *optional*, defaults to `0.0`):
+            Weight of the TinyBERT attention-map MSE (0 disables it). Needs `"eager"` attention and equal head counts.
+
+        > Teacher
+
+        teacher_model_init_kwargs (`dict` or `str`, *optional*):
+            Keyword arguments (or a JSON string) for `from_pretrained` when the teacher is given as a path, e.g.
+            `{"dtype": "bfloat16"}`. `trust_remote_code` defaults to `False`.
+
+    >>> from transformers import HfArgumentParser
+    >>> (config,) = HfArgumentParser(DistillationConfig).parse_args_into_dataclasses(
+    ...     ["--output_dir", "out", "--temperature", "2.0", "--alpha", "0.9"]
+    ... )
+    >>> config.temperature, config.alpha
+    (2.0, 0.9)
+    """
+
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["layer_map", "teacher_model_init_kwargs"]
+
+    temperature: float = field(default=4.0, metadata={"help": "Softmax temperature of the soft term (> 0)."})
+    alpha: float = field(
+        default=0.5, metadata={"help": "Weight of the soft term in [0, 1]; the label loss gets 1 - alpha."}
+    )
+    distillation_loss: Literal["kl", "reverse_kl", "jsd", "mse"] = field(
+        default="kl", metadata={"help": "Divergence of the soft term: kl, reverse_kl, jsd or mse (on logits)."}
+    )
+    jsd_beta: float = field(default=0.5, metadata={"help": "Teacher weight of the jsd mixture, in (0, 1)."})
+    loss_chunk_size: int = field(
+        default=1024, metadata={"help": "Token positions per chunk for token-level losses over a large vocabulary."}
+    )
+    hidden_loss_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the hidden-state loss (0 disables it)."}
+    )
+    hidden_loss: Literal["mse", "cosine"] = field(
+        default="mse", metadata={"help": "Hidden-state distance: mse or cosine."}
+    )
+    layer_map: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Student layer -> teacher layer map as JSON, e.g. '{\"0\": 1, \"1\": 3}'. Defaults to a uniform "
+            "spread with last layer mapped to last layer."
+        },
+    )
+    attention_loss_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the attention-map MSE loss (0 disables it)."}
+    )
+    teacher_model_init_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON kwargs for from_pretrained when the teacher is a path, e.g. '{\"dtype\": \"bfloat16\"}'."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("layer_map", "teacher_model_init_kwargs"):  # JSON strings not starting with "{" included
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, _parse_json_dict(name, value))
+        if self.layer_map is not None:
+            self.layer_map = _int_layer_map(self.layer_map)
+        validate_distillation_options({name: getattr(self, name) for name in DISTILLATION_DEFAULTS})
+
+
+DISTILLATION_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in fields(DistillationConfig) if f.name not in {g.name for g in fields(TrainingArguments)}
+}
+"""The distillation fields of [`DistillationConfig`] and their defaults (the one source of defaults)."""
+
+
+def distillation_options(args: TrainingArguments) -> dict[str, Any]:
+    """Read the distillation fields from `args` (a `DistillationConfig` or a plain `TrainingArguments`) and validate.
+
+    Missing fields take [`DISTILLATION_DEFAULTS`]; `args` is never modified.
+    """
+    options = {name: getattr(args, name, default) for name, default in DISTILLATION_DEFAULTS.items()}
+    for name in ("layer_map", "teacher_model_init_kwargs"):
+        if isinstance(options[name], str):
+            options[name] = _parse_json_dict(name, options[name])
+    if options["layer_map"] is not None:
+        options["layer_map"] = _int_layer_map(options["layer_map"])
+    options["teacher_model_init_kwargs"] = dict(options["teacher_model_init_kwargs"] or {})
+    validate_distillation_options(options)
+    return options
+
+
+def validate_distillation_options(options: dict[str, Any]) -> None:
+    """Raise a one-sentence `ValueError` for the first invalid distillation option."""
+    if not options["temperature"] > 0:
+        raise ValueError(f"`temperature` must be > 0, got {options['temperature']}.")
+    if not 0 <= options["alpha"] <= 1:
+        raise ValueError(f"`alpha` must be in [0, 1], got {options['alpha']}.")
+    choices = {"distillation_loss": ["kl", "reverse_kl", "jsd", "mse"], "hidden_loss": ["mse", "cosine"]}
+    for name, valid in choices.items():
+        if options[name] not in valid:
+            raise ValueError(f"`{name}` must be one of {valid}, got {options[name]!r}.")
+    if not 0 < options["jsd_beta"] < 1:
+        raise ValueError(f"`jsd_beta` must be in (0, 1), got {options['jsd_beta']}.")
+    if int(options["loss_chunk_size"]) < 1:
+        raise ValueError(f"`loss_chunk_size` must be >= 1, got {options['loss_chunk_size']}.")
+    for name in ("hidden_loss_weight", "attention_loss_weight"):
+        if options[name] < 0:
+            raise ValueError(f"`{name}` must be >= 0, got {options[name]}.")
+    for name in ("layer_map", "teacher_model_init_kwargs"):
+        if options[name] is not None and not isinstance(options[name], dict):
+            raise ValueError(f"`{name}` must be a dict or a JSON string, got {type(options[name]).__name__}.")
+
+
+def default_layer_map(num_student_layers: int, num_teacher_layers: int) -> dict[int, int]:
+    """
+    Spread student layers uniformly over the teacher's, last layer to last layer (0-based).
+
+    >>> default_layer_map(2, 4)
+    {0: 1, 1: 3}
+    """
+    if num_student_layers < 1 or num_teacher_layers < 1:
+        raise ValueError(
+            f"`num_student_layers` and `num_teacher_layers` must be >= 1, got {num_student_layers} and "
+            f"{num_teacher_layers}."
+        )
+    return {i: -(-(i + 1) * num_teacher_layers // num_student_layers) - 1 for i in range(num_student_layers)}
+
+
+def _parse_json_dict(name: str, value: str) -> dict:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"`{name}` must be a JSON object such as '{{\"0\": 1}}', got {value!r}.") from err
+    if not isinstance(parsed, dict):
+        raise ValueError(f"`{name}` must be a JSON object such as '{{\"0\": 1}}', got {value!r}.")
+    return parsed
+
+
+def _int_layer_map(layer_map: dict) -> dict[int, int]:
+    try:
+        return {int(k): int(v) for k, v in layer_map.items()}
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"`layer_map` must map integer layer indices to integers, got {layer_map!r}.") from err

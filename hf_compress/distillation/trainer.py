@@ -1,0 +1,352 @@
+"""`DistillationTrainer`: a `Trainer` whose loss mixes a frozen teacher's soft targets with the labels.
+
+Only `__init__` and `compute_loss` are overridden (plus `create_optimizer`, to train the hidden-state projection,
+and `log`, to flush the loss components); the training loop, saving, evaluation and distribution are the Trainer's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    PreTrainedModel,
+    Trainer,
+    TrainingArguments,
+)
+from transformers.models.auto import modeling_auto
+from transformers.trainer_utils import unwrap_peft_model
+from transformers.utils import logging
+
+from .config import default_layer_map, distillation_options
+from .losses import attention_loss, distillation_loss, hidden_state_loss, soft_loss
+
+logger = logging.get_logger(__name__)
+
+# Head -> (Auto class, class names). Checked in this order: BART is both seq2seq and masked LM.
+HEADS: dict[str, tuple[type, Any]] = {
+    "seq2seq_lm": (AutoModelForSeq2SeqLM, modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES),
+    "causal_lm": (AutoModelForCausalLM, modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+    "masked_lm": (AutoModelForMaskedLM, modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES),
+    "qa": (AutoModelForQuestionAnswering, modeling_auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES),
+    "token_cls": (AutoModelForTokenClassification, modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES),
+    "seq_cls": (AutoModelForSequenceClassification, modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),
+}
+LM_HEADS = ("seq2seq_lm", "causal_lm", "masked_lm")
+# Output logits -> the input key holding their targets.
+TARGETS = {"qa": {"start_logits": "start_positions", "end_logits": "end_positions"}}
+
+
+def detect_head(class_name: str) -> str | None:
+    """The head type (a key of `HEADS`) of a model class name such as `"BertForMaskedLM"`, or `None`."""
+    for head, (_, mapping) in HEADS.items():
+        for names in mapping.values():
+            if class_name == names or (isinstance(names, (list, tuple)) and class_name in names):
+                return head
+    return None
+
+
+class _HiddenProjection(nn.Module):
+    """Learned student-width -> teacher-width projections, one per mapped student layer."""
+
+    def __init__(self, num_layers: int, student_width: int, teacher_width: int):
+        super().__init__()
+        self.proj = nn.ModuleList(nn.Linear(student_width, teacher_width) for _ in range(num_layers))
+
+    def forward(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [p(h.to(p.weight.dtype)) for p, h in zip(self.proj, states)]
+
+
+class DistillationTrainer(Trainer):
+    """
+    [`~transformers.Trainer`] that distils a frozen `teacher_model` into the trained `model` (the student).
+
+    The loss is `alpha * soft + (1 - alpha) * CE` (see [`distillation_loss`]) plus optional hidden-state and attention
+    terms, configured by [`DistillationConfig`] (a plain `TrainingArguments` uses its defaults). Supported heads:
+    sequence / token classification, question answering (start and end logits), masked LM, causal LM (shifted) and
+    encoder-decoder LM. The teacher is never wrapped, synchronised or saved: checkpoints hold the student only.
+
+    Args:
+        model (`PreTrainedModel` or `peft.PeftModel`): The student.
+        teacher_model (`PreTrainedModel` or `str`):
+            The teacher, or a path loaded with the student's Auto class and `args.teacher_model_init_kwargs`.
+        args (`TrainingArguments`, *optional*): Usually a [`DistillationConfig`].
+        **kwargs: Every other [`~transformers.Trainer`] argument (`train_dataset`, `data_collator`, ...).
+
+    >>> trainer = DistillationTrainer(  # doctest: +SKIP
+    ...     model=student, teacher_model="path/to/teacher", args=DistillationConfig("out", alpha=0.9),
+    ...     train_dataset=dataset,
+    ... )
+    >>> trainer.train()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module | None = None,
+        teacher_model: PreTrainedModel | nn.Module | str | None = None,
+        args: TrainingArguments | None = None,
+        **kwargs,
+    ):
+        self.distillation_args = distillation_options(args)
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError("`compute_loss_func` is not supported by DistillationTrainer, got a callable; remove it.")
+        if model is None:
+            raise ValueError("`model` (the student) is required, got None; `model_init` is not supported.")
+        super().__init__(model=model, args=args, **kwargs)
+        student = unwrap_peft_model(self.accelerator.unwrap_model(self.model))
+        self._head = detect_head(type(student).__name__)
+        if self._head is None:
+            raise ValueError(
+                f"`model` of class {type(student).__name__} is not a supported head; use one of {list(HEADS)}."
+            )
+        self.teacher_model = self._build_teacher(teacher_model)
+        self._check_compatible(student, self.teacher_model)
+        self._configure_intermediate_losses(student, self.teacher_model)
+        # Our compute_loss normalises every head by `num_items_in_batch`, so let the Trainer count it for us.
+        self.model_accepts_loss_kwargs = True
+        self._kd_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
+        self._kd_calls = {"train": 0, "eval": 0}
+        self._kd_window_start = 0
+
+    # ---- teacher -----------------------------------------------------------------------------------------------
+
+    def _build_teacher(self, teacher: PreTrainedModel | nn.Module | str | None) -> nn.Module:
+        if isinstance(teacher, str):
+            init_kwargs = {"trust_remote_code": False, **self.distillation_args["teacher_model_init_kwargs"]}
+            if self.distillation_args["attention_loss_weight"] > 0:
+                init_kwargs.setdefault("attn_implementation", "eager")
+            auto_class = HEADS[self._head][0]
+            teacher = auto_class.from_pretrained(teacher, **init_kwargs)
+            saved = (getattr(teacher.config, "architectures", None) or [None])[0]
+            if saved is not None and detect_head(saved) not in (None, self._head):
+                raise ValueError(
+                    f"`teacher_model` checkpoint is a {saved} ({detect_head(saved)}) but the student is a "
+                    f"{self._head} model; pass a teacher trained for the same task."
+                )
+        elif not isinstance(teacher, nn.Module):
+            raise ValueError(
+                f"`teacher_model` must be a model or a path, got {type(teacher).__name__}; pass the teacher to distil."
+            )
+        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+        teacher = teacher.to(device=self.accelerator.device, dtype=dtype)
+        teacher.requires_grad_(False)
+        return teacher.eval()
+
+    def _check_compatible(self, student: nn.Module, teacher: nn.Module) -> None:
+        teacher_head = detect_head(type(unwrap_peft_model(teacher)).__name__)
+        if teacher_head != self._head:
+            raise ValueError(
+                f"`teacher_model` is a {type(teacher).__name__} ({teacher_head}) but the student is a {self._head} "
+                "model; load the teacher with the student's head type."
+            )
+        if self._head in ("seq_cls", "token_cls") and teacher.config.num_labels != student.config.num_labels:
+            raise ValueError(
+                f"`teacher_model` has num_labels={teacher.config.num_labels} but the student has "
+                f"{student.config.num_labels}; give both the same label set."
+            )
+        if self._head == "seq_cls" and getattr(student.config, "problem_type", None) in (
+            "regression",
+            "multi_label_classification",
+        ):
+            raise ValueError(
+                f"`problem_type` must be single-label classification to distil, got {student.config.problem_type!r}."
+            )
+        if self._head in LM_HEADS:
+            student_vocab, teacher_vocab = _vocab_size(student), _vocab_size(teacher)
+            tokens = len(self.processing_class) if hasattr(self.processing_class, "__len__") else None
+            if teacher_vocab < student_vocab or (teacher_vocab > student_vocab and tokens and tokens > student_vocab):
+                raise ValueError(
+                    f"`teacher_model` vocabulary ({teacher_vocab}) differs from the student's ({student_vocab}) "
+                    "beyond padding rows; use a teacher and student that share the tokenizer."
+                )
+            if teacher_vocab > student_vocab and tokens is None:
+                logger.warning(
+                    f"Teacher vocabulary {teacher_vocab} > student vocabulary {student_vocab}: treating the extra "
+                    "rows as padding and slicing them off (pass `processing_class` to have this checked)."
+                )
+
+    def _configure_intermediate_losses(self, student: nn.Module, teacher: nn.Module) -> None:
+        kd = self.distillation_args
+        self.layer_map: dict[int, int] = {}
+        self.hidden_projection = None
+        if kd["hidden_loss_weight"] == 0 and kd["attention_loss_weight"] == 0:
+            return
+        if self._head == "seq2seq_lm":
+            raise ValueError(
+                "`hidden_loss_weight` and `attention_loss_weight` must be 0 for encoder-decoder students, got "
+                f"{kd['hidden_loss_weight']} and {kd['attention_loss_weight']}."
+            )
+        n_student, n_teacher = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+        self.layer_map = kd["layer_map"] or default_layer_map(n_student, n_teacher)
+        for s, t in self.layer_map.items():
+            if not (0 <= s < n_student and 0 <= t < n_teacher):
+                raise ValueError(
+                    f"`layer_map` entry {s}: {t} is out of range for a {n_student}-layer student and "
+                    f"{n_teacher}-layer teacher; use 0-based layer indices."
+                )
+        if kd["attention_loss_weight"] > 0:
+            heads = (student.config.num_attention_heads, teacher.config.num_attention_heads)
+            if heads[0] != heads[1]:
+                raise ValueError(
+                    f"`attention_loss_weight` needs equal head counts, got student {heads[0]} and teacher "
+                    f"{heads[1]}; set `attention_loss_weight=0`."
+                )
+            for m in (student, teacher):
+                if m.config._attn_implementation != "eager":
+                    logger.info(f"Switching {type(m).__name__} to eager attention to return attention maps.")
+                    m.set_attn_implementation("eager")
+        widths = (student.config.hidden_size, teacher.config.hidden_size)
+        if kd["hidden_loss_weight"] > 0 and widths[0] != widths[1]:
+            if self.optimizer is not None:
+                logger.warning("A custom optimizer was passed: add `trainer.hidden_projection` parameters to it.")
+            projection = _HiddenProjection(len(self.layer_map), *widths).to(self.accelerator.device)
+            self.hidden_projection = self.accelerator.prepare_model(projection)  # DDP-synchronised, never saved
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.hidden_projection is not None:
+            params = list(self.hidden_projection.parameters())
+            known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            if not any(id(p) in known for p in params):
+                optimizer.add_param_group({"params": params, "weight_decay": self.args.weight_decay})
+        return optimizer
+
+    # ---- loss --------------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Student and teacher forward on the same inputs, then soft + hard (+ hidden, attention) terms."""
+        kd = self.distillation_args
+        if self._head == "qa":  # targets are not `labels`: the Trainer does not count them
+            num_items_in_batch = None
+        inputs = dict(inputs)
+        pairs = TARGETS.get(self._head, {"logits": "labels"})
+        targets = {key: inputs.pop(key) for key in list(pairs.values()) if key in inputs}
+        if self._head == "seq2seq_lm" and "labels" in targets and "decoder_input_ids" not in inputs:
+            student = unwrap_peft_model(self.accelerator.unwrap_model(model))
+            inputs["decoder_input_ids"] = student.prepare_decoder_input_ids_from_labels(labels=targets["labels"])
+        flags = {}
+        if kd["hidden_loss_weight"] > 0:
+            flags["output_hidden_states"] = True
+        if kd["attention_loss_weight"] > 0:
+            flags["output_attentions"] = True
+        outputs = model(**inputs, **flags)
+        teacher_flags = {**flags, "use_cache": False} if self._head in ("causal_lm", "seq2seq_lm") else flags
+        with torch.no_grad():
+            teacher_outputs = self.teacher_model(**inputs, **teacher_flags)
+
+        token_loss, components = self._logit_terms(outputs, teacher_outputs, inputs, targets, num_items_in_batch)
+        aux = 0.0
+        if kd["hidden_loss_weight"] > 0:
+            components["loss_hidden"] = self._hidden_loss(outputs, teacher_outputs, inputs.get("attention_mask"))
+            aux = aux + kd["hidden_loss_weight"] * components["loss_hidden"]
+        if kd["attention_loss_weight"] > 0:
+            components["loss_attention"] = self._attention_loss(outputs, teacher_outputs, inputs.get("attention_mask"))
+            aux = aux + kd["attention_loss_weight"] * components["loss_attention"]
+
+        # Token terms are sums over the whole accumulated (and, averaged across devices, global) batch divided by
+        # `num_items_in_batch`; the Trainer then neither divides by accumulation steps nor lets DDP average them away.
+        grad_accum = getattr(self, "current_gradient_accumulation_steps", 1) if model.training else 1
+        scaled = num_items_in_batch is not None
+        token_scale = 1
+        if scaled and self.args.average_tokens_across_devices:
+            token_scale = self.accelerator.num_processes // self.get_tp_size()
+        aux_scale = 1 / grad_accum if scaled else 1
+        loss = token_loss * token_scale + aux * aux_scale
+        self._record(model, components, token_scale, aux_scale, 1 if scaled else 1 / grad_accum)
+        if return_outputs:
+            drop = {"hidden_states", "attentions", "encoder_hidden_states", "decoder_hidden_states"}
+            outputs = type(outputs)(**{k: v for k, v in outputs.items() if k not in drop})
+        return (loss, outputs) if return_outputs else loss
+
+    def _logit_terms(self, outputs, teacher_outputs, inputs, targets, num_items_in_batch):
+        """`alpha * soft + (1 - alpha) * hard` over the head's logits (start and end logits averaged for QA)."""
+        kd = self.distillation_args
+        common = dict(temperature=kd["temperature"], divergence=kd["distillation_loss"], beta=kd["jsd_beta"],
+                      chunk_size=kd["loss_chunk_size"])
+        pairs = TARGETS.get(self._head, {"logits": "labels"})
+        total, soft, hard = 0.0, 0.0, 0.0
+        for logits_key, target_key in pairs.items():
+            student, teacher = _get(outputs, logits_key, "student"), _get(teacher_outputs, logits_key, "teacher")
+            labels = targets.get(target_key)
+            if labels is not None and self._head == "qa":  # out-of-span positions are ignored, as in the model
+                labels = labels.reshape(-1)
+                labels = labels.clamp(0, student.shape[1]).masked_fill(labels >= student.shape[1], -100)
+            if labels is None and student.dim() == 3:  # soft term only, over the non-padding positions
+                mask = inputs.get("decoder_attention_mask" if self._head == "seq2seq_lm" else "attention_mask")
+                part = soft_loss(student, teacher, None if mask is None else mask.bool(), **common)
+                parts = {"soft": part, "hard": torch.zeros_like(part)}
+            else:
+                part, parts = distillation_loss(
+                    student, teacher, labels, alpha=kd["alpha"], shift_labels=self._head == "causal_lm",
+                    num_items_in_batch=num_items_in_batch, label_smoothing=self.args.label_smoothing_factor,
+                    return_components=True, **common,
+                )
+            total, soft, hard = total + part, soft + parts["soft"], hard + parts["hard"]
+        n = len(pairs)
+        return total / n, {"loss_soft": soft / n, "loss_hard": hard / n}
+
+    def _attention_loss(self, outputs, teacher_outputs, mask) -> torch.Tensor:
+        student_maps, teacher_maps = outputs.attentions, teacher_outputs.attentions
+        losses = [attention_loss(student_maps[s], teacher_maps[t], mask) for s, t in self.layer_map.items()]
+        return torch.stack(losses).mean()
+
+    def _hidden_loss(self, outputs, teacher_outputs, mask) -> torch.Tensor:
+        # hidden_states[0] is the embedding output, so transformer layer i is hidden_states[i + 1].
+        student_states = [outputs.hidden_states[s + 1] for s in self.layer_map]
+        teacher_states = [teacher_outputs.hidden_states[t + 1] for t in self.layer_map.values()]
+        if self.hidden_projection is not None:
+            student_states = self.hidden_projection(student_states)
+        kind = self.distillation_args["hidden_loss"]
+        losses = [hidden_state_loss(s, t, kind, mask) for s, t in zip(student_states, teacher_states)]
+        return torch.stack(losses).mean()
+
+    # ---- logging -----------------------------------------------------------------------------------------------
+
+    def _record(self, model, components, token_scale, aux_scale, log_scale) -> None:
+        """Accumulate the components with the scaling of the returned loss, so they add up to the logged loss."""
+        mode = "train" if model.training else "eval"
+        sums = self._kd_sums[mode]
+        if mode == "train" and not sums:
+            self._kd_window_start = self.state.global_step
+        for key, value in components.items():
+            scale = token_scale if key in ("loss_soft", "loss_hard") else aux_scale
+            sums[key] = sums.get(key, 0.0) + value.detach().float() * scale * log_scale
+        self._kd_calls[mode] += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if "loss" in logs else "eval" if "eval_loss" in logs else None
+        if mode is not None and self._kd_sums[mode]:
+            keys = sorted(self._kd_sums[mode])
+            values = torch.stack([self._kd_sums[mode][k] for k in keys]).to(self.accelerator.device)
+            values = self.accelerator.gather(values).view(-1, len(keys)).mean(0)
+            if mode == "train":
+                divisor = max(self.state.global_step - self._kd_window_start, 1)
+            else:
+                divisor = self._kd_calls[mode]
+            prefix = "" if mode == "train" else "eval_"
+            logs.update({prefix + k: v / divisor for k, v in zip(keys, values.tolist())})
+            self._kd_sums[mode], self._kd_calls[mode] = {}, 0
+        super().log(logs, start_time)
+
+
+def _get(outputs, key: str, who: str) -> torch.Tensor:
+    value = outputs.get(key) if hasattr(outputs, "get") else None
+    if value is None:
+        keys = list(outputs.keys()) if hasattr(outputs, "keys") else type(outputs).__name__
+        raise ValueError(f"The {who} model must return `{key}` to be distilled, got outputs {keys}.")
+    return value
+
+
+def _vocab_size(model: nn.Module) -> int:
+    model = unwrap_peft_model(model)
+    embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
+        return embeddings.weight.shape[0]
+    return model.config.vocab_size
