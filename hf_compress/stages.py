@@ -1,0 +1,383 @@
+"""The stages of a recipe: each one reads the models of earlier stages and writes its own folder.
+
+A stage is a function ``(stage, ctx, out_dir) -> dict``: ``stage`` is the recipe's stage section (plain dict),
+``ctx`` the :class:`StageContext` (task, tokenizer, datasets, teacher and latest model folders), ``out_dir`` the
+temporary folder to write into. The returned dict goes into the stage's ``report.json``. Training stages use the
+stock ``Trainer`` or ``DistillationTrainer`` with the stage's ``training`` section as their arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import logging
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from .data import base_model_id, data_collator, load_text_dataset, resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+MODEL_STAGES = ("finetune_teacher", "distill", "prune", "quantize")
+RECOVERIES = ("distill", "finetune", "none")
+# the pipeline owns where and how stages write; recipes tune everything else
+TRAINING_DEFAULTS = {"report_to": "none", "save_strategy": "no", "eval_strategy": "no", "logging_steps": 50}
+RESERVED_TRAINING_KEYS = ("output_dir",)
+
+
+@dataclass
+class StageContext:
+    """What the stages share: the recipe sections, lazily loaded tokenizer / datasets, and the model folders."""
+
+    spec: dict[str, Any]
+    out: Path
+    is_main_process: bool = True
+    teacher: str = ""  # folder (or Hub id) of the teacher: the `finetune_teacher` output once it ran
+    model: str = ""  # folder of the latest model-producing stage (the next stage's input)
+    models: list[dict[str, Any]] = field(default_factory=list)  # finished model stages: name, type, path, report
+    evaluation: Path | None = None  # evaluation.json of the latest finished `evaluate` stage
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], out: Path, is_main_process: bool = True) -> StageContext:
+        teacher = resolve_model_path(spec["model"]["teacher"])
+        return cls(spec=spec, out=Path(out), is_main_process=is_main_process, teacher=teacher, model=teacher)
+
+    @property
+    def task(self) -> str:
+        return self.spec["model"].get("task") or "sequence-classification"
+
+    @property
+    def seed(self) -> int:
+        return int(self.spec.get("seed", 42))
+
+    @cached_property
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        source = self.spec["model"].get("tokenizer") or self.spec["model"]["teacher"]
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(source))
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+
+    @cached_property
+    def datasets(self):
+        return load_text_dataset(self.spec.get("data") or {}, self.tokenizer, self.task, seed=self.seed)
+
+    @property
+    def train_dataset(self):
+        return self.datasets[0]
+
+    @property
+    def eval_dataset(self):
+        return self.datasets[1]
+
+    @property
+    def collator(self):
+        return data_collator(self.tokenizer, self.task)
+
+    @property
+    def num_labels(self) -> int:
+        if self.spec["model"].get("num_labels"):
+            return int(self.spec["model"]["num_labels"])
+        names = getattr(self.train_dataset.features["labels"], "names", None)
+        return len(names) if names else len(set(self.train_dataset["labels"]))
+
+    def add_finished(self, name: str, kind: str, path: Path, report: dict[str, Any]) -> None:
+        """Record a finished stage: a model stage becomes the next input (and the teacher, for finetune)."""
+        if kind == "evaluate":
+            self.evaluation = Path(path) / "evaluation.json"
+        if kind not in MODEL_STAGES:
+            return
+        self.models.append({"name": name, "type": kind, "path": str(path), "report": report})
+        self.model = str(path)
+        if kind == "finetune_teacher":
+            self.teacher = str(path)
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+
+
+def load_model(path: str | Path):
+    """Load any stage's model: plain, structurally pruned or int8-quantised (``hf_compress.loading``)."""
+    from .loading import from_pretrained
+
+    return from_pretrained(path)
+
+
+def training_args(training: dict[str, Any] | None, out_dir: Path, seed: int, distill: bool = False):
+    """``TrainingArguments`` (``DistillationConfig`` if ``distill``) from a stage's ``training``, into ``out_dir``."""
+    training = dict(training or {})
+    for key in RESERVED_TRAINING_KEYS:
+        if key in training:
+            raise ValueError(f"`training.{key}` is set by the pipeline (the stage folder), got {training[key]!r}; "
+                             "remove it from the recipe.")
+    if distill:
+        from .distillation.config import DistillationConfig as Args
+    else:
+        from transformers import TrainingArguments as Args
+    return Args(output_dir=str(out_dir), **{"seed": seed, **TRAINING_DEFAULTS, **training})
+
+
+def save_model(model, tokenizer, out_dir: Path, is_main_process: bool = True) -> None:
+    """Save a (possibly pruned or quantised) model with its tokenizer; only the main process writes."""
+    if not is_main_process:
+        return
+    from .loading import save_pretrained
+    from .quantization import is_quantized
+
+    if is_quantized(model.config):
+        model.save_pretrained(out_dir)  # the config carries both the quantisation and the pruned-structure records
+    else:
+        save_pretrained(model, out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _forward_keys(model) -> set[str]:
+    return set(inspect.signature(model.forward).parameters)
+
+
+@torch.no_grad()
+def evaluate_model(model, dataset, collator, task: str, batch_size: int = 64) -> dict[str, float]:
+    """Accuracy (classification) or token-weighted loss and perplexity (causal LM) of ``model`` on ``dataset``."""
+    model.eval()
+    keys = _forward_keys(model)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    correct = total = 0
+    loss_sum = 0.0
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator):
+        batch = {k: v.to(device) for k, v in batch.items() if k in keys}
+        out = model(**batch)
+        labels = batch["labels"]
+        if task == "causal-lm":
+            tokens = int((labels[:, 1:] != -100).sum())
+            loss_sum += float(out.loss) * tokens
+            total += tokens
+        else:
+            correct += int((out.logits.argmax(-1) == labels).sum())
+            total += labels.numel()
+    if total == 0:
+        raise ValueError("`data.eval` has no usable rows to evaluate; check the eval file and `max_eval_samples`.")
+    if task == "causal-lm":
+        loss = loss_sum / total
+        return {"eval_loss": loss, "perplexity": float(torch.tensor(loss).exp())}
+    return {"accuracy": correct / total}
+
+
+def _finish(model, ctx: StageContext, out_dir: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Save the stage's model and return its report: size statistics and eval metrics."""
+    from .report import model_report
+
+    save_model(model, ctx.tokenizer, out_dir, ctx.is_main_process)
+    details = dict(extra or {})
+    if ctx.is_main_process:
+        details["model"] = model_report(model, out_dir, batch_sizes=())  # latency: measured by `evaluate`
+        if ctx.eval_dataset is not None:
+            details["metrics"] = evaluate_model(model, ctx.eval_dataset, ctx.collator, ctx.task)
+    return details
+
+
+def _train(trainer) -> dict[str, Any]:
+    result = trainer.train()
+    return {"train": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
+
+
+def _auto_class(task: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+
+
+# ------------------------------------------------------------------------------------------------------ stages
+
+
+def finetune_teacher(stage: dict[str, Any], ctx: StageContext, out_dir: Path) -> dict[str, Any]:
+    """Fine-tune the teacher (a fresh classification head for classification) with a plain ``Trainer``."""
+    from transformers import Trainer
+
+    kwargs = {}
+    if ctx.task == "sequence-classification":
+        names = getattr(ctx.train_dataset.features["labels"], "names", None)
+        names = names or [f"LABEL_{i}" for i in range(ctx.num_labels)]
+        kwargs = {"ignore_mismatched_sizes": True, "id2label": dict(enumerate(names)),
+                  "label2id": {n: i for i, n in enumerate(names)}}
+    model = _auto_class(ctx.task).from_pretrained(ctx.teacher, **kwargs)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = ctx.tokenizer.pad_token_id
+    args = training_args(stage.get("training"), out_dir, ctx.seed)
+    trainer = Trainer(model=model, args=args, train_dataset=ctx.train_dataset, data_collator=ctx.collator,
+                      processing_class=ctx.tokenizer)
+    return _finish(trainer.model, ctx, out_dir, _train(trainer) | {"source": ctx.spec["model"]["teacher"]})
+
+
+def _student(stage: dict[str, Any], teacher):
+    spec = dict(stage.get("student") or {})
+    if "model" in spec:
+        path = resolve_model_path(spec.pop("model"))
+        if spec:
+            raise ValueError(f"`student` takes either `model` or make_student arguments, got both ({sorted(spec)}).")
+        return load_model(path), {"student": path}
+    from .distillation.student import make_student
+
+    return make_student(teacher, **spec), {"student": spec}
+
+
+def distill(stage: dict[str, Any], ctx: StageContext, out_dir: Path) -> dict[str, Any]:
+    """Distil the teacher into a student made by ``make_student`` (or given as ``student.model``)."""
+    from .distillation.trainer import DistillationTrainer
+
+    teacher = load_model(ctx.teacher)
+    student, info = _student(stage, teacher)
+    args = training_args(stage.get("training"), out_dir, ctx.seed, distill=True)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ctx.train_dataset,
+                                  data_collator=ctx.collator, processing_class=ctx.tokenizer)
+    return _finish(trainer.model, ctx, out_dir, _train(trainer) | info | {"teacher": ctx.teacher})
+
+
+def prune(stage: dict[str, Any], ctx: StageContext, out_dir: Path) -> dict[str, Any]:
+    """Prune the latest model with ``PruningCallback`` while recovering by distillation, fine-tuning or nothing."""
+    from transformers import Trainer
+
+    from .pruning.callback import PruningCallback
+    from .pruning.config import PruningConfig
+
+    recovery = stage.get("recovery") or "distill"
+    if recovery not in RECOVERIES:
+        raise ValueError(f"`stages.{stage['name']}.recovery` must be one of {list(RECOVERIES)}, got {recovery!r}.")
+    config = PruningConfig(**(stage.get("pruning") or {}))
+    model = load_model(ctx.model)
+    training = dict(stage.get("training") or {})
+    if recovery == "none":
+        # one-shot: masks at step 0, a single step that cannot move the weights, surgery at the end
+        training |= {"max_steps": 1, "learning_rate": 0.0, "weight_decay": 0.0}
+    callbacks = [PruningCallback(config)]
+    common = dict(train_dataset=ctx.train_dataset, data_collator=ctx.collator, processing_class=ctx.tokenizer,
+                  callbacks=callbacks)
+    if recovery == "distill":
+        from .distillation.trainer import DistillationTrainer
+
+        args = training_args(training, out_dir, ctx.seed, distill=True)
+        trainer = DistillationTrainer(model=model, teacher_model=load_model(ctx.teacher), args=args, **common)
+    else:
+        trainer = Trainer(model=model, args=training_args(training, out_dir, ctx.seed), **common)
+    details = _train(trainer) | {"recovery": recovery, "pruning": dataclasses.asdict(config)}
+    return _finish(trainer.model, ctx, out_dir, details)
+
+
+def quantize(stage: dict[str, Any], ctx: StageContext, out_dir: Path) -> dict[str, Any]:
+    """Quantise the latest model's linear layers (and embeddings) to int8 with ``quantize_int8``."""
+    from .quantization import quantize_int8
+
+    kwargs = dict(stage.get("quantization") or {})
+    model = quantize_int8(load_model(ctx.model), **kwargs)
+    return _finish(model, ctx, out_dir, {"quantization": kwargs})
+
+
+def _latency_inputs(ctx: StageContext, model, rows: int = 32) -> dict[str, torch.Tensor] | None:
+    """Real eval rows (dynamically padded, no labels) for timing; ``None`` lets the report use dummy ids."""
+    if ctx.eval_dataset is None or len(ctx.eval_dataset) == 0:
+        return None
+    batch = ctx.collator([ctx.eval_dataset[i] for i in range(min(rows, len(ctx.eval_dataset)))])
+    keys = _forward_keys(model) - {"labels"}
+    return {k: v for k, v in batch.items() if k in keys}
+
+
+def _reference(ctx: StageContext) -> dict[str, Any]:
+    """The teacher entry to compare against: the `finetune_teacher` stage, else the recipe's teacher itself."""
+    for entry in ctx.models:
+        if entry["type"] == "finetune_teacher":
+            return entry
+    return {"name": "teacher", "type": "teacher", "path": ctx.teacher, "report": {}}
+
+
+def evaluate(stage: dict[str, Any], ctx: StageContext, out_dir: Path) -> dict[str, Any]:
+    """Measure the teacher and every model stage (metrics, size, sparsity, CPU latency at batch 1 and 32).
+
+    Writes ``evaluation.json`` (per model: its measurements and ``compare``-ratios to the teacher) and
+    ``evaluation.md`` (the table) into the stage folder, and logs the table.
+    """
+    from .report import compare, format_table, model_report, summary_row
+
+    entries = [_reference(ctx)] + [e for e in ctx.models if e["type"] != "finetune_teacher"]
+    if not ctx.is_main_process:
+        return {}
+    measured, rows = {}, []
+    for entry in entries:
+        model = load_model(entry["path"]).to("cpu")
+        folder = entry["path"] if Path(entry["path"]).is_dir() else None
+        report = model_report(model, folder, latency_inputs=_latency_inputs(ctx, model))
+        metrics = entry["report"].get("metrics")
+        if metrics is None and ctx.eval_dataset is not None:
+            metrics = evaluate_model(model, ctx.eval_dataset, ctx.collator, ctx.task)
+        if metrics is not None:
+            report["metrics"] = metrics
+        measured[entry["name"]] = {"type": entry["type"], "path": entry["path"], **report}
+        del model
+    reference = measured[entries[0]["name"]]
+    for name, report in measured.items():
+        if name != entries[0]["name"]:
+            report["vs_teacher"] = compare(reference, report)
+        rows.append(summary_row(name, report, None if name == entries[0]["name"] else reference))
+    table = format_table(rows)
+    evaluation = {"reference": entries[0]["name"], "task": ctx.task, "models": measured}
+    (out_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2, default=str) + "\n")
+    (out_dir / "evaluation.md").write_text(format_table(rows, markdown=True) + "\n")
+    logger.info("Evaluation (reference %r):\n%s", entries[0]["name"], table)
+    summary = {name: {"metrics": r.get("metrics"), **{k: r["vs_teacher"][k] for k in ("size_x", "speedup_x",
+               "retention_pct")}} for name, r in measured.items() if "vs_teacher" in r}
+    return {"reference": entries[0]["name"], "summary": summary}
+
+
+def _hub_id(teacher: str) -> str | None:
+    """The teacher's Hub id for the card metadata; ``None`` for a local folder (no Hub page to link)."""
+    hub_id = base_model_id(teacher)
+    return None if Path(hub_id).exists() else hub_id
+
+
+def card(stage: dict[str, Any], ctx: StageContext, out_dir: Path) -> dict[str, Any]:
+    """Write the model card (``README.md``) of the final model, with the evaluation table and the recipe."""
+    import shutil
+
+    from .cards import render_card
+
+    if not ctx.models:
+        raise ValueError(f"`stages.{stage['name']}` (card) needs an earlier model stage; add one before it.")
+    final = ctx.models[-1]
+    folder = Path(final["path"])
+    reference = None
+    report = {**final["report"].get("model", {}), "metrics": final["report"].get("metrics", {})}
+    if ctx.evaluation is not None and ctx.evaluation.is_file():
+        evaluation = json.loads(ctx.evaluation.read_text())
+        report = evaluation["models"].get(final["name"], report)
+        if final["name"] != evaluation["reference"]:
+            reference = evaluation["models"][evaluation["reference"]]
+    data = ctx.spec.get("data") or {}
+    dataset = data.get("hub_id") or (Path(data["train"]).parent.name if data.get("train") else None)
+    recipe = ctx.out / "recipe.yaml"
+    if ctx.is_main_process:
+        card = render_card(
+            f"{ctx.spec['name']}-{final['name']}", base_model=_hub_id(ctx.spec["model"]["teacher"]),
+            datasets=[dataset] if dataset else None, report=report, reference_report=reference,
+            recipe=recipe.read_text() if recipe.is_file() else None,
+            config=json.loads((folder / "config.json").read_text()),
+        )
+        card.save(out_dir / "README.md")
+        shutil.copyfile(out_dir / "README.md", folder / ".README.md.tmp")
+        (folder / ".README.md.tmp").replace(folder / "README.md")
+    return {"model_dir": str(folder), "card": str(folder / "README.md")}
+
+
+STAGES = {
+    "finetune_teacher": finetune_teacher,
+    "distill": distill,
+    "prune": prune,
+    "quantize": quantize,
+    "evaluate": evaluate,
+    "card": card,
+}
