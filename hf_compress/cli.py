@@ -1,0 +1,454 @@
+"""``hf-compress``: run, dry-run, report, card, push and demo compression recipes from the command line.
+
+    hf-compress run recipes/quickstart.yaml --output-dir outputs/qs --set stages.student.training.max_steps=50
+    hf-compress check recipes/quickstart.yaml      # resolved config, pruned modules, expected sizes; writes nothing
+    hf-compress report outputs/qs                  # table of every stage's report.json
+    hf-compress card outputs/qs                    # (re)write the final model's README.md
+    hf-compress push outputs/qs my-user/minilm-sst2-int8 --private
+    hf-compress demo [--quick]                     # the packaged quick-start recipe into ./outputs/quickstart
+
+User errors (bad recipe, missing file, invalid value) print one ``error: ...`` line on stderr and exit with status 2,
+without a traceback (``--debug`` shows it). Under ``accelerate launch -m hf_compress.cli run recipe.yaml`` every
+process validates and trains; only the main process (accelerate's ``PartialState``) writes stage folders and
+reports (see ``hf_compress.pipeline``) and prints tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hf_compress.recipes import REPO_ROOT, RecipeError, dump_resolved, load_recipe
+
+# `demo --quick`: the quick-start stages on a small slice of SST-2 (a couple of minutes on 2 CPU cores)
+QUICK_OVERRIDES = (
+    "data.max_train_samples=2000",
+    "data.max_eval_samples=200",
+    "stages.teacher.training.max_steps=40",
+    "stages.student.training.max_steps=40",
+    "stages.pruned.training.max_steps=40",
+    "stages.pruned.pruning.end_step=20",
+)
+MODEL_STAGE_TYPES = ("finetune_teacher", "distill", "prune", "quantize")
+
+
+def is_main_process() -> bool:
+    """Whether this process prints: accelerate's main process once its state exists, else ``RANK`` 0."""
+    from accelerate import PartialState
+
+    if PartialState._shared_state:
+        return PartialState().is_main_process
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _say(text: str = "") -> None:
+    if is_main_process():
+        print(text, flush=True)
+
+
+@contextlib.contextmanager
+def _stage_logging():
+    """Show the pipeline's INFO messages (stage started / reused, evaluation table) on stderr, main process only."""
+    logger = logging.getLogger("hf_compress")
+    handler, level = logging.StreamHandler(sys.stderr), logger.level
+    handler.setFormatter(logging.Formatter("[hf-compress] %(message)s"))
+    if is_main_process():
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def packaged_recipe(name: str) -> Path:
+    """A recipe shipped inside the package (``hf_compress/recipes/<name>.yaml``), else the repository's copy."""
+    from importlib.resources import files
+
+    packaged = Path(str(files("hf_compress") / "recipes" / f"{name}.yaml"))
+    return packaged if packaged.is_file() else REPO_ROOT / "recipes" / f"{name}.yaml"
+
+
+# ---------------------------------------------------------------------------------------------- stage folders
+
+
+def stage_reports(out: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """``(stage name, report.json)`` of every finished stage folder of ``out``, in recipe order."""
+    out = Path(out)
+    if not out.is_dir():
+        raise FileNotFoundError(f"`DIR` {str(out)!r} does not exist; pass the --output-dir of `hf-compress run`.")
+    found = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/report.json")}
+    if not found:
+        raise FileNotFoundError(f"`DIR` {str(out)!r} has no stage folder with a report.json; run "
+                                f"`hf-compress run RECIPE --output-dir {out}` first.")
+    order: list[str] = []
+    if (out / "recipe.yaml").is_file():
+        import yaml
+
+        order = [s.get("name") or s.get("type") for s in (yaml.safe_load((out / "recipe.yaml").read_text())
+                                                           or {}).get("stages", [])]
+    rank = {name: i for i, name in enumerate(order)}
+    names = sorted(found, key=lambda n: (rank.get(n, len(rank)), found[n].get("finished_at", ""), n))
+    return [(name, found[name]) for name in names]
+
+
+def _evaluation(out: str | Path, stages: list[tuple[str, dict]]) -> tuple[dict[str, dict], str | None]:
+    """Per-model measurements and the reference name from the latest ``evaluate`` stage's evaluation.json."""
+    measured, reference = {}, None
+    for name, report in stages:
+        path = Path(out) / name / "evaluation.json"
+        if report.get("type") == "evaluate" and path.is_file():
+            data = json.loads(path.read_text())
+            measured, reference = data.get("models", {}), data.get("reference")
+    return measured, reference
+
+
+def report_rows(out: str | Path) -> list[dict[str, str]]:
+    """One table row per model (teacher first): params, size, sparsity, metrics, latency and ratios to the teacher."""
+    from hf_compress.report import summary_row
+
+    stages = stage_reports(out)
+    measured, reference_name = _evaluation(out, stages)
+    entries: dict[str, dict] = {}
+    if reference_name in measured:
+        entries[reference_name] = measured[reference_name]
+    for name, report in stages:
+        if report.get("type") in MODEL_STAGE_TYPES and "model" in report:
+            entries[name] = measured.get(name) or {**report["model"], "metrics": report.get("metrics") or {}}
+    if reference_name is None:
+        reference_name = next((n for n, r in stages if r.get("type") == "finetune_teacher"), None)
+    if not entries:
+        raise FileNotFoundError(f"`DIR` {str(out)!r} has no finished model stage; run its recipe first.")
+    reference = entries.get(reference_name)
+    return [summary_row(name, report, None if name == reference_name else reference)
+            for name, report in entries.items()]
+
+
+def final_model_folder(out: str | Path) -> Path:
+    """The folder of the last finished model stage of ``out`` (or ``out`` itself when it is a model folder)."""
+    out = Path(out)
+    if (out / "config.json").is_file():
+        return out
+    models = [name for name, report in stage_reports(out) if report.get("type") in MODEL_STAGE_TYPES]
+    if not models:
+        raise FileNotFoundError(f"`DIR` {str(out)!r} has no finished model stage; run its recipe first.")
+    return out / models[-1]
+
+
+# ------------------------------------------------------------------------------------------------ dry-run plan
+
+
+def _meta_model(path: str, task: str, num_labels: int | None):
+    """The model of folder ``path`` built from its config on the meta device: shapes only, no weights, no memory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from hf_compress.data import resolve_model_path
+
+    kwargs = {"num_labels": num_labels} if task == "sequence-classification" and num_labels else {}
+    config = AutoConfig.from_pretrained(resolve_model_path(path), **kwargs)
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    with torch.device("meta"):
+        return auto.from_config(config)
+
+
+def _where(model, target: str) -> str:
+    """Module names a pruning target acts on, e.g. ``bert.encoder.layer.{0-5}.attention.self.{query,key,value}``."""
+    from hf_compress.pruning.architectures import get_family, get_layers
+
+    family, layers = get_family(model), get_layers(model)
+    prefix = next(name for name, module in model.named_modules() if module is layers) + f".{{0-{len(layers) - 1}}}"
+    roles = {"heads": ("q", "k", "v", "qkv", "o"), "ffn_neurons": ("up", "gate", "down"), "layers": ()}[target]
+    paths = [getattr(family, role) for role in roles if getattr(family, role)]
+    return prefix + (f".{{{','.join(paths)}}}" if paths else "")
+
+
+def _prune_plan(model, name: str, pruning: dict[str, Any]) -> tuple[int, list[str]]:
+    """Apply the expected structured pruning to a meta ``model`` (uniform per layer); return zeroed weights, lines."""
+    from hf_compress.pruning.architectures import ffn_size, get_layers, head_counts
+    from hf_compress.pruning.config import PruningConfig
+    from hf_compress.pruning.importance import head_groups
+    from hf_compress.pruning.schedules import units_to_remove
+    from hf_compress.pruning.surgery import drop_layers, prune_ffn_neurons, prune_heads
+    from hf_compress.pruning.unstructured import prunable_weights
+
+    config, lines, zeroed = PruningConfig(**pruning), [], 0
+    for target, sparsity in config.targets.items():
+        total = len(get_layers(model))
+        if target == "unstructured":
+            weights = sum(w.numel() for w in prunable_weights(model).values())
+            zeroed = int(sparsity * weights)
+            lines.append(f"  {name}: unstructured {sparsity:.0%} of {len(prunable_weights(model))} Linear weights "
+                         f"({weights:,} values, output head excluded) -> {zeroed:,} zeros")
+            continue
+        where = _where(model, target)
+        if target == "layers":
+            k = units_to_remove(sparsity, total)
+            drop_layers(model, list(range(total - 1 - k, total - 1)))
+            lines.append(f"  {name}: layers {sparsity:.0%} of {where} -> {k} of {total} blocks dropped")
+        elif target == "heads":
+            heads = {}
+            for i in range(total):
+                groups, per = head_groups(model, i), head_counts(model, i)[0] // len(head_groups(model, i))
+                k = min(units_to_remove(sparsity, len(groups)), len(groups) - -(-config.min_heads_per_layer // per))
+                heads[i] = [h for group in groups[:k] for h in group]
+            before = sum(head_counts(model, i)[0] for i in range(total))
+            prune_heads(model, heads)
+            lines.append(f"  {name}: heads {sparsity:.0%} of {where} -> {sum(map(len, heads.values()))} of "
+                         f"{before} heads removed")
+        else:
+            neurons = {i: list(range(units_to_remove(sparsity, ffn_size(model, i)))) for i in range(total)}
+            before = sum(ffn_size(model, i) for i in range(total))
+            prune_ffn_neurons(model, neurons)
+            lines.append(f"  {name}: ffn_neurons {sparsity:.0%} of {where} -> {sum(map(len, neurons.values())):,} of "
+                         f"{before:,} neurons removed")
+    return zeroed, lines
+
+
+def _meta_counts(model) -> tuple[int, int]:
+    """``(parameters, bytes)`` of a meta-device model; int8 codes count as the weights they encode."""
+    from torch import nn
+
+    from hf_compress.quantization import Int8Embedding, Int8Linear
+
+    tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}
+    params = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        if isinstance(module, Int8Linear | Int8Embedding):
+            params += module.qweight.numel() * (2 if getattr(module, "bits", 8) == 4 else 1)
+            bias = getattr(module, "bias", None)
+            params += bias.numel() if bias is not None and not isinstance(bias, nn.Parameter) else 0
+    return params, sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _shape_row(name: str, kind: str, model, zeroed: int, reference_bytes: int | None) -> dict[str, str]:
+    from hf_compress.pruning.architectures import ffn_size, get_layers, head_counts
+    from hf_compress.report import _human_bytes
+
+    def span(values: list[int]) -> str:
+        return "-" if not values else str(values[0]) if min(values) == max(values) else f"{min(values)}-{max(values)}"
+
+    try:
+        total = len(get_layers(model))
+    except ValueError:  # a family hf_compress cannot slice: sizes only
+        total = 0
+    params, size = _meta_counts(model)
+    return {"stage": name, "type": kind, "layers": str(total or "-"),
+            "heads/layer": span([head_counts(model, i)[0] for i in range(total)]),
+            "ffn/layer": span([ffn_size(model, i) for i in range(total)]),
+            "params (nonzero)": f"{params - zeroed:,}", "size (fp32 / int8)": _human_bytes(size),
+            "size x": f"{reference_bytes / size:.1f}x" if reference_bytes else "1.0x"}
+
+
+def plan_recipe(recipe) -> tuple[list[dict[str, str]], list[str]]:
+    """Expected shape, parameter count and size after each model stage, and what each prune target matches.
+
+    Models are built from their configs on the meta device (no weights read, nothing written); pruning removes the
+    same fraction in every layer, so `scope: global` runs may distribute the removed units differently.
+    """
+    import copy
+
+    from hf_compress.distillation.student import make_student
+    from hf_compress.quantization import quantize_int8
+
+    teacher = _meta_model(recipe.model.teacher, recipe.model.task, recipe.model.num_labels)
+    reference = _meta_counts(teacher)[1]
+    rows, lines = [_shape_row("teacher (input)", "-", teacher, 0, None)], ["Pruning targets:"]
+    current, zeroed = teacher, 0
+    for stage in recipe.stages:
+        if stage.type == "distill":
+            model = stage.student.get("model")
+            current = _meta_model(model, recipe.model.task, recipe.model.num_labels) if model else \
+                make_student(teacher, **stage.student)
+            zeroed = 0
+        elif stage.type == "prune":
+            current = copy.deepcopy(current)
+            extra, found = _prune_plan(current, stage.name, stage.pruning)
+            zeroed, lines = zeroed + extra, lines + found
+        elif stage.type == "quantize":
+            current = quantize_int8(copy.deepcopy(current), **stage.quantization)
+        if stage.type in MODEL_STAGE_TYPES:
+            rows.append(_shape_row(stage.name, stage.type, current, zeroed, reference))
+    return rows, lines if len(lines) > 1 else []
+
+
+# --------------------------------------------------------------------------------------------------- commands
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from hf_compress.pipeline import run_recipe
+    from hf_compress.report import format_table
+
+    recipe = load_recipe(args.recipe, args.set)
+    out = Path(args.output_dir or Path("outputs") / recipe.name)
+    _say(f"Running recipe {recipe.name!r} ({len(recipe.stages)} stages) into {out}")
+    with _stage_logging():
+        reports = run_recipe(recipe, out, force=args.force)
+    if is_main_process():
+        done = [{"stage": r.get("name"), "type": r.get("type"),
+                 "status": "reused" if r.get("skipped") else r.get("status", "?"),
+                 "elapsed": f"{r.get('elapsed_s', 0):.0f} s"} for r in reports]
+        print("\n" + format_table(done))
+        if any(r.get("type") in MODEL_STAGE_TYPES for r in reports):
+            print("\n" + format_table(report_rows(out)))
+        print(f"\nOutputs: {out.resolve()}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from hf_compress.report import format_table
+
+    recipe = load_recipe(args.recipe, args.set)
+    rows, matches = plan_recipe(recipe)
+
+    print(dump_resolved(recipe))
+    for line in matches:
+        print(line)
+    print("\nExpected shapes and sizes (meta-device models from the configs; nothing loaded or written):")
+    print(format_table(rows))
+    print(f"\nrecipe {recipe.name!r} is valid.")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from hf_compress.report import format_table
+
+    print(format_table(report_rows(args.dir), markdown=args.markdown))
+    return 0
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    import yaml
+
+    from hf_compress.cards import write_card
+    from hf_compress.data import base_model_id
+
+    out = Path(args.dir)
+    folder = final_model_folder(out)
+    recipe_file = out / "recipe.yaml"
+    spec = yaml.safe_load(recipe_file.read_text()) if recipe_file.is_file() else {}
+    stages = stage_reports(out) if folder != out else []
+    report = dict(stages).get(folder.name, {})
+    evaluated, reference_name = _evaluation(out, stages)
+    measured = evaluated.get(folder.name) or {**report.get("model", {}), "metrics": report.get("metrics") or {}}
+    reference = evaluated.get(reference_name) if reference_name != folder.name else None
+    data = spec.get("data") or {}
+    dataset = data.get("hub_id") or (Path(data["train"]).parent.name if data.get("train") else None)
+    teacher = (spec.get("model") or {}).get("teacher")
+    write_card(folder, model_name=f"{spec['name']}-{folder.name}" if spec.get("name") else folder.name,
+               base_model=base_model_id(teacher) if teacher else None, datasets=[dataset] if dataset else None,
+               report=measured if "params" in measured else None, reference_report=reference,
+               recipe=recipe_file.read_text() if recipe_file.is_file() else None)
+    print(f"Wrote {folder / 'README.md'}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from hf_compress.hub import push_folder
+
+    folder = final_model_folder(args.dir)
+    token = args.token or None
+    push_folder(folder, args.repo_id, private=args.private, token=token)
+    print(f"Pushed {folder} to https://huggingface.co/{args.repo_id}" + (" (private)" if args.private else ""))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    overrides = [*(QUICK_OVERRIDES if args.quick else ()), *args.set]
+    run = argparse.Namespace(recipe=str(packaged_recipe("quickstart")), set=overrides, force=args.force,
+                             output_dir=args.output_dir or str(Path("outputs") / "quickstart"))
+    return cmd_run(run)
+
+
+# ----------------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-compress", description="Pruning and knowledge distillation recipes "
+                                     "for Hugging Face models (see recipes/*.yaml).")
+    parser.add_argument("--debug", action="store_true", help="Show the traceback of errors.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def overrides(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                       help="Override a recipe value (YAML), e.g. stages.student.training.max_steps=50; repeatable.")
+
+    p = sub.add_parser("run", help="Validate a recipe, run its stages and print the report table.")
+    p.add_argument("recipe", help="Recipe YAML file.")
+    p.add_argument("--output-dir", help="Output folder (default: outputs/<recipe name>).")
+    p.add_argument("--force", action="store_true", help="Rerun stages already done with the same config.")
+    overrides(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check", help="Dry run: resolved recipe, pruned modules, expected sizes; writes nothing.")
+    p.add_argument("recipe", help="Recipe YAML file.")
+    overrides(p)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("report", help="Table of every stage's report.json in an output folder.")
+    p.add_argument("dir", help="Output folder of `hf-compress run`.")
+    p.add_argument("--markdown", action="store_true", help="Print a Markdown table.")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("card", help="(Re)write the model card of the final model stage.")
+    p.add_argument("dir", help="Output folder of `hf-compress run`.")
+    p.set_defaults(func=cmd_card)
+
+    p = sub.add_parser("push", help="Push the final model folder (or a model folder) to the Hugging Face Hub.")
+    p.add_argument("dir", help="Output folder of `hf-compress run`, or one model folder.")
+    p.add_argument("repo_id", help="Hub repository id, e.g. my-user/minilm-sst2-int8.")
+    p.add_argument("--private", action="store_true", help="Create the repository as private.")
+    p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login); never printed.")
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("demo", help="Run the packaged quick-start recipe into ./outputs/quickstart.")
+    p.add_argument("--quick", action="store_true", help="Small slice and few steps: " + ", ".join(QUICK_OVERRIDES))
+    p.add_argument("--output-dir", help="Output folder (default: outputs/quickstart).")
+    p.add_argument("--force", action="store_true", help="Rerun stages already done with the same config.")
+    overrides(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hf-compress`` console script; returns the exit status.
+
+    Example:
+
+    ```python
+    >>> from hf_compress.cli import main
+    >>> main(["check", "recipes/quickstart.yaml", "--set", "stages.student.student.num_layers=2"])  # doctest: +SKIP
+    0
+    ```
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2), already printed by argparse
+        return int(exit_.code or 0)
+    try:
+        return args.func(args)
+    except (RecipeError, ValueError, FileNotFoundError, ModuleNotFoundError, OSError) as err:
+        if args.debug:
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        token = getattr(args, "token", None)
+        if token:
+            message = message.replace(token, "***")
+        print(f"error: {message}", file=sys.stderr)
+        return 2 if isinstance(err, (ValueError, FileNotFoundError, ModuleNotFoundError)) else 1
+    except KeyboardInterrupt:
+        print("error: interrupted; finished stages are kept and a rerun resumes after them.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

