@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hf_compress.recipe_checks import MODEL_STAGES
 from hf_compress.recipes import REPO_ROOT, RecipeError, dump_resolved, load_recipe
 
 # `demo --quick`: the quick-start stages on a small slice of SST-2 (a couple of minutes on 2 CPU cores)
@@ -36,7 +37,6 @@ QUICK_OVERRIDES = (
     "stages.pruned.training.max_steps=40",
     "stages.pruned.pruning.end_step=20",
 )
-MODEL_STAGE_TYPES = ("finetune_teacher", "distill", "prune", "quantize")
 
 
 def is_main_process() -> bool:
@@ -121,7 +121,7 @@ def report_rows(out: str | Path) -> list[dict[str, str]]:
     if reference_name in measured:
         entries[reference_name] = measured[reference_name]
     for name, report in stages:
-        if report.get("type") in MODEL_STAGE_TYPES and "model" in report:
+        if report.get("type") in MODEL_STAGES and "model" in report:
             entries[name] = measured.get(name) or {**report["model"], "metrics": report.get("metrics") or {}}
     if reference_name is None:
         reference_name = next((n for n, r in stages if r.get("type") == "finetune_teacher"), None)
@@ -137,7 +137,7 @@ def final_model_folder(out: str | Path) -> Path:
     out = Path(out)
     if (out / "config.json").is_file():
         return out
-    models = [name for name, report in stage_reports(out) if report.get("type") in MODEL_STAGE_TYPES]
+    models = [name for name, report in stage_reports(out) if report.get("type") in MODEL_STAGES]
     if not models:
         raise FileNotFoundError(f"`DIR` {str(out)!r} has no finished model stage; run its recipe first.")
     return out / models[-1]
@@ -275,7 +275,7 @@ def plan_recipe(recipe) -> tuple[list[dict[str, str]], list[str]]:
             zeroed, lines = zeroed + extra, lines + found
         elif stage.type == "quantize":
             current = quantize_int8(copy.deepcopy(current), **stage.quantization)
-        if stage.type in MODEL_STAGE_TYPES:
+        if stage.type in MODEL_STAGES:
             rows.append(_shape_row(stage.name, stage.type, current, zeroed, reference))
     return rows, lines if len(lines) > 1 else []
 
@@ -297,7 +297,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                  "status": "reused" if r.get("skipped") else r.get("status", "?"),
                  "elapsed": f"{r.get('elapsed_s', 0):.0f} s"} for r in reports]
         print("\n" + format_table(done))
-        if any(r.get("type") in MODEL_STAGE_TYPES for r in reports):
+        if any(r.get("type") in MODEL_STAGES for r in reports):
             print("\n" + format_table(report_rows(out)))
         print(f"\nOutputs: {out.resolve()}")
     return 0

@@ -21,14 +21,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from .data import base_model_id, data_collator, load_text_dataset, resolve_model_path
+from .recipe_checks import MODEL_STAGES, RESERVED_TRAINING_KEYS
 
 logger = logging.getLogger(__name__)
 
-MODEL_STAGES = ("finetune_teacher", "distill", "prune", "quantize")
 RECOVERIES = ("distill", "finetune", "none")
 # the pipeline owns where and how stages write; recipes tune everything else
 TRAINING_DEFAULTS = {"report_to": "none", "save_strategy": "no", "eval_strategy": "no", "logging_steps": 50}
-RESERVED_TRAINING_KEYS = ("output_dir",)
 
 
 @dataclass
