@@ -102,7 +102,8 @@ def run_recipe(recipe: Any, output_dir: str | Path, *, force: bool = False) -> l
         recipe (`Recipe` or `dict`):
             A recipe from :func:`hf_compress.recipes.load_recipe`, or the same structure as a plain dict (validated
             with :func:`hf_compress.recipes.validate`): ``name``, ``seed``, ``model``, ``data`` and an ordered list
-            of ``stages`` of type ``finetune_teacher``, ``distill``, ``prune``, ``quantize``, ``evaluate``, ``card``.
+            of ``stages`` of type ``finetune_teacher``, ``distill``, ``prune``, ``prune_vocabulary``, ``quantize``,
+            ``evaluate``, ``card``.
         output_dir (`str` or `Path`):
             Folder receiving ``recipe.yaml`` and one ``<stage name>/`` folder per stage (model, tokenizer,
             ``report.json``).

@@ -1,9 +1,9 @@
 """Checks behind [`hf_compress.recipes.validate`]: typed config sections and the cross-key rules of a recipe.
 
 Section values are checked against the dataclass fields / function signatures they feed (``DistillationConfig``,
-``TrainingArguments``, ``PruningConfig``, ``quantize_int8``, ``make_student``), then the config classes are
-instantiated once so their own ``__post_init__`` errors surface, prefixed with the recipe key path. The rules then
-check what no single class can: stage order, teacher / data files and the task-specific keys.
+``TrainingArguments``, ``PruningConfig``, ``quantize_int8``, ``prune_vocabulary``, ``make_student``), then the
+config classes are instantiated once so their own ``__post_init__`` errors surface, prefixed with the recipe key
+path. The rules then check what no single class can: stage order, teacher / data files and the task-specific keys.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import tempfile
 import types
 import typing
 import uuid
+from collections.abc import Iterable, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin, get_type_hints
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin, get_type_h
 if TYPE_CHECKING:
     from hf_compress.recipes import DataSpec, ModelSpec, Stage
 
-MODEL_STAGES = ("finetune_teacher", "distill", "prune", "quantize")
+MODEL_STAGES = ("finetune_teacher", "distill", "prune", "prune_vocabulary", "quantize")
 TRAINING_STAGES = ("finetune_teacher", "distill", "prune")
 RESERVED_TRAINING_KEYS = ("output_dir",)  # the pipeline writes each stage into its own folder
 
@@ -56,7 +57,7 @@ def _describe(tp: Any) -> str:
     if isinstance(tp, type) and issubclass(tp, Enum):
         return "one of " + ", ".join(repr(member.value) for member in tp)
     names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null",
-             list: "a list", tuple: "a list", dict: "a mapping"}
+             list: "a list", tuple: "a list", Iterable: "a list", Sequence: "a list", dict: "a mapping"}
     return names.get(origin or tp, getattr(tp, "__name__", str(tp)))
 
 
@@ -84,10 +85,10 @@ def _coerce(value: Any, tp: Any) -> Any:
         if any(value == arg and type(value) is type(arg) for arg in args):
             return value
         raise _Mismatch
-    if origin in (list, tuple) or tp in (list, tuple):
+    if origin in (list, tuple, Iterable, Sequence) or tp in (list, tuple):
         if not isinstance(value, list):
             raise _Mismatch
-        return [_coerce(item, args[0]) for item in value] if args and origin is list else value
+        return [_coerce(item, args[0]) for item in value] if args and origin is not tuple else value
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise _Mismatch
@@ -235,10 +236,19 @@ def student_kwargs(values: Any, path: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ cross-key rules
 
 
+def _distills(stage: Stage) -> bool:
+    return stage.type == "distill" or (stage.type == "prune" and stage.recovery == "distill")
+
+
 def check_stage_order(stages: list[Stage], model: ModelSpec) -> None:
-    """Stage combinations that cannot work: duplicate names, training after int8, a card with no model..."""
+    """Stage combinations that cannot work: duplicate names, training after int8, a card with no model...
+
+    ``prune_vocabulary`` runs on a float model (before ``quantize``), once. Its output has new token ids, so a later
+    stage can only distil from the teacher when the vocabulary stage pruned the teacher itself (nothing but
+    ``finetune_teacher`` before it): the pruned teacher then teaches with the same ids.
+    """
     seen: dict[str, int] = {}
-    models_so_far, quantized_at = 0, None
+    models_so_far, quantized_at, vocabulary_at, students, vocabulary_students = 0, None, None, 0, 0
     for i, stage in enumerate(stages):
         if stage.name in seen:
             raise RecipeError(f"`stages[{i}].name` {stage.name!r} repeats `stages[{seen[stage.name]}]`; give each "
@@ -252,10 +262,23 @@ def check_stage_order(stages: list[Stage], model: ModelSpec) -> None:
                               f"quantized models cannot be trained, so move `quantize` after every training stage.")
         if stage.type == "quantize" and quantized_at is not None:
             raise RecipeError(f"`stages[{i}]` quantizes again after `stages[{quantized_at}]`; keep one `quantize`.")
+        if stage.type == "prune_vocabulary" and quantized_at is not None:
+            raise RecipeError(f"`stages[{i}]` (prune_vocabulary) comes after the int8 `stages[{quantized_at}]`; "
+                              f"vocabulary pruning slices float embeddings, so move it before `quantize`.")
+        if stage.type == "prune_vocabulary" and vocabulary_at is not None:
+            raise RecipeError(f"`stages[{i}]` prunes the vocabulary again after `stages[{vocabulary_at}]`; keep one "
+                              f"`prune_vocabulary` stage.")
+        if _distills(stage) and vocabulary_at is not None and vocabulary_students:
+            raise RecipeError(f"`stages[{i}]` ({stage.type}) distils from the teacher after `stages[{vocabulary_at}]` "
+                              f"changed the student's token ids; move `prune_vocabulary` after every distilling "
+                              f"stage (or before the first one, to prune the teacher itself).")
         if stage.type == "card" and not models_so_far:
             raise RecipeError(f"`stages[{i}]` (card) comes before any model stage; put it after the stage whose "
                               f"model it describes.")
+        if stage.type == "prune_vocabulary":
+            vocabulary_at, vocabulary_students = i, students
         models_so_far += stage.type in MODEL_STAGES
+        students += stage.type in ("distill", "prune")
         quantized_at = i if stage.type == "quantize" else quantized_at
 
 
@@ -310,9 +333,6 @@ def check_teacher(model: ModelSpec, stages: list[Stage], bases: list[Path]) -> N
     for i, stage in enumerate(stages):
         if stage.student.get("model"):
             stage.student["model"] = resolve_model(stage.student["model"], f"stages[{i}].student.model", bases)
-    if model.task == "sequence-classification" and model.num_labels is None:
-        raise RecipeError("`model.num_labels` is missing; a sequence-classification recipe needs the number of "
-                          "classes, e.g. `num_labels: 2`.")
     if model.task == "causal-lm" and model.num_labels is not None:
         raise RecipeError(f"`model.num_labels` is {model.num_labels} but `model.task` is 'causal-lm'; remove it.")
     if model.num_labels is not None and model.num_labels < 1:
@@ -320,6 +340,15 @@ def check_teacher(model: ModelSpec, stages: list[Stage], bases: list[Path]) -> N
     from hf_compress.data import resolve_model_path
 
     config = _read_config(resolve_model_path(model.teacher))
+    archs = config.get("architectures") or []
+    classifier = any("ForSequenceClassification" in a for a in archs)
+    labels = (len(config.get("id2label") or {}) or 2) if classifier else None  # transformers omits the default 2
+    finetuned = next((i for i, s in enumerate(stages) if s.type == "finetune_teacher"), None)
+    if model.task == "sequence-classification" and model.num_labels is None:
+        if not labels or finetuned is not None:
+            raise RecipeError("`model.num_labels` is missing; a sequence-classification recipe needs the number of "
+                              "classes, e.g. `num_labels: 2` (it is only read from a fine-tuned teacher's config).")
+        model.num_labels = labels  # a fine-tuned classifier folder used as is
     if not config:
         return
     from hf_compress.pruning.architectures import FAMILIES
@@ -337,16 +366,13 @@ def check_teacher(model: ModelSpec, stages: list[Stage], bases: list[Path]) -> N
                               f"got {num}.")
         if total and layers is not None and (not layers or any(not 0 <= j < total for j in layers)):
             raise RecipeError(f"`stages[{i}].student.layers` must list teacher layers in [0, {total}), got {layers}.")
-    finetuned = next((i for i, s in enumerate(stages) if s.type == "finetune_teacher"), None)
-    archs = config.get("architectures") or []
-    if model.task == "sequence-classification" and not any("ForSequenceClassification" in a for a in archs):
-        first = next((i for i, s in enumerate(stages) if s.type in ("distill", "prune", "quantize")), None)
+    if model.task == "sequence-classification" and not classifier:
+        first = next((i for i, s in enumerate(stages) if s.type in ("distill", "prune", "prune_vocabulary",
+                                                                      "quantize")), None)
         if first is not None and (finetuned is None or first < finetuned):
             raise RecipeError(f"`stages[{first}]` ({stages[first].type}) starts from teacher {model.teacher!r}, "
                               f"which has no classification head (architectures {archs}); add a `finetune_teacher` "
                               f"stage before it.")
-    classifier = any("ForSequenceClassification" in a for a in archs)
-    labels = (len(config.get("id2label") or {}) or 2) if classifier else None  # transformers omits the default 2
     if labels and model.num_labels and labels != model.num_labels and finetuned is None:
         raise RecipeError(f"`model.num_labels` is {model.num_labels} but teacher {model.teacher!r} has {labels} "
                           f"labels; fix `num_labels` or add a `finetune_teacher` stage.")
@@ -410,3 +436,17 @@ def check_data(data: DataSpec, model: ModelSpec, stages: list[Stage], bases: lis
             if columns is not None and column is not None and column not in columns:
                 raise RecipeError(f"`data.{column_key}` is {column!r} but {found.name} has columns "
                                   f"{', '.join(columns)}; {suggest(column, columns)}")
+
+
+def check_corpus_files(stages: list[Stage], bases: list[Path]) -> None:
+    """Resolve each ``prune_vocabulary`` stage's ``corpus_files`` to existing ``.txt`` files (absolute paths)."""
+    for i, stage in enumerate(stages):
+        for j, value in enumerate(stage.corpus_files):
+            key = f"stages[{i}].corpus_files[{j}]"
+            if Path(value).suffix.lower() != ".txt":
+                raise RecipeError(f"`{key}` is {value!r}; corpus files are plain .txt files with one text a line.")
+            found = resolve_file(value, bases)
+            if found is None or not found.is_file():
+                raise RecipeError(f"`{key}` file {value!r} does not exist (looked in {', '.join(map(str, bases))}); "
+                                  f"fix the path.")
+            stage.corpus_files[j] = str(found)

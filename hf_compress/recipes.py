@@ -1,11 +1,11 @@
 """Recipes: one YAML file describing a whole compression run, validated before any training starts.
 
 A recipe names a teacher (``model``), a dataset (``data``) and an ordered list of ``stages``. The stage sections
-``training``, ``pruning``, ``quantization`` and ``student`` are the fields of ``DistillationConfig`` /
-``TrainingArguments`` / ``PruningConfig`` and the keyword arguments of ``quantize_int8`` / ``make_student``: the
-validator reads them with ``dataclasses.fields`` / ``inspect.signature`` (so it follows those classes) and
-instantiates the config classes so that their own ``__post_init__`` checks run before any model is loaded. Every
-error is a [`RecipeError`] of one sentence naming the key path, the value and the fix.
+``training``, ``pruning``, ``quantization``, ``vocabulary`` and ``student`` are the fields of ``DistillationConfig`` /
+``TrainingArguments`` / ``PruningConfig`` and the keyword arguments of ``quantize_int8`` / ``prune_vocabulary`` /
+``make_student``: the validator reads them with ``dataclasses.fields`` / ``inspect.signature`` (so it follows those
+classes) and instantiates the config classes so that their own ``__post_init__`` checks run before any model is
+loaded. Every error is a [`RecipeError`] of one sentence naming the key path, the value and the fix.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import yaml
 
 from hf_compress.recipe_checks import (
     RecipeError,
+    check_corpus_files,
     check_data,
     check_keys,
     check_stage_order,
@@ -36,7 +37,7 @@ from hf_compress.recipe_checks import (
 )
 
 Task = Literal["sequence-classification", "causal-lm"]
-StageType = Literal["finetune_teacher", "distill", "prune", "quantize", "evaluate", "card"]
+StageType = Literal["finetune_teacher", "distill", "prune", "prune_vocabulary", "quantize", "evaluate", "card"]
 Recovery = Literal["distill", "finetune", "none"]
 
 # stage type -> the sections (besides `name` and `type`) it accepts
@@ -44,6 +45,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "finetune_teacher": ("training",),
     "distill": ("student", "training"),
     "prune": ("pruning", "recovery", "training"),
+    "prune_vocabulary": ("vocabulary", "corpus_files"),
     "quantize": ("quantization",),
     "evaluate": (),
     "card": (),
@@ -91,6 +93,8 @@ class Stage:
     pruning: dict[str, Any] = field(default_factory=dict)
     quantization: dict[str, Any] = field(default_factory=dict)
     recovery: Recovery = "distill"
+    vocabulary: dict[str, Any] = field(default_factory=dict)  # prune_vocabulary kwargs (min_count, extra_ids, ...)
+    corpus_files: list[str] = field(default_factory=list)  # .txt files (one text a line) counted with the train set
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "type": self.type, **{key: getattr(self, key) for key in STAGE_SECTIONS[self.type]}}
@@ -180,6 +184,11 @@ def _stage(raw: Any, index: int) -> Stage:
         from hf_compress.quantization import quantize_int8
 
         stage.quantization = function_kwargs(quantize_int8, stage.quantization, f"{path}.quantization")
+    if kind == "prune_vocabulary":
+        from hf_compress.vocabulary import prune_vocabulary
+
+        # model, tokenizer and corpus come from the pipeline (the corpus: train texts + `corpus_files`)
+        stage.vocabulary = function_kwargs(prune_vocabulary, stage.vocabulary, f"{path}.vocabulary", skip=3)
     if kind == "distill":
         stage.student = student_kwargs(stage.student, f"{path}.student")
     return stage
@@ -232,6 +241,7 @@ def validate(recipe: dict[str, Any] | Recipe, base_dir: str | Path | None = None
     check_stage_order(stages, model)
     check_teacher(model, stages, bases)
     check_data(data, model, stages, bases)
+    check_corpus_files(stages, bases)
     return Recipe(name=top["name"], model=model, data=data, stages=stages, seed=top.get("seed", 42),
                   description=top.get("description"), source=source)
 
@@ -277,6 +287,8 @@ def apply_overrides(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> di
     raw = copy.deepcopy(raw)
     for item in overrides:
         _set(raw, item)
+    if isinstance(raw.get("stages"), list):  # `--set stages.teacher=null` removes that stage
+        raw["stages"] = [stage for stage in raw["stages"] if stage is not None]
     return raw
 
 
@@ -288,7 +300,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             The recipe YAML file. Relative paths inside it resolve against its folder, then the current directory,
             then the repository root.
         overrides (`list[str]`, *optional*):
-            ``key.path=value`` items with YAML values, e.g. ``["stages.student.training.max_steps=50"]``.
+            ``key.path=value`` items with YAML values, e.g. ``["stages.student.training.max_steps=50"]``;
+            ``stages.<name>=null`` removes a stage (e.g. the teacher fine-tuning when ``model.teacher`` already is
+            a fine-tuned classifier folder).
 
     Returns:
         [`Recipe`]: the validated recipe.

@@ -13,7 +13,6 @@ import inspect
 import json
 import logging
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from .data import base_model_id, data_collator, load_text_dataset, resolve_model_path
 from .recipe_checks import MODEL_STAGES, RESERVED_TRAINING_KEYS
+from .vocabulary_stage import prune_vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -32,20 +32,30 @@ TRAINING_DEFAULTS = {"report_to": "none", "save_strategy": "no", "eval_strategy"
 
 @dataclass
 class StageContext:
-    """What the stages share: the recipe sections, lazily loaded tokenizer / datasets, and the model folders."""
+    """What the stages share: the recipe sections, lazily loaded tokenizers / datasets, and the model folders.
+
+    ``tokenizer`` and ``datasets`` are those of the latest model: the recipe's tokenizer until a
+    ``prune_vocabulary`` stage writes a pruned one (later stages then train, save and evaluate with it).
+    """
 
     spec: dict[str, Any]
     out: Path
     is_main_process: bool = True
     teacher: str = ""  # folder (or Hub id) of the teacher: the `finetune_teacher` output once it ran
+    reference: str = ""  # the teacher `evaluate` compares against (never a vocabulary-pruned one)
     model: str = ""  # folder of the latest model-producing stage (the next stage's input)
+    tokenizer_source: str = ""  # folder (or Hub id) of the latest model's tokenizer
     models: list[dict[str, Any]] = field(default_factory=list)  # finished model stages: name, type, path, report
     evaluation: Path | None = None  # evaluation.json of the latest finished `evaluate` stage
+    _tokenizers: dict[str, Any] = field(default_factory=dict, repr=False)
+    _datasets: dict[str, tuple] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], out: Path, is_main_process: bool = True) -> StageContext:
         teacher = resolve_model_path(spec["model"]["teacher"])
-        return cls(spec=spec, out=Path(out), is_main_process=is_main_process, teacher=teacher, model=teacher)
+        tokenizer = resolve_model_path(spec["model"].get("tokenizer") or spec["model"]["teacher"])
+        return cls(spec=spec, out=Path(out), is_main_process=is_main_process, teacher=teacher, reference=teacher,
+                   model=teacher, tokenizer_source=tokenizer)
 
     @property
     def task(self) -> str:
@@ -55,19 +65,36 @@ class StageContext:
     def seed(self) -> int:
         return int(self.spec.get("seed", 42))
 
-    @cached_property
+    def tokenizer_for(self, source: str):
+        """The tokenizer saved in folder ``source`` (loaded once; pad falls back to eos)."""
+        if source not in self._tokenizers:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+                tokenizer.pad_token = tokenizer.eos_token
+            self._tokenizers[source] = tokenizer
+        return self._tokenizers[source]
+
+    def datasets_for(self, source: str, tokenizer=None) -> tuple:
+        """The ``(train, eval)`` datasets tokenised by the tokenizer of folder ``source`` (tokenised once).
+
+        ``tokenizer`` registers a tokenizer for a folder that is still being written (a vocabulary stage's output).
+        """
+        if tokenizer is not None:
+            self._tokenizers[source] = tokenizer
+        if source not in self._datasets:
+            self._datasets[source] = load_text_dataset(self.spec.get("data") or {}, self.tokenizer_for(source),
+                                                       self.task, seed=self.seed)
+        return self._datasets[source]
+
+    @property
     def tokenizer(self):
-        from transformers import AutoTokenizer
+        return self.tokenizer_for(self.tokenizer_source)
 
-        source = self.spec["model"].get("tokenizer") or self.spec["model"]["teacher"]
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(source))
-        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return tokenizer
-
-    @cached_property
+    @property
     def datasets(self):
-        return load_text_dataset(self.spec.get("data") or {}, self.tokenizer, self.task, seed=self.seed)
+        return self.datasets_for(self.tokenizer_source)
 
     @property
     def train_dataset(self):
@@ -89,15 +116,24 @@ class StageContext:
         return len(names) if names else len(set(self.train_dataset["labels"]))
 
     def add_finished(self, name: str, kind: str, path: Path, report: dict[str, Any]) -> None:
-        """Record a finished stage: a model stage becomes the next input (and the teacher, for finetune)."""
+        """Record a finished stage: a model stage becomes the next input (and the teacher, for finetune).
+
+        A ``prune_vocabulary`` stage brings its tokenizer; when it pruned the teacher itself, the pruned teacher
+        also teaches the later stages (same token ids as the students), while ``evaluate`` still compares against
+        the unpruned one.
+        """
         if kind == "evaluate":
             self.evaluation = Path(path) / "evaluation.json"
         if kind not in MODEL_STAGES:
             return
-        self.models.append({"name": name, "type": kind, "path": str(path), "report": report})
+        if kind == "prune_vocabulary":
+            self.teacher = str(path) if self.model == self.teacher else self.teacher
+            self.tokenizer_source = str(path)
+        self.models.append({"name": name, "type": kind, "path": str(path), "report": report,
+                            "tokenizer": self.tokenizer_source})
         self.model = str(path)
         if kind == "finetune_teacher":
-            self.teacher = str(path)
+            self.teacher = self.reference = str(path)
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -169,16 +205,22 @@ def evaluate_model(model, dataset, collator, task: str, batch_size: int = 64) ->
     return {"accuracy": correct / total}
 
 
-def _finish(model, ctx: StageContext, out_dir: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Save the stage's model and return its report: size statistics and eval metrics."""
+def _finish(model, ctx: StageContext, out_dir: Path, extra: dict[str, Any] | None = None,
+            tokenizer=None, eval_dataset=None) -> dict[str, Any]:
+    """Save the stage's model and return its report: size statistics and eval metrics.
+
+    ``tokenizer`` / ``eval_dataset`` default to the context's (a vocabulary stage passes its pruned ones).
+    """
     from .report import model_report
 
-    save_model(model, ctx.tokenizer, out_dir, ctx.is_main_process)
+    tokenizer = tokenizer if tokenizer is not None else ctx.tokenizer
+    eval_dataset = eval_dataset if tokenizer is not ctx.tokenizer else ctx.eval_dataset
+    save_model(model, tokenizer, out_dir, ctx.is_main_process)
     details = dict(extra or {})
     if ctx.is_main_process:
         details["model"] = model_report(model, out_dir, batch_sizes=())  # latency: measured by `evaluate`
-        if ctx.eval_dataset is not None:
-            details["metrics"] = evaluate_model(model, ctx.eval_dataset, ctx.collator, ctx.task)
+        if eval_dataset is not None:
+            details["metrics"] = evaluate_model(model, eval_dataset, data_collator(tokenizer, ctx.task), ctx.task)
     return details
 
 
@@ -270,7 +312,7 @@ def prune(stage: dict[str, Any], ctx: StageContext, out_dir: Path) -> dict[str, 
 
 
 def quantize(stage: dict[str, Any], ctx: StageContext, out_dir: Path) -> dict[str, Any]:
-    """Quantise the latest model's linear layers (and embeddings) to int8 with ``quantize_int8``."""
+    """Quantise the latest model's linear layers (and embeddings: int8, or int4 with ``embedding_bits: 4``)."""
     from .quantization import quantize_int8
 
     kwargs = dict(stage.get("quantization") or {})
@@ -278,11 +320,11 @@ def quantize(stage: dict[str, Any], ctx: StageContext, out_dir: Path) -> dict[st
     return _finish(model, ctx, out_dir, {"quantization": kwargs})
 
 
-def _latency_inputs(ctx: StageContext, model, rows: int = 32) -> dict[str, torch.Tensor] | None:
+def _latency_inputs(dataset, collator, model, rows: int = 32) -> dict[str, torch.Tensor] | None:
     """Real eval rows (dynamically padded, no labels) for timing; ``None`` lets the report use dummy ids."""
-    if ctx.eval_dataset is None or len(ctx.eval_dataset) == 0:
+    if dataset is None or len(dataset) == 0:
         return None
-    batch = ctx.collator([ctx.eval_dataset[i] for i in range(min(rows, len(ctx.eval_dataset)))])
+    batch = collator([dataset[i] for i in range(min(rows, len(dataset)))])
     keys = _forward_keys(model) - {"labels"}
     return {k: v for k, v in batch.items() if k in keys}
 
@@ -292,7 +334,8 @@ def _reference(ctx: StageContext) -> dict[str, Any]:
     for entry in ctx.models:
         if entry["type"] == "finetune_teacher":
             return entry
-    return {"name": "teacher", "type": "teacher", "path": ctx.teacher, "report": {}}
+    tokenizer = resolve_model_path(ctx.spec["model"].get("tokenizer") or ctx.spec["model"]["teacher"])
+    return {"name": "teacher", "type": "teacher", "path": ctx.reference, "report": {}, "tokenizer": tokenizer}
 
 
 def evaluate(stage: dict[str, Any], ctx: StageContext, out_dir: Path) -> dict[str, Any]:
@@ -310,10 +353,12 @@ def evaluate(stage: dict[str, Any], ctx: StageContext, out_dir: Path) -> dict[st
     for entry in entries:
         model = load_model(entry["path"]).to("cpu")
         folder = entry["path"] if Path(entry["path"]).is_dir() else None
-        report = model_report(model, folder, latency_inputs=_latency_inputs(ctx, model))
+        eval_dataset = ctx.datasets_for(entry["tokenizer"])[1]  # each model with its own (maybe pruned) tokenizer
+        collator = data_collator(ctx.tokenizer_for(entry["tokenizer"]), ctx.task)
+        report = model_report(model, folder, latency_inputs=_latency_inputs(eval_dataset, collator, model))
         metrics = entry["report"].get("metrics")
-        if metrics is None and ctx.eval_dataset is not None:
-            metrics = evaluate_model(model, ctx.eval_dataset, ctx.collator, ctx.task)
+        if metrics is None and eval_dataset is not None:
+            metrics = evaluate_model(model, eval_dataset, collator, ctx.task)
         if metrics is not None:
             report["metrics"] = metrics
         measured[entry["name"]] = {"type": entry["type"], "path": entry["path"], **report}
@@ -376,6 +421,7 @@ STAGES = {
     "finetune_teacher": finetune_teacher,
     "distill": distill,
     "prune": prune,
+    "prune_vocabulary": prune_vocabulary,
     "quantize": quantize,
     "evaluate": evaluate,
     "card": card,

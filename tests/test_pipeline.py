@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import hf_compress.quantization
 from hf_compress.loading import from_pretrained
@@ -178,3 +179,115 @@ def test_training_output_dir_is_refused(files, tmp_path):
     with pytest.raises(ValueError, match="output_dir"):
         run_recipe(make_recipe(files, stages), tmp_path / "run")
     assert not (tmp_path / "run" / "teacher").exists()
+
+
+# ------------------------------------------------------------------------------------------- vocabulary pruning
+
+
+def vocab_files(root: Path) -> dict[str, Path]:
+    """Train rows use w0-w19 only; eval rows also use w20-w29 (unseen in train); an extra corpus file adds w25."""
+    root.mkdir(parents=True, exist_ok=True)
+    train = ["sentence\tlabel"] + [f"w{i % 20} w{(i * 3) % 20} w{(i + 7) % 20}\t{i % 2}" for i in range(24)]
+    evaluation = ["sentence\tlabel"] + [f"w{i % 20} w{20 + i % 10 if i % 3 == 0 else i % 7}\t{i % 2}"
+                                        for i in range(18)]
+    (root / "train.tsv").write_text("\n".join(train) + "\n")
+    (root / "eval.tsv").write_text("\n".join(evaluation) + "\n")
+    (root / "extra.txt").write_text("w25 w1\n\n")
+    return {"train": root / "train.tsv", "eval": root / "eval.tsv", "extra": root / "extra.txt"}
+
+
+def vocab_recipe(files, data, stages):
+    recipe = make_recipe(files, stages, teacher="classifier")
+    recipe["data"].update(train=str(data["train"]), eval=str(data["eval"]))
+    return recipe
+
+
+def test_vocabulary_stage_then_int4_embeddings_evaluate_and_card(files, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    from hf_compress.cli import _meta_model
+    from hf_compress.quantization import Int8Embedding, model_size_bytes
+    from hf_compress.recipes import validate
+    from hf_compress.vocabulary_stage import plan_vocabulary
+
+    data = vocab_files(tmp_path / "data")
+    stages = [
+        {"name": "student", "type": "distill", "student": {"num_layers": 2}, "training": TRAIN},
+        {"name": "vocab", "type": "prune_vocabulary", "corpus_files": [str(data["extra"])]},
+        {"name": "int4", "type": "quantize", "quantization": {"embedding_bits": 4}},
+        {"type": "evaluate"},
+        {"type": "card"},
+    ]
+    out = tmp_path / "run"
+    reports = run_recipe(vocab_recipe(files, data, stages), out)
+    assert [r["name"] for r in reports] == ["student", "vocab", "int4", "evaluate", "card"]
+
+    # the vocabulary stage: 5 special tokens + w0-w19 (train) + w25 (corpus file); eval rows with w20-w29 but w25
+    vocab = read_report(out / "vocab")
+    original = tiny_tokenizer()
+    kept = sorted([0, 1, 2, 3, 4] + original.convert_tokens_to_ids([f"w{i}" for i in range(20)] + ["w25"]))
+    assert vocab["vocabulary"]["kept_ids"] == kept and vocab["vocabulary"]["kept_vocab_size"] == 26
+    assert vocab["vocabulary"]["original_vocab_size"] == 64
+    oov_rows = [i for i in range(18) if i % 3 == 0 and 20 + i % 10 != 25]
+    coverage = vocab["eval_coverage"]
+    assert coverage["sentences"] == 18 and coverage["sentences_with_removed"] == len(oov_rows)
+    assert coverage["token_oov_rate"] == pytest.approx(len(oov_rows) / 36)
+    assert coverage["top_removed"][0][0].startswith("w2")
+    assert "w20 w25" not in json.dumps(vocab["vocabulary"])  # ids, not eval text, are recorded
+
+    # the folder is a plain model + rewritten tokenizer: transformers loads it, same logits on kept words
+    tokenizer = AutoTokenizer.from_pretrained(out / "vocab")
+    model = AutoModelForSequenceClassification.from_pretrained(out / "vocab")
+    assert len(tokenizer) == 26 and model.config.vocab_size == 26
+    student = from_pretrained(out / "student")
+    text = "w3 w19 w25 w0"
+    with torch.no_grad():
+        new = model(**tokenizer(text, return_tensors="pt")).logits
+        old = student(**original(text, return_tensors="pt")).logits
+    assert torch.allclose(new, old, atol=1e-5)
+    classify = pipeline("text-classification", model=str(out / "vocab"))
+    assert classify("w1 w2 w27")[0]["label"] in ("LABEL_0", "LABEL_1")
+
+    # int4 embeddings through the pipeline: saved, reloaded, measured with the pruned tokenizer
+    int4 = from_pretrained(out / "int4")
+    embedding = int4.get_input_embeddings()
+    assert isinstance(embedding, Int8Embedding) and embedding.bits == 4
+    assert embedding.qweight.dtype == torch.uint8 and tuple(embedding.qweight.shape) == (26, 8)
+    assert (out / "int4" / "tokenizer.json").read_text() == (out / "vocab" / "tokenizer.json").read_text()
+    evaluation = json.loads((out / "evaluate" / "evaluation.json").read_text())
+    assert list(evaluation["models"]) == ["teacher", "student", "vocab", "int4"]
+    measured = evaluation["models"]["int4"]
+    assert measured["weights_disk_bytes"] == (out / "int4" / "model.safetensors").stat().st_size
+    assert measured["memory_bytes"] == model_size_bytes(int4)
+    assert measured["metrics"] == read_report(out / "int4")["metrics"]
+    sizes = [evaluation["models"][n]["weights_disk_bytes"] for n in ("teacher", "student", "vocab", "int4")]
+    assert sizes == sorted(sizes, reverse=True) and measured["vs_teacher"]["size_x"] > 1
+    assert "# tiny-int4" in (out / "int4" / "README.md").read_text()
+
+    # `hf-compress check`'s dry run keeps exactly the ids the run kept
+    recipe = validate(vocab_recipe(files, data, stages))
+    meta, planned = plan_vocabulary(_meta_model(str(files["classifier"]), "sequence-classification", 2), recipe,
+                                    recipe.stage("vocab"))
+    assert planned.kept_ids == kept and meta.get_input_embeddings().weight.shape == (26, 16)
+
+
+def test_vocabulary_on_the_teacher_teaches_with_the_pruned_ids_and_resumes(files, tmp_path):
+    data = vocab_files(tmp_path / "data")
+    stages = [
+        {"name": "vocab", "type": "prune_vocabulary"},
+        {"name": "student", "type": "distill", "student": {"num_layers": 2}, "training": TRAIN},
+        {"type": "evaluate"},
+    ]
+    out = tmp_path / "run"
+    reports = run_recipe(vocab_recipe(files, data, stages), out)
+    assert reports[0]["vocabulary"]["kept_vocab_size"] == 25  # no corpus file: w25 is not kept
+    assert reports[1]["teacher"] == str(out / "vocab")  # the pruned teacher, same ids as its student
+    assert from_pretrained(out / "student").config.vocab_size == 25
+    evaluation = json.loads((out / "evaluate" / "evaluation.json").read_text())
+    assert evaluation["models"]["teacher"]["path"] == str(files["classifier"].resolve())  # compared to the original
+    assert evaluation["models"]["teacher"]["params"]["total"] > evaluation["models"]["vocab"]["params"]["total"]
+
+    changed = [stages[0], {**stages[1], "training": {**TRAIN, "max_steps": 3}}, stages[2]]
+    again = run_recipe(vocab_recipe(files, data, changed), out)
+    assert [r["skipped"] for r in again] == [True, False, False]
+    assert again[1]["teacher"] == str(out / "vocab") and again[1]["train"]["train_loss"] > 0

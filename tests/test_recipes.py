@@ -208,6 +208,32 @@ MALFORMED = [
     ("both data sources", lambda r: r["data"].update(hub_id="glue"), "`data.hub_id` 'glue' is set together", ""),
     ("bad stage name", lambda r: _stage(r, 1).update(name="a/b"), "`stages[1].name` is 'a/b'", "folder name"),
     ("evaluate without eval data", lambda r: r["data"].pop("eval"), "`data.eval` is missing", ""),
+    ("vocabulary after quantize", lambda r: r["stages"].insert(4, {"name": "v", "type": "prune_vocabulary"}),
+     "`stages[4]` (prune_vocabulary) comes after the int8 `stages[3]`", "move it before `quantize`"),
+    ("two vocabulary stages", lambda r: r["stages"].__setitem__(slice(3, 3), [
+        {"name": "v1", "type": "prune_vocabulary"}, {"name": "v2", "type": "prune_vocabulary"}]),
+     "`stages[4]` prunes the vocabulary again after `stages[3]`", "keep one `prune_vocabulary`"),
+    ("distilling after the student's vocabulary", lambda r: r["stages"].insert(2, {"name": "v",
+                                                                                   "type": "prune_vocabulary"}),
+     "`stages[3]` (prune) distils from the teacher after `stages[2]` changed the student's token ids",
+     "move `prune_vocabulary` after every distilling stage"),
+    ("vocabulary typo", lambda r: r["stages"].insert(3, {"name": "v", "type": "prune_vocabulary",
+                                                         "vocabulary": {"min_cont": 2}}),
+     "`stages[3].vocabulary.min_cont` is not a prune_vocabulary() field", "did you mean `min_count`?"),
+    ("vocabulary wrong type", lambda r: r["stages"].insert(3, {"name": "v", "type": "prune_vocabulary",
+                                                               "vocabulary": {"extra_ids": 5}}),
+     "`stages[3].vocabulary.extra_ids` must be", "got 5"),
+    ("missing corpus file", lambda r: r["stages"].insert(3, {"name": "v", "type": "prune_vocabulary",
+                                                             "corpus_files": ["nope.txt"]}),
+     "`stages[3].corpus_files[0]` file 'nope.txt' does not exist", "fix the path"),
+    ("corpus file not text", lambda r: r["stages"].insert(3, {"name": "v", "type": "prune_vocabulary",
+                                                              "corpus_files": ["train.tsv"]}),
+     "`stages[3].corpus_files[0]` is 'train.tsv'", "plain .txt files"),
+    ("vocabulary section in quantize", lambda r: _stage(r, 3).update(vocabulary={"min_count": 2}),
+     "`stages[3].vocabulary` is not allowed in a `quantize` stage", "only in prune_vocabulary"),
+    ("vocabulary of a headless teacher", lambda r: r["stages"].__setitem__(0, {"name": "v",
+                                                                               "type": "prune_vocabulary"}),
+     "`stages[0]` (prune_vocabulary) starts from teacher", "add a `finetune_teacher` stage before it"),
 ]
 
 
@@ -325,3 +351,41 @@ def test_smollm2_recipe_checks_with_a_tiny_stand_in(tmp_path, capsys, monkeypatc
     assert main(["check", str(path)]) == 0
     out = capsys.readouterr().out
     assert "layers 33% of model.layers.{0-5} -> 2 of 6 blocks dropped" in out
+
+
+@pytest.mark.skipif(not HAS_MINILM, reason="needs the packaged all-MiniLM-L6-v2 (installed by `make`)")
+def test_vocabulary_stage_positions_and_corpus_files(workdir):
+    (workdir / "extra.txt").write_text("more words\n")
+    recipe = base_recipe()
+    vocab = {"name": "vocab", "type": "prune_vocabulary", "vocabulary": {"min_count": "2", "extra_ids": [7]},
+             "corpus_files": ["extra.txt"]}
+    recipe["stages"].insert(3, vocab)  # after the last distilling stage, before int8
+    loaded = load_recipe(write(workdir, recipe))
+    stage = loaded.stage("vocab")
+    assert stage.vocabulary == {"min_count": 2, "extra_ids": [7]} and stage.corpus_files == [
+        str((workdir / "extra.txt").resolve())]
+    assert yaml.safe_load(dump_resolved(loaded))["stages"][3]["corpus_files"] == stage.corpus_files
+    assert validate(yaml.safe_load(dump_resolved(loaded))).to_dict() == loaded.to_dict()
+    # on the teacher itself (the students then share its ids), and before a pruning stage that only fine-tunes
+    recipe["stages"] = [recipe["stages"][0], vocab, *recipe["stages"][1:3], recipe["stages"][4]]
+    assert [s.type for s in load_recipe(write(workdir, recipe)).stages][:3] == ["finetune_teacher",
+                                                                                "prune_vocabulary", "distill"]
+    recipe = base_recipe()
+    recipe["stages"][2].update(recovery="finetune")
+    recipe["stages"].insert(2, vocab)
+    assert load_recipe(write(workdir, recipe)).stage("pruned").recovery == "finetune"
+
+
+def test_finetuned_teacher_folder_replaces_the_teacher_stage(workdir):
+    """`--set stages.teacher=null` drops a stage; `num_labels` then comes from the classifier folder's config."""
+    tiny_model("bert", "seq_cls", num_labels=2).save_pretrained(workdir / "finetuned")
+    tiny_tokenizer().save_pretrained(workdir / "finetuned")
+    recipe = base_recipe()
+    recipe["model"].pop("num_labels")
+    recipe["stages"].insert(3, {"name": "vocab", "type": "prune_vocabulary"})
+    path = write(workdir, recipe)
+    with pytest.raises(RecipeError, match="`model.num_labels` is missing"):
+        load_recipe(path, ["model.teacher=finetuned"])  # a finetune_teacher stage makes a new head
+    loaded = load_recipe(path, ["model.teacher=finetuned", "stages.teacher=null"])
+    assert [s.name for s in loaded.stages] == ["student", "pruned", "vocab", "int8", "evaluate", "card"]
+    assert loaded.model.num_labels == 2 and loaded.model.teacher == str((workdir / "finetuned").resolve())
