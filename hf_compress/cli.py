@@ -275,7 +275,14 @@ def plan_recipe(recipe) -> tuple[list[dict[str, str]], list[str]]:
             zeroed, lines = zeroed + extra, lines + found
         elif stage.type == "quantize":
             current = quantize_int8(copy.deepcopy(current), **stage.quantization)
-        if stage.type in MODEL_STAGES:
+        elif stage.type == "prune_vocabulary":
+            from hf_compress.vocabulary_stage import plan_vocabulary
+
+            on_teacher = current is teacher
+            current, vocab = plan_vocabulary(copy.deepcopy(current), recipe, stage)
+            teacher = current if on_teacher else teacher
+            lines.append(f"  {stage.name}: vocabulary {vocab.original_vocab_size:,} -> {vocab.kept_vocab_size:,} ids")
+        if stage.type in MODEL_STAGES or stage.type == "prune_vocabulary":
             rows.append(_shape_row(stage.name, stage.type, current, zeroed, reference))
     return rows, lines if len(lines) > 1 else []
 
