@@ -257,3 +257,58 @@ def test_sharded_training_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="cannot mask; train with plain DDP"):
         callback.on_train_begin(args, TrainerState(), TrainerControl(), model=tiny_model("bert"))
+
+
+class Fingerprints(TrainerCallback):
+    """The pruning callback's mask fingerprint after `on_train_begin` and after every step."""
+
+    def __init__(self, pruning: PruningCallback):
+        self.pruning, self.values = pruning, []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.values.append(self.pruning.masks.fingerprint())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.values.append(self.pruning.masks.fingerprint())
+
+
+def _counted_run(tmp_path, importance, monkeypatch, always_rescore=False):
+    from hf_compress.pruning import callback as module
+
+    counts = {"scores": 0, "parameter_masks": 0}
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(PruningCallback, "_scores", counting("scores", PruningCallback._scores))
+    monkeypatch.setattr(module, "parameter_masks", counting("parameter_masks", module.parameter_masks))
+    if always_rescore:
+        monkeypatch.setattr(PruningCallback, "_removes_more", lambda *args: True)
+    model = tiny_model("llama", "causal_lm").train()
+    config = PruningConfig(targets={"heads": 0.5, "ffn_neurons": 0.5}, schedule="cubic", start_step=1, end_step=7,
+                           importance=importance, scope="local")
+    callback = PruningCallback(config)
+    probe = Fingerprints(callback)
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=8), train_dataset=TokenDataset(),
+                      callbacks=[callback, probe])
+    trainer.train()
+    monkeypatch.undo()
+    return model, callback, probe.values, counts
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "taylor"])
+def test_decisions_that_cannot_change_the_masks_are_skipped_invisibly(tmp_path, importance, monkeypatch):
+    # Every-step pruning of 2 head groups per layer: most steps cannot remove another group, so the heads are not
+    # re-scored there, and masks are rebuilt / re-applied only when they change. The run must not notice.
+    model, callback, fingerprints, counts = _counted_run(tmp_path / "a", importance, monkeypatch)
+    reference, ref_callback, ref_fingerprints, ref_counts = _counted_run(tmp_path / "b", importance, monkeypatch,
+                                                                         always_rescore=True)
+    assert fingerprints == ref_fingerprints and callback.removed == ref_callback.removed
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    assert counts["scores"] < ref_counts["scores"] == 2 * 7  # two targets on each of the 7 pruning steps
+    changes = sum(a != b for a, b in zip(fingerprints, fingerprints[1:]))
+    assert 1 < changes < 7 and counts["parameter_masks"] == 1 + changes

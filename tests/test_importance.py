@@ -3,15 +3,17 @@
 import pytest
 import torch
 
-from hf_compress.pruning.architectures import head_slices, neuron_slices
+from hf_compress.pruning.architectures import ffn_size, head_slices, neuron_slices
 from hf_compress.pruning.importance import (
     block_influence,
     block_influence_scores,
     head_groups,
     layer_scores,
+    layer_unit_scores,
     magnitude_score,
     normalize_per_layer,
     taylor_score,
+    unit_layout,
     unit_scores,
 )
 from hf_compress.pruning.masks import skip_layers
@@ -127,3 +129,62 @@ def test_block_influence_scores_zero_for_identity_block(family_name):
 def test_block_influence_needs_batches():
     with pytest.raises(ValueError, match="`batches` is empty"):
         block_influence_scores(tiny_model("bert"), [])
+
+
+def _reference_unit_scores(model, target, method, p=2.0):
+    """The per-unit definition: gather each unit's slices and reduce them on their own (no layout, no batching)."""
+    scores = {}
+    for layer in range(len(unit_layout(model, target))):
+        if target == "heads":
+            units = [head_slices(model, layer, heads) for heads in head_groups(model, layer)]
+        else:
+            units = [neuron_slices(model, layer, [n]) for n in range(ffn_size(model, layer))]
+        values = []
+        for slices in units:
+            total = torch.tensor(0.0)
+            for module, name, dim, index in slices:
+                param = getattr(module, name)
+                if method == "magnitude":
+                    total = total + (param.detach().index_select(dim, index).abs() ** p).sum()
+                elif param.grad is not None:
+                    total = total + (param.detach() * param.grad).index_select(dim, index).abs().sum()
+            values.append(total ** (1 / p) if method == "magnitude" else total)
+        scores[layer] = torch.stack(values)
+    return scores
+
+
+@pytest.mark.parametrize("target", ["heads", "ffn_neurons"])
+def test_vectorised_scores_equal_the_per_unit_definition(family, target):
+    model = tiny_model(family)
+    g = torch.Generator().manual_seed(0)
+    for param in model.parameters():
+        param.grad = torch.randn(param.shape, generator=g)
+    model.get_input_embeddings().weight.grad = None  # a parameter without gradient contributes nothing
+    layout = unit_layout(model, target)
+    for method, p in (("magnitude", 2.0), ("magnitude", 1.0), ("magnitude", 3.0), ("taylor", 2.0)):
+        expected = _reference_unit_scores(model, target, method, p)
+        got = unit_scores(model, target, method, p)
+        assert unit_scores(model, target, method, p, layout=layout).keys() == got.keys() == expected.keys()
+        for layer, value in expected.items():
+            assert got[layer].shape == value.shape
+            assert torch.allclose(got[layer], value, rtol=1e-5, atol=1e-7), (method, p, layer)
+            assert torch.equal(unit_scores(model, target, method, p, layout=layout)[layer], got[layer])
+
+
+def test_layout_covers_every_position_once(family):
+    model = tiny_model(family)
+    for target, count in (("heads", len(head_groups(model, 0))), ("ffn_neurons", 32)):
+        num_units, rows = unit_layout(model, target)[1]
+        assert num_units == count
+        for param, dim, index, ids in rows:
+            positions = torch.arange(param.shape[dim]) if index is None else index
+            assert len(positions) == len(ids) == len(set(positions.tolist()))
+            assert ids.min() >= 0 and ids.max() < num_units
+
+
+def test_taylor_of_layer_units_skips_parameters_without_grad():
+    model = tiny_model("gpt2")
+    num_units, rows = unit_layout(model, "ffn_neurons")[0]
+    assert torch.equal(layer_unit_scores(num_units, rows, "taylor"), torch.zeros(num_units))
+    with pytest.raises(ValueError, match="`target` must be 'heads' or 'ffn_neurons'"):
+        unit_layout(model, "layers")

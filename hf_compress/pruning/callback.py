@@ -34,18 +34,20 @@ from transformers import TrainerCallback
 
 from .architectures import unwrap
 from .config import PruningConfig
-from .importance import block_influence_scores, head_groups, layer_scores, unit_scores
+from .importance import block_influence_scores, head_groups, layer_scores, layer_unit_scores, unit_layout, unit_scores
 from .masks import (
     MASKS_NAME,
     PruningMasks,
     load_masks,
+    mask_changes,
     mask_grads,
     mask_optimizer_state,
     mask_weights,
+    parameter_masks,
+    removes_more,
     save_masks,
     select_units,
     skip_layers,
-    structured_slices,
 )
 from .schedules import is_pruning_step, sparsity_at
 from .unstructured import magnitude_masks, prunable_weights
@@ -72,7 +74,7 @@ def _world_size() -> int:
 
 def _mean_over_ranks(scores: torch.Tensor, device: torch.device) -> torch.Tensor:
     if _world_size() == 1:
-        return scores
+        return scores.cpu()
     value = scores.to(device, torch.float32)
     torch.distributed.all_reduce(value)
     return (value / _world_size()).cpu()
@@ -124,8 +126,9 @@ class PruningCallback(TrainerCallback):
         self.config = config if config is not None else PruningConfig(**kwargs)
         self.masks: PruningMasks | None = None
         self.removed: dict = {}
-        self._taylor: dict[str, torch.Tensor] = {}
-        self._slices = None
+        self._taylor: dict[str, torch.Tensor] = {}  # "heads.<layer>" / "ffn_neurons.<layer>" / "layers" -> sums
+        self._cached = None  # `parameter_masks` of `self.masks`, rebuilt when they change
+        self._layouts: dict = {}  # target -> `unit_layout`, valid until surgery changes the shapes
         self._hooks: list = []
         self._end_step = 0
 
@@ -152,6 +155,7 @@ class PruningCallback(TrainerCallback):
                 f"`args.fsdp`={args.fsdp!r} / `args.deepspeed`={args.deepspeed!r} shard parameters, which "
                 "PruningCallback cannot mask; train with plain DDP (`accelerate launch --multi_gpu`) instead."
             )
+        self._layouts = {}
         self._end_step = self.config.end_step if self.config.end_step is not None else state.max_steps
         if self._end_step > state.max_steps:
             logger.warning(f"`end_step`={self._end_step} is past the last step {state.max_steps}; the final "
@@ -171,16 +175,20 @@ class PruningCallback(TrainerCallback):
         last = self.config.start_step if self.config.schedule == "one_shot" else self._end_step
         if self.config.importance == "taylor" and state.global_step < last:
             self._accumulate_taylor(model)
-        mask_grads(model, self.masks, self._slices)
+        mask_grads(model, self.masks, self._cached)
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         if self.masks is not None:
-            mask_weights(model, self.masks, self._slices)
+            mask_weights(model, self.masks, self._cached)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         if self.masks is not None and self._is_pruning_step(state.global_step):
+            before = self.masks
             self._prune(state.global_step, args, model, optimizer, train_dataloader)
-            self._apply(model, optimizer)
+            # Unchanged masks are already applied: weights were re-zeroed after this step's optimizer update, and
+            # masked gradients kept the optimizer state of removed structure at zero.
+            if not self.masks.equals(before):
+                self._apply(model, optimizer)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.masks is None or logs is None:
@@ -194,7 +202,7 @@ class PruningCallback(TrainerCallback):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if self.masks is None or not args.should_save or not os.path.isdir(folder):
             return
-        save_masks(self.masks, os.path.join(folder, MASKS_NAME), extra=self._taylor)
+        save_masks(self.masks, os.path.join(folder, MASKS_NAME), extra=self._taylor)  # unit sums: resumable
         info = {"global_step": state.global_step, "sparsity": self.masks.sparsity(),
                 "config": dataclasses.asdict(self.config)}
         with open(os.path.join(folder, STATE_NAME), "w") as f:
@@ -206,38 +214,54 @@ class PruningCallback(TrainerCallback):
         best = state.best_model_checkpoint
         if args.load_best_model_at_end and best and os.path.isfile(os.path.join(best, MASKS_NAME)):
             self.masks, _ = load_masks(os.path.join(best, MASKS_NAME))
-            self._slices = None
-        mask_weights(model, self.masks, self._slices)
+            self._cached = None
+        mask_weights(model, self.masks, self._cached)
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
         self._physical_removal(model)
         self.masks = None
-        self._slices = None
+        self._cached = None
+        self._layouts = {}
         self._taylor = {}
 
     # ---- steps ----------------------------------------------------------------------------------------------------
 
     def _apply(self, model, optimizer) -> None:
-        """Recompute the zeroed slices and apply masks to weights, optimizer state and (for layers) hooks."""
-        self._slices = structured_slices(model, self.masks)
-        params = dict(unwrap(model).named_parameters())
-        self.masks.weights = {name: keep.to(params[name].device) for name, keep in self.masks.weights.items()}
-        mask_weights(model, self.masks, self._slices)
+        """Rebuild the per-parameter masks and apply them to weights, optimizer state and (for layers) hooks.
+
+        Parameters whose mask did not change since the last call are skipped: their weights were re-zeroed after this
+        step's optimizer update and, their gradients being masked, their optimizer state stayed zero where removed.
+        """
+        if self.masks.weights:
+            params = dict(unwrap(model).named_parameters())
+            self.masks.weights = {name: keep.to(params[name].device) for name, keep in self.masks.weights.items()}
+        layouts = {t: self._layout(model, t) for t in ("heads", "ffn_neurons") if t in self.config.targets}
+        previous, self._cached = self._cached, parameter_masks(model, self.masks, layouts)
+        changed = mask_changes(previous, self._cached)  # only what `previous` did not already zero
+        mask_weights(model, self.masks, changed)
         if optimizer is not None:
-            mask_optimizer_state(optimizer, model, self.masks, self._slices)
+            mask_optimizer_state(optimizer, model, self.masks, changed)
         for handle in self._hooks:
             handle.remove()
         self._hooks = skip_layers(model, self.masks.layers) if self.masks.layers is not None else []
 
+    def _layout(self, model, target: str) -> dict:
+        if target not in self._layouts:
+            self._layouts[target] = unit_layout(model, target)
+        return self._layouts[target]
+
     def _accumulate_taylor(self, model) -> None:
+        """Add this step's ``sum |w * grad|`` of every unit; the sums stay on the model's device (no host sync)."""
         for target in self.config.structured_targets:
             if target == "layers":
                 scores = {"layers": layer_scores(model, "taylor")}
             else:
-                scores = {f"{target}.{i}": s for i, s in unit_scores(model, target, "taylor").items()}
+                layout = self._layout(model, target)
+                scores = {f"{target}.{i}": layer_unit_scores(n, rows, "taylor") for i, (n, rows) in layout.items()}
             for key, value in scores.items():
-                self._taylor[key] = self._taylor.get(key, torch.zeros_like(value)) + value
+                total = self._taylor.get(key)
+                self._taylor[key] = value if total is None else total.to(value.device) + value
 
     def _scores(self, target: str, args, model, train_dataloader) -> dict[int, torch.Tensor]:
         importance = self.config.importance
@@ -256,11 +280,12 @@ class PruningCallback(TrainerCallback):
         if importance == "taylor":
             scores = {int(k.split(".")[1]): v for k, v in self._taylor.items() if k.startswith(f"{target}.")}
         else:
-            scores = unit_scores(model, target, "magnitude")
+            scores = unit_scores(model, target, "magnitude", layout=self._layout(model, target))
         return {layer: _mean_over_ranks(value, args.device) for layer, value in scores.items()}
 
     def _calibration(self, args, train_dataloader):
-        """The first ``calibration_batches`` training batches, read in order by a fresh loader (no RNG side effect)."""
+        """The first ``calibration_batches`` training batches, read in order by a fresh loader (no shuffling; its
+        iterator still draws one base seed from the global RNG)."""
         if train_dataloader is None:
             raise ValueError("`importance`='block_influence' needs the Trainer's training data for calibration.")
         loader = DataLoader(train_dataloader.dataset, batch_size=args.per_device_train_batch_size,
@@ -272,9 +297,13 @@ class PruningCallback(TrainerCallback):
 
     @torch.no_grad()
     def _prune(self, step: int, args, model, optimizer, train_dataloader) -> None:
-        config, masks = self.config, self.masks
+        config, masks = self.config, dataclasses.replace(self.masks)  # a new object: `self.masks` stays as it was
         for target in config.targets:
             sparsity = self._target_sparsity(target, step)
+            # Skip scoring when the masks would come back unchanged. Block influence still runs: its calibration
+            # DataLoader advances the global RNG, which the rest of training depends on.
+            if config.importance != "block_influence" and not self._removes_more(model, target, sparsity):
+                continue
             if target == "unstructured":
                 weights = prunable_weights(model)
                 new = magnitude_masks(weights, sparsity, config.scope, previous=masks.weights)
@@ -289,13 +318,27 @@ class PruningCallback(TrainerCallback):
                 masks.heads = self._select_heads(model, scores, sparsity)
         self.masks = _broadcast(masks, args.device)
         self._taylor = {}
-        logger.info(f"Pruning step {step}: sparsity {self.masks.sparsity()}")
+        if logger.isEnabledFor(logging.INFO):
+            logger.info(f"Pruning step {step}: sparsity {self.masks.sparsity()}")
+
+    def _removes_more(self, model, target: str, sparsity: float) -> bool:
+        masks, scope = self.masks, self.config.scope
+        if target == "unstructured":
+            return removes_more(masks.weights, sparsity, scope)
+        if target == "layers":
+            return removes_more({0: masks.layers}, sparsity, "local")
+        if target == "ffn_neurons":
+            return removes_more(masks.ffn_neurons, sparsity, scope)
+        layout = self._layout(model, "heads")  # the unit is a head group: `view(groups, -1)` of a layer's heads
+        groups = {layer: keep.view(layout[layer][0], -1).all(1) for layer, keep in masks.heads.items()}
+        return removes_more(groups, sparsity, scope)
 
     def _select_heads(self, model, scores, sparsity) -> dict[int, torch.Tensor]:
         """Select whole head groups (single heads without GQA); ``min_heads_per_layer`` is rounded up to groups."""
-        groups = {layer: head_groups(model, layer) for layer in scores}
-        keep = {layer: torch.stack([self.masks.heads[layer][g].all() for g in groups[layer]]) for layer in scores}
-        size = len(groups[0][0])
+        layout = self._layout(model, "heads")  # layer -> (number of groups, ...); a group is consecutive heads
+        keep = {layer: self.masks.heads[layer].view(layout[layer][0], -1).all(1) for layer in scores}
+        sizes = {layer: self.masks.heads[layer].numel() // layout[layer][0] for layer in scores}
+        size = sizes[0]
         min_groups = -(-self.config.min_heads_per_layer // size)
         new = select_units(scores, keep, sparsity, self.config.scope, min_keep=min_groups)
         return {layer: new[layer].repeat_interleave(size) for layer in scores}

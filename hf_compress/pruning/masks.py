@@ -1,9 +1,10 @@
 """Pruning masks: build, apply (to weights, gradients and optimizer state) and persist in safetensors.
 
-A mask is ``True`` where the structure is kept. Head and neuron masks are small per-layer boolean vectors; they are
-applied by zeroing the parameter slices that ``architectures.head_slices`` / ``neuron_slices`` return. Layer masks
-are applied with forward hooks that turn a removed block into the identity. Unstructured masks have the shape of
-the weight they mask.
+A mask is ``True`` where the structure is kept. Head and neuron masks are small per-layer boolean vectors over the
+parameter slices that ``architectures.head_slices`` / ``neuron_slices`` return; :func:`parameter_masks` turns them,
+once per pruning decision, into one broadcastable multiplier per parameter, so holding them on every training step is
+one in-place op per parameter. Layer masks are applied with forward hooks that turn a removed block into the
+identity. Unstructured masks have the shape of the weight they mask.
 """
 
 from __future__ import annotations
@@ -22,6 +23,48 @@ MASKS_NAME = "pruning_masks.safetensors"
 
 # (parameter, dimension, indices along it) to zero.
 ZeroSlice = tuple[nn.Parameter, int, torch.Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class ParamMask:
+    """How to zero what one parameter loses (and the same positions of its gradient / optimizer state).
+
+    Attributes:
+        param (`nn.Parameter`): The parameter.
+        keep (`torch.Tensor`): 1 where kept, 0 where removed, in the parameter's dtype and broadcastable to it.
+        dim (`int`, *optional*): With ``index``: zero only these positions along ``dim`` (``index_fill_``), which is
+            cheaper than a full ``mul_`` when they are few.
+        index (`torch.LongTensor`, *optional*): The positions along ``dim`` to zero.
+    """
+
+    param: nn.Parameter
+    keep: torch.Tensor
+    dim: int | None = None
+    index: torch.Tensor | None = None
+
+    def apply(self, tensor: torch.Tensor) -> None:
+        """Zero the removed positions of ``tensor`` (shaped like :attr:`param`) in place."""
+        if self.index is not None:
+            index = self.index if self.index.device == tensor.device else self.index.to(tensor.device)
+            tensor.index_fill_(self.dim, index, 0)
+        else:
+            tensor.mul_(self.keep if self.keep.device == tensor.device else self.keep.to(tensor.device))
+
+
+def _param_mask(param: nn.Parameter, keep: torch.Tensor, zero: torch.Tensor | None = None) -> ParamMask:
+    """A :class:`ParamMask` of the boolean ``keep``; ``zero`` (defaults to ``~keep``) is what must still be zeroed.
+
+    A mask along one dimension zeroes by index when few positions are involved: up to 1/4 of the rows of a
+    row-major weight, or 1/32 of the positions along a contiguous dimension (``index_fill_`` is slow there).
+    """
+    multiplier = keep.to(param.dtype)
+    dims = [d for d, n in enumerate(keep.shape) if n != 1]
+    if len(dims) == 1 and keep.dim() == param.dim():
+        dim = dims[0]
+        index = (~keep if zero is None else zero).flatten().nonzero().flatten()
+        if len(index) <= param.shape[dim] // (32 if param.stride(dim) == 1 else 4):
+            return ParamMask(param, multiplier, dim, index)
+    return ParamMask(param, multiplier)
 
 
 @dataclass
@@ -76,14 +119,24 @@ class PruningMasks:
             out["layers"] = float((~self.layers).sum()) / self.layers.numel()
         return out
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Flat view: ``heads.<layer>``, ``ffn_neurons.<layer>``, ``layers``, ``weights.<name>``."""
+    def _flat(self) -> dict[str, torch.Tensor]:
         out = {f"heads.{i}": m for i, m in self.heads.items()}
         out.update({f"ffn_neurons.{i}": m for i, m in self.ffn_neurons.items()})
         out.update({f"weights.{n}": m for n, m in self.weights.items()})
         if self.layers is not None:
             out["layers"] = self.layers
-        return {k: v.detach().to("cpu", torch.bool).contiguous() for k, v in out.items()}
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat view: ``heads.<layer>``, ``ffn_neurons.<layer>``, ``layers``, ``weights.<name>``."""
+        return {k: v.detach().to("cpu", torch.bool).contiguous() for k, v in self._flat().items()}
+
+    def equals(self, other: PruningMasks) -> bool:
+        """Whether ``other`` holds the same masks (wherever their tensors live)."""
+        mine, theirs = self._flat(), other._flat()
+        return mine.keys() == theirs.keys() and all(
+            mine[k].shape == theirs[k].shape and torch.equal(mine[k], theirs[k].to(mine[k].device)) for k in mine
+        )
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> PruningMasks:
@@ -136,49 +189,129 @@ def structured_slices(model: nn.Module, masks: PruningMasks) -> list[ZeroSlice]:
     return out
 
 
-def _targets(model: nn.Module, masks: PruningMasks, slices: list[ZeroSlice] | None):
-    slices = structured_slices(model, masks) if slices is None else slices
+def parameter_masks(model: nn.Module, masks: PruningMasks, layouts: dict | None = None) -> list[ParamMask]:
+    """One keep-multiplier per parameter that loses anything: 1 where kept, 0 where removed, in its dtype and device.
+
+    Head / neuron masks stay broadcastable (``[out, 1]`` rows, ``[1, in]`` columns, ``[out]`` biases); unstructured
+    masks have the weight's shape; parameters that keep everything are left out. Build the list once per decision and
+    pass it to :func:`mask_weights`, :func:`mask_grads` and :func:`mask_optimizer_state` until the masks change.
+
+    Args:
+        model (`nn.Module`): The model the masks belong to.
+        masks ([`PruningMasks`]): The masks.
+        layouts (`dict[str, UnitLayout]`, *optional*): ``importance.unit_layout`` of ``"heads"`` / ``"ffn_neurons"``
+            for the current shapes; with them, whole units are mapped to parameter positions without walking
+            ``architectures`` again.
+
+    Example:
+
+    >>> cached = parameter_masks(model, masks)  # doctest: +SKIP
+    >>> mask_grads(model, masks, cached)  # doctest: +SKIP
+    """
+    per_dim: dict[int, tuple[nn.Parameter, dict[int, torch.Tensor]]] = {}
+
+    def keep_along(param: nn.Parameter, dim: int) -> torch.Tensor:
+        keeps = per_dim.setdefault(id(param), (param, {}))[1]
+        return keeps.setdefault(dim, torch.ones(param.shape[dim], dtype=torch.bool, device=param.device))
+
+    rest = PruningMasks()  # the layers the layouts cannot express, zeroed through `structured_slices`
+    for target in ("heads", "ffn_neurons"):
+        for layer, keep in getattr(masks, target).items():
+            if bool(keep.all()):
+                continue
+            layout = (layouts or {}).get(target, {}).get(layer)
+            units = _unit_keep(keep, layout[0]) if layout is not None else None
+            if units is None:
+                getattr(rest, target)[layer] = keep
+                continue
+            for param, dim, index, ids in layout[1]:
+                kept = units.to(ids.device)[ids]
+                along = keep_along(param, dim)
+                if index is None:
+                    along &= kept
+                else:
+                    along[index] &= kept
+    for param, dim, index in structured_slices(model, rest):
+        keep_along(param, dim)[index.to(param.device)] = False
+    combined: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+    for param, keeps in per_dim.values():
+        mask = None
+        for dim, keep in keeps.items():
+            shape = [1] * param.dim()
+            shape[dim] = -1
+            mask = keep.view(shape) if mask is None else mask & keep.view(shape)
+        combined[id(param)] = (param, mask)
     params = dict(unwrap(model).named_parameters()) if masks.weights else {}
-    return slices, [(params[name], keep) for name, keep in masks.weights.items()]
+    for name, keep in masks.weights.items():
+        param = params[name]
+        keep = keep.to(param.device)
+        if bool(keep.all()):
+            continue
+        previous = combined.get(id(param))
+        combined[id(param)] = (param, keep if previous is None else previous[1] & keep)
+    return [_param_mask(param, mask) for param, mask in combined.values()]
+
+
+def _unit_keep(keep: torch.Tensor, num_units: int) -> torch.Tensor | None:
+    """``keep`` (per head / neuron) as a mask over ``num_units`` units of consecutive members; ``None`` when a unit is
+    only partly removed (``structured_slices`` then zeroes exactly the removed members, or refuses a split GQA group).
+    """
+    if keep.numel() % num_units:
+        return None
+    grouped = keep.view(num_units, -1)
+    whole = grouped.all(1)
+    return whole if torch.equal(whole, grouped.any(1)) else None
+
+
+def mask_changes(previous: list[ParamMask] | None, current: list[ParamMask]) -> list[ParamMask]:
+    """The part of ``current`` not already applied through ``previous`` (both from :func:`parameter_masks`).
+
+    Parameters whose mask is unchanged are left out; for the others only the newly removed positions are zeroed
+    when that is cheaper. Applying the result to weights already masked by ``previous`` gives the ``current`` masks.
+    """
+    before = {id(entry.param): entry.keep for entry in previous or []}
+    out = []
+    for entry in current:
+        old = before.get(id(entry.param))
+        if old is not None and old.shape == entry.keep.shape and torch.equal(old, entry.keep):
+            continue
+        keep = entry.keep != 0
+        out.append(_param_mask(entry.param, keep, None if old is None else (old != 0) & ~keep))
+    return out
+
+
+def _cached(model: nn.Module, masks: PruningMasks, cached: list[ParamMask] | None) -> list[ParamMask]:
+    return parameter_masks(model, masks) if cached is None else cached
 
 
 @torch.no_grad()
-def mask_weights(model: nn.Module, masks: PruningMasks, slices: list[ZeroSlice] | None = None) -> None:
-    """Zero every removed head / neuron slice and masked weight of ``model`` in place."""
-    slices, elementwise = _targets(model, masks, slices)
-    for param, dim, index in slices:
-        param.index_fill_(dim, index.to(param.device), 0)
-    for param, keep in elementwise:
-        param.mul_(keep.to(param.device))
+def mask_weights(model: nn.Module, masks: PruningMasks, cached: list[ParamMask] | None = None) -> None:
+    """Zero every removed head / neuron slice and masked weight of ``model`` in place.
+
+    ``cached`` is :func:`parameter_masks` of ``masks`` (or :func:`mask_changes`), built here when omitted.
+    """
+    for entry in _cached(model, masks, cached):
+        entry.apply(entry.param)
 
 
 @torch.no_grad()
-def mask_grads(model: nn.Module, masks: PruningMasks, slices: list[ZeroSlice] | None = None) -> None:
+def mask_grads(model: nn.Module, masks: PruningMasks, cached: list[ParamMask] | None = None) -> None:
     """Zero the gradients of every removed slice / weight (parameters without ``.grad`` are skipped)."""
-    slices, elementwise = _targets(model, masks, slices)
-    for param, dim, index in slices:
-        if param.grad is not None:
-            param.grad.index_fill_(dim, index.to(param.device), 0)
-    for param, keep in elementwise:
-        if param.grad is not None:
-            param.grad.mul_(keep.to(param.device))
+    for entry in _cached(model, masks, cached):
+        if entry.param.grad is not None:
+            entry.apply(entry.param.grad)
 
 
 @torch.no_grad()
 def mask_optimizer_state(
-    optimizer: torch.optim.Optimizer, model: nn.Module, masks: PruningMasks, slices: list[ZeroSlice] | None = None
+    optimizer: torch.optim.Optimizer, model: nn.Module, masks: PruningMasks, cached: list[ParamMask] | None = None
 ) -> None:
     """Zero the optimizer state (e.g. Adam moments) of removed slices so momentum cannot push them back."""
-    slices, elementwise = _targets(model, masks, slices)
     state = optimizer.state
-    for param, dim, index in slices:
-        for value in state.get(param, {}).values():
-            if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                value.index_fill_(dim, index.to(value.device), 0)
-    for param, keep in elementwise:
-        for value in state.get(param, {}).values():
-            if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                value.mul_(keep.to(value.device))
+    for entry in _cached(model, masks, cached):
+        for value in state.get(entry.param, {}).values():
+            if isinstance(value, torch.Tensor) and value.shape == entry.param.shape:
+                entry.apply(value)
 
 
 def select_units(
@@ -213,22 +346,50 @@ def select_units(
         groups = [[layer] for layer in layers]
     new = {layer: keep[layer].clone() for layer in layers}
     for group in groups:
+        # Walk the units from the lowest score up (removed units first, as -inf) and remove every unit whose layer
+        # still has more than `min_keep` units, until `target` units are gone. Vectorised: a kept unit is eligible
+        # when fewer than `kept - min_keep` kept units of its layer come before it; the first `budget` eligible go.
+        alive = torch.cat([keep[lay] for lay in group])
         flat = torch.cat([torch.where(keep[lay], scores[lay].float(), -torch.inf) for lay in group])
-        owner = torch.cat([torch.full((len(scores[lay]),), lay) for lay in group])
-        position = torch.cat([torch.arange(len(scores[lay])) for lay in group])
-        target = max(units_to_remove(sparsity, flat.numel()), int((flat == -torch.inf).sum()))
-        kept = {lay: int(keep[lay].sum()) for lay in group}
-        removed = int((flat == -torch.inf).sum())
-        for i in torch.sort(flat, stable=True).indices.tolist():
-            layer, unit = int(owner[i]), int(position[i])
-            if removed >= target:
-                break
-            if not new[layer][unit] or kept[layer] <= min_keep:
-                continue
-            new[layer][unit] = False
-            kept[layer] -= 1
-            removed += 1
+        sizes = [len(scores[lay]) for lay in group]
+        already = int((flat == -torch.inf).sum())
+        budget = units_to_remove(sparsity, flat.numel()) - already
+        if budget <= 0:
+            continue
+        order = torch.sort(flat, stable=True).indices
+        owner = torch.repeat_interleave(torch.arange(len(group)), torch.tensor(sizes))[order]
+        alive = alive[order]
+        eligible = torch.zeros_like(alive)
+        for position, lay in enumerate(group):
+            mine = alive & (owner == position)
+            eligible |= mine & (mine.cumsum(0) <= int(keep[lay].sum()) - min_keep)
+        drop = torch.zeros_like(alive)
+        drop[order[eligible & (eligible.cumsum(0) <= budget)]] = True
+        for lay, part in zip(group, drop.split(sizes), strict=True):
+            new[lay] &= ~part
     return new
+
+
+def removes_more(keep: dict, sparsity: float, scope: str = "global") -> bool:
+    """Whether selecting ``sparsity`` removes anything beyond the keep-masks ``keep`` (any keys).
+
+    Selection (:func:`select_units`, ``unstructured.magnitude_masks``) is monotonic: it removes up to
+    ``units_to_remove(sparsity, n)`` units of each group (all masks with ``"global"``, each with ``"local"``), counting
+    those already removed, so when every group already has that many removed the scores cannot change the result.
+
+    Example:
+
+    >>> removes_more({0: torch.tensor([True, False, True, True])}, 0.25)
+    False
+    """
+    from .schedules import units_to_remove
+
+    groups = [list(keep.values())] if scope == "global" else [[mask] for mask in keep.values()]
+    for group in groups:
+        total = sum(mask.numel() for mask in group)
+        if units_to_remove(sparsity, total) > total - sum(int(mask.sum()) for mask in group):
+            return True
+    return False
 
 
 def skip_layers(model: nn.Module, keep: torch.Tensor) -> list[RemovableHandle]:
