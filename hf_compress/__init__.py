@@ -3,6 +3,8 @@
 >>> from hf_compress import DistillationTrainer, DistillationConfig, PruningCallback, PruningConfig
 """
 
+from .card_callback import ModelCardCallback, write_trainer_card
+from .distillation.cache import cache_teacher_outputs
 from .distillation.config import DistillationConfig
 from .distillation.losses import distillation_loss
 from .distillation.student import make_student
@@ -18,8 +20,10 @@ __version__ = "0.1.0"
 __all__ = [
     "DistillationConfig",
     "DistillationTrainer",
+    "ModelCardCallback",
     "PruningCallback",
     "PruningConfig",
+    "cache_teacher_outputs",
     "distillation_loss",
     "from_pretrained",
     "load_quantized",
@@ -27,4 +31,5 @@ __all__ = [
     "prune_vocabulary",
     "quantize_int8",
     "save_pretrained",
+    "write_trainer_card",
 ]

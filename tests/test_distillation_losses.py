@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from hf_compress.distillation.losses import (
+    CPU_BLOCK,
+    TopKLogits,
     attention_loss,
     distillation_loss,
     hard_loss,
@@ -225,3 +227,76 @@ def test_invalid_arguments(kwargs, match):
     s, t = _logits(2, 3, 5), _logits(2, 3, 5, seed=1)
     with pytest.raises(ValueError, match=match):
         distillation_loss(s, t, **kwargs)
+
+
+@pytest.mark.parametrize("temperature,smoothing", [(1.0, 0.0), (1.0, 0.1), (3.0, 0.2)])
+def test_closed_form_gradients_match_autograd(temperature, smoothing):
+    s, t = _logits(3, 6, 17, seed=30), _logits(3, 6, 17, seed=31)
+    labels = torch.randint(0, 17, (3, 6), generator=torch.Generator().manual_seed(32))
+    labels[0, :4] = -100
+
+    def reference(x):
+        keep = labels != -100
+        kl = F.kl_div(F.log_softmax(x[keep] / temperature, -1), F.log_softmax(t[keep] / temperature, -1),
+                      log_target=True, reduction="batchmean") * temperature**2  # fmt: skip
+        ce = F.cross_entropy(x.reshape(-1, 17), labels.reshape(-1), label_smoothing=smoothing)
+        return 0.3 * kl + 0.7 * ce
+
+    ref_loss, ref_grad = _grad(reference, s)
+    fn = lambda x: distillation_loss(x, t, labels, temperature, 0.3, label_smoothing=smoothing)  # noqa: E731
+    loss, grad = _grad(fn, s)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-6)
+
+
+def test_bfloat16_student_gets_a_bfloat16_gradient():
+    s, t = _logits(2, 5, 11, seed=33), _logits(2, 5, 11, seed=34)
+    labels = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(35))
+    ref_loss, ref_grad = _grad(lambda x: distillation_loss(x, t, labels), s.bfloat16().float())
+    loss, grad = _grad(lambda x: distillation_loss(x, t.bfloat16(), labels), s.bfloat16())
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss, ref_loss, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(grad.float(), ref_grad, atol=1e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd", "mse"])
+def test_top_k_teacher_with_full_vocabulary_is_exact(divergence):
+    s, t = _logits(2, 4, 9, seed=36), _logits(2, 4, 9, seed=37)
+    labels = torch.randint(0, 9, (2, 4), generator=torch.Generator().manual_seed(38))
+    values, indices = t.topk(9, dim=-1)
+    kwargs = dict(temperature=2.0, alpha=0.6, divergence=divergence)
+    dense_loss, dense_grad = _grad(lambda x: distillation_loss(x, t, labels, **kwargs), s)
+    sparse_loss, sparse_grad = _grad(lambda x: distillation_loss(x, TopKLogits(values, indices), labels, **kwargs), s)
+    torch.testing.assert_close(sparse_loss, dense_loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(sparse_grad, dense_grad, atol=1e-6, rtol=1e-6)
+
+
+def test_top_k_teacher_is_renormalised_and_needs_kl():
+    s, t = _logits(5, 12, seed=39), _logits(5, 12, seed=40)
+    values, indices = t.topk(4, dim=-1)
+
+    def reference(x):
+        p = F.softmax(values / 2, -1)
+        return (p * (p.log() - F.log_softmax(x / 2, -1).gather(1, indices))).sum(-1).mean() * 4
+
+    ref_loss, ref_grad = _grad(reference, s)
+    loss, grad = _grad(lambda x: soft_loss(x, TopKLogits(values, indices), temperature=2.0, chunk_size=2), s)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="`divergence` must be 'kl' for a top-k teacher with k=4"):
+        soft_loss(s, TopKLogits(values, indices), divergence="jsd")
+    with pytest.raises(ValueError, match="`teacher_logits.indices` must have the shape"):
+        soft_loss(s, TopKLogits(values, indices[:, :2]))
+
+
+def test_large_vocabulary_uses_cache_sized_blocks_with_the_same_result():
+    vocab = CPU_BLOCK // 2 + 1  # one row per block on CPU, whatever `chunk_size` says
+    s, t = _logits(1, 3, vocab, seed=41, scale=1.0), _logits(1, 3, vocab, seed=42, scale=1.0)
+    labels = torch.tensor([[-100, 5, 7]])
+    loss, grad = _grad(lambda x: distillation_loss(x, t, labels, chunk_size=1024), s)
+    keep = labels[0] != -100
+    kl = F.kl_div(F.log_softmax(s[0, keep] / 4, -1), F.log_softmax(t[0, keep] / 4, -1), log_target=True,
+                  reduction="batchmean") * 16  # fmt: skip
+    expected = 0.5 * kl + 0.5 * F.cross_entropy(s[0], labels[0])
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    assert grad[0, 0].abs().max() == 0  # the ignored row gets no gradient

@@ -1,6 +1,7 @@
 """End-to-end DistillationTrainer runs on tiny offline models: every head, guards, accumulation, LoRA, saving."""
 
 import json
+import math
 
 import peft
 import pytest
@@ -330,3 +331,34 @@ def test_guard_misc(tmp_path):
         build(tmp_path, tiny_model("bert", "seq_cls"), 3)
     with pytest.raises(ValueError, match="`compute_loss_func` is not supported"):
         build(tmp_path, tiny_model("bert", "seq_cls"), tiny_model("bert", "seq_cls"), compute_loss_func=len)
+
+
+@pytest.mark.parametrize("kwargs,inference,flags", [({}, True, set()),
+                                                    ({"hidden_loss_weight": 1.0}, False, {"output_hidden_states"})])
+def test_teacher_forward_mode_and_requested_outputs(tmp_path, kwargs, inference, flags):
+    student, teacher = tiny_model("bert", "seq_cls", seed=0), tiny_model("bert", "seq_cls", seed=1)
+    calls = []
+
+    def record(module, args, call_kwargs):
+        calls.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled(), set(call_kwargs)))
+
+    teacher.register_forward_pre_hook(record, with_kwargs=True)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config(tmp_path, max_steps=2, **kwargs),
+                                  train_dataset=make_data("seq_cls"))  # fmt: skip
+    assert trainer.teacher_mode == "live"
+    trainer.train()
+    assert len(calls) == 2 and all(not grad for _, grad, _ in calls)
+    assert all(mode is inference for mode, _, _ in calls)
+    output_flags = {k for k in calls[0][2] if k.startswith("output_")}
+    assert output_flags == flags  # hidden states / attentions only when their loss is on
+
+
+def test_reverse_kl_and_jsd_train_with_an_inference_mode_teacher(tmp_path):
+    for divergence in ("reverse_kl", "jsd"):
+        student, teacher = tiny_model("llama", "causal_lm", seed=0), tiny_model("llama", "causal_lm", seed=1)
+        before = snapshot(student)
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, train_dataset=make_data("causal_lm"),
+                                      args=config(tmp_path, max_steps=2, distillation_loss=divergence))  # fmt: skip
+        trainer.train()
+        assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+        assert all(math.isfinite(x) for x in losses(trainer, "loss_soft"))

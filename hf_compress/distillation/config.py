@@ -28,7 +28,8 @@ class DistillationConfig(TrainingArguments):
         jsd_beta (`float`, *optional*, defaults to `0.5`):
             Teacher weight of the `"jsd"` mixture, in (0, 1).
         loss_chunk_size (`int`, *optional*, defaults to `1024`):
-            Token positions per chunk when computing token-level losses over a large vocabulary.
+            Token positions per chunk when computing token-level losses over a large vocabulary. On CPU chunks are
+            further capped at about 2**18 logits (5 positions at a 50k vocabulary), which keeps them in cache.
 
         > Intermediate-layer terms
 
@@ -68,7 +69,8 @@ class DistillationConfig(TrainingArguments):
     )
     jsd_beta: float = field(default=0.5, metadata={"help": "Teacher weight of the jsd mixture, in (0, 1)."})
     loss_chunk_size: int = field(
-        default=1024, metadata={"help": "Token positions per chunk for token-level losses over a large vocabulary."}
+        default=1024,
+        metadata={"help": "Token positions per chunk for token-level losses (on CPU capped at ~2**18 logits)."},
     )
     hidden_loss_weight: float = field(
         default=0.0, metadata={"help": "Weight of the hidden-state loss (0 disables it)."}

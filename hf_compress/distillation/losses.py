@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ Divergence = Literal["kl", "reverse_kl", "jsd", "mse"]
 HiddenLoss = Literal["mse", "cosine"]
 
 IGNORE_INDEX = -100
+CPU_BLOCK = 1 << 18  # elements per block of the chunked losses on CPU
 
 
 def _forward_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, beta: float) -> torch.Tensor:
@@ -99,40 +100,182 @@ def _check_divergence(divergence: str, temperature: float, beta: float) -> None:
         raise ValueError(f"`beta` must be in (0, 1) for the `jsd` divergence, got {beta}.")
 
 
-class _ChunkedRowSum(torch.autograd.Function):
-    """Sum of `row_loss` over selected rows of a `[N, V]` student matrix, one `[chunk, V]` block at a time.
+class TopKLogits(NamedTuple):
+    """A sparse teacher: the `k` largest logits of each row (`values`) and their vocabulary `indices`, `[..., k]`.
 
-    The gradient with respect to the student rows is computed chunk by chunk during the forward pass and kept in a
-    single `[N, V]` buffer, so no autograd graph over the full vocabulary is ever held.
+    The soft term treats the teacher distribution as the softmax of `values / T` over those `k` entries and zero
+    elsewhere (renormalised top-k). With `k` equal to the vocabulary size this is exact; otherwise it drops the
+    teacher's tail mass, which is small for peaked LM distributions. Only the `"kl"` divergence accepts `k` smaller
+    than the student vocabulary (reverse KL, JSD and MSE need the teacher's full row).
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor
+
+
+Teacher = torch.Tensor | TopKLogits
+
+
+class _Workspace:
+    """`[rows, width]` float32 buffers reused by every chunk: allocating them per chunk costs page faults on CPU."""
+
+    def __init__(self, rows: int, width: int, device: torch.device):
+        self.shape, self.device, self.buffers = (rows, width), device, {}
+
+    def __call__(self, name: str, rows: int) -> torch.Tensor:
+        if name not in self.buffers:
+            self.buffers[name] = torch.empty(self.shape, dtype=torch.float32, device=self.device)
+        return self.buffers[name][:rows]
+
+
+def _log_probs_(z: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """In place: shifted logits `z` become `log_softmax(z)` and `p` receives `softmax(z)`, with one `exp`."""
+    torch.exp(z, out=p)
+    total = p.sum(-1, keepdim=True)
+    p.mul_(total.reciprocal())
+    return z.sub_(total.log_()), p
+
+
+def _shifted(x: torch.Tensor, inv_temperature: float, out: torch.Tensor, row_max: torch.Tensor | None = None):
+    """`(x - max(x)) / T` written into `out`."""
+    torch.sub(x, x.amax(-1, keepdim=True) if row_max is None else row_max, out=out)
+    return out.mul_(inv_temperature) if inv_temperature != 1 else out
+
+
+def _kl_rows(log_ps, ps, teacher, teacher_idx, temperature, need_grad, work):
+    """Forward-KL row sums times `T**2`; with `need_grad`, `ps` becomes `p_s - p_t` (the gradient divided by T)."""
+    inv, c = 1.0 / temperature, log_ps.shape[0]
+    if teacher_idx is None:
+        log_pt, pt = _log_probs_(_shifted(teacher, inv, work("zt", c)), work("pt", c))
+        rows = log_pt.sub_(log_ps).mul_(pt).sum(-1)
+        if need_grad:
+            ps.sub_(pt)
+    else:
+        log_pt = F.log_softmax(teacher.float() * inv, dim=-1)  # [c, k]: small
+        pt = log_pt.exp()
+        rows = (log_pt - log_ps.gather(1, teacher_idx)).mul_(pt).sum(-1)
+        if need_grad:
+            ps.scatter_add_(1, teacher_idx, pt.neg_())
+    return rows * temperature**2
+
+
+def _chunk_terms(s, t, t_idx, y, keep, opts, need_grad, work, out):
+    """Soft and hard row losses of one `[c, V]` chunk and the gradient of `ws * soft + wh * hard` (or `None`).
+
+    `keep` (`[c]` floats or `None`) zeroes the soft term of rows outside the mask. `out` (`[c, V]` float32, e.g. the
+    gradient buffer's rows) receives the gradient when the closed forms apply, saving a copy.
+    """
+    divergence, temperature, ws, wh = opts["divergence"], opts["temperature"], opts["ws"], opts["wh"]
+    c = s.shape[0]
+    if keep is not None:
+        ws = ws * keep.unsqueeze(1)
+    row_max = s.amax(-1, keepdim=True)
+    soft = hard = grad = None
+    shared = None  # at T == 1 the label term reuses log_softmax(s) and a copy of softmax(s)
+    if t is not None:
+        if divergence == "kl":
+            log_ps, ps = _log_probs_(_shifted(s, 1.0 / temperature, work("zs", c), row_max), out)
+            if y is not None and temperature == 1:
+                shared = (log_ps, work("q", c).copy_(ps) if need_grad else None)
+            soft = _kl_rows(log_ps, ps, t, t_idx, temperature, need_grad, work)
+            grad = ps.mul_(ws * temperature) if need_grad else None
+        else:
+            dense = t.float() if t_idx is None else _densify(t, t_idx, s.shape[-1])
+            row_loss = DIVERGENCES[divergence]
+            if need_grad:
+                with torch.enable_grad():
+                    leaf = s.detach().requires_grad_(True)
+                    soft = row_loss(leaf, dense, temperature, opts["beta"])
+                    (grad,) = torch.autograd.grad(soft.sum(), leaf)
+                soft, grad = soft.detach(), grad.mul_(ws)
+            else:
+                soft = row_loss(s, dense, temperature, opts["beta"])
+        if keep is not None:
+            soft = soft * keep
+    if y is not None:
+        valid = y != IGNORE_INDEX
+        target = y.masked_fill(~valid, 0).unsqueeze(1)
+        if shared is not None:
+            log_q, q = shared
+        else:
+            q_out = out if grad is None else work("q", c)
+            log_q, q = _log_probs_(_shifted(s, 1.0, work("zq", c), row_max), q_out)
+        smoothing = opts["label_smoothing"]
+        hard = -log_q.gather(1, target).squeeze(1)
+        if smoothing:
+            hard = (1 - smoothing) * hard - smoothing * log_q.mean(-1)
+        hard = hard * valid
+        if need_grad:
+            weight = valid.unsqueeze(1) * wh  # d(CE)/ds = softmax - (1 - eps) * onehot - eps / V, per valid row
+            q.mul_(weight).scatter_add_(1, target, (-(1 - smoothing) * weight).expand_as(target).to(q.dtype))
+            if smoothing:
+                q.sub_(weight * (smoothing / s.shape[-1]))
+            grad = q if grad is None else grad.add_(q)
+    return soft, hard, grad
+
+
+def _densify(values: torch.Tensor, indices: torch.Tensor, width: int) -> torch.Tensor:
+    """A full-vocabulary teacher row from a top-k one with k == vocabulary (checked by `_check_teacher`)."""
+    return values.float().new_empty(values.shape[0], width).scatter_(1, indices, values.float())
+
+
+class _ChunkedKD(torch.autograd.Function):
+    """`ws * sum(soft rows) + wh * sum(hard rows)` over selected rows of a `[N, V]` student, one chunk at a time.
+
+    Forward KL and cross-entropy use their closed-form gradients (`T * (p_s - p_t)` and `softmax - onehot`), computed
+    chunk by chunk during the forward pass into a single `[N, V]` buffer; other divergences use autograd per chunk.
+    So no autograd graph over the full vocabulary is ever held and each chunk is read once for both terms. Also
+    returns the unweighted soft and hard sums (not differentiable) for logging.
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, targets, rows, row_loss, chunk_size):
-        needs_grad = ctx.needs_input_grad[0]
-        width = student.shape[-1]
-        total = torch.zeros((), dtype=torch.float32, device=student.device)
-        grad = torch.zeros_like(student) if needs_grad else None
-        for start in range(0, rows.numel(), chunk_size):
-            idx = rows[start : start + chunk_size]
-            s = student.index_select(0, idx).float()
-            t = None if teacher is None else teacher.index_select(0, idx)[:, :width].float()
-            y = None if targets is None else targets.index_select(0, idx)
-            if needs_grad:
-                with torch.enable_grad():
-                    s.requires_grad_(True)
-                    chunk_loss = row_loss(s, t, y).sum()
-                    (chunk_grad,) = torch.autograd.grad(chunk_loss, s)
-                grad.index_copy_(0, idx, chunk_grad.to(grad.dtype))
+    def forward(ctx, student, teacher, teacher_idx, labels, rows, keep, opts):
+        need_grad = ctx.needs_input_grad[0]
+        width, n = student.shape[-1], student.shape[0]
+        contiguous = rows is None
+        count = n if contiguous else rows.numel()
+        soft_sum = torch.zeros((), dtype=torch.float32, device=student.device)
+        hard_sum = torch.zeros((), dtype=torch.float32, device=student.device)
+        grad = None
+        if need_grad:
+            grad = torch.empty_like(student) if contiguous else torch.zeros_like(student)
+        # On CPU, blocks of ~2**18 elements stay in cache: several times faster than large blocks at a 50k vocabulary.
+        block = opts["chunk_size"] if student.is_cuda else max(1, min(opts["chunk_size"], CPU_BLOCK // width))
+        work = _Workspace(min(block, count), width, student.device)
+        direct = need_grad and contiguous and student.dtype == torch.float32
+        for start in range(0, count, block):
+            if contiguous:
+                idx, end = None, min(start + block, count)
+                take = lambda x, a=start, b=end: None if x is None else x[a:b]  # noqa: E731
             else:
-                chunk_loss = row_loss(s, t, y).sum()
-            total += chunk_loss.detach()
+                idx = rows[start : start + block]
+                take = lambda x, i=idx: None if x is None else x.index_select(0, i)  # noqa: E731
+            s = take(student)
+            s = s if s.dtype == torch.float32 else work("s", s.shape[0]).copy_(s)
+            t, t_idx, y, k = take(teacher), take(teacher_idx), take(labels), take(keep)
+            if t is not None and t_idx is None and t.shape[-1] != width:
+                t = t[:, :width]
+            out = grad[start:end] if direct else work("out", s.shape[0])
+            soft, hard, chunk_grad = _chunk_terms(s, t, t_idx, y, k, opts, need_grad, work, out)
+            if soft is not None:
+                soft_sum += soft.sum()
+            if hard is not None:
+                hard_sum += hard.sum()
+            if need_grad:
+                if contiguous:
+                    if not (direct and chunk_grad.data_ptr() == out.data_ptr()):
+                        grad[start:end].copy_(chunk_grad)
+                else:
+                    grad.index_copy_(0, idx, chunk_grad.to(grad.dtype))
         ctx.save_for_backward(grad)
-        return total
+        ctx.mark_non_differentiable(soft_sum, hard_sum)
+        total = opts["ws"] * soft_sum + opts["wh"] * hard_sum
+        return total, soft_sum, hard_sum
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _soft, _hard):
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None, None, None
+        return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None, None, None
 
 
 def _as_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -144,9 +287,77 @@ def shift_causal_labels(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
 
 
+def _check_teacher(student_logits: torch.Tensor, teacher: Teacher, divergence: str) -> None:
+    values = teacher.values if isinstance(teacher, TopKLogits) else teacher
+    if values.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(
+            f"`teacher_logits` must have the leading shape of `student_logits` {tuple(student_logits.shape[:-1])}, "
+            f"got {tuple(values.shape[:-1])}."
+        )
+    if isinstance(teacher, TopKLogits):
+        if teacher.indices.shape != values.shape:
+            raise ValueError(
+                f"`teacher_logits.indices` must have the shape of its values {tuple(values.shape)}, got "
+                f"{tuple(teacher.indices.shape)}."
+            )
+        if divergence != "kl" and values.shape[-1] < student_logits.shape[-1]:
+            raise ValueError(
+                f"`divergence` must be 'kl' for a top-k teacher with k={values.shape[-1]} < vocabulary "
+                f"{student_logits.shape[-1]}, got {divergence!r}; cache the full vocabulary for other divergences."
+            )
+    elif values.shape[-1] < student_logits.shape[-1]:
+        raise ValueError(
+            f"`teacher_logits` must have at least the student's {student_logits.shape[-1]} classes, got "
+            f"{values.shape[-1]}; use a teacher with the same vocabulary."
+        )
+
+
+def _divide(total: torch.Tensor | float, normalizer: torch.Tensor | int) -> torch.Tensor | float:
+    if torch.is_tensor(normalizer):
+        return total / normalizer.clamp(min=1)
+    return total / max(normalizer, 1)
+
+
+def _kd_terms(student, teacher, labels, mask, alpha, normalizer, options):
+    """`(alpha * soft + (1 - alpha) * hard, soft, hard)`: both terms from one chunked pass over the student rows."""
+    if options["chunk_size"] < 1:
+        raise ValueError(f"`chunk_size` must be >= 1, got {options['chunk_size']}.")
+    s_rows = _as_rows(student)
+    t_vals = t_idx = None
+    if teacher is not None:
+        _check_teacher(student, teacher, options["divergence"])
+        _check_divergence(options["divergence"], options["temperature"], options["beta"])
+        if isinstance(teacher, TopKLogits):
+            t_vals, t_idx = _as_rows(teacher.values.detach()), _as_rows(teacher.indices).long()
+        else:
+            t_vals = _as_rows(teacher.detach())
+    y = None if labels is None else labels.reshape(-1).to(student.device)
+    rows = keep = None
+    soft_norm = s_rows.shape[0]
+    if mask is not None:
+        # Mostly-kept rows (causal LM: all but the last position and padding) are read in place and the others
+        # zero-weighted; sparse masks (masked LM: ~15 % of positions) gather the kept rows instead.
+        mask = mask.reshape(-1).to(student.device)
+        soft_norm = mask.sum()
+        if 2 * soft_norm.item() >= mask.numel():
+            keep = mask.to(torch.float32)
+        else:
+            rows = mask.nonzero().squeeze(-1)
+    soft_norm = normalizer if normalizer is not None else soft_norm
+    hard_norm = normalizer if normalizer is not None or y is None else (y != IGNORE_INDEX).sum()
+    soft_weight = 0.0 if teacher is None else alpha if y is not None else 1.0
+    hard_weight = (1 - alpha) if teacher is not None else 1.0
+    opts = {**options, "ws": _divide(soft_weight, soft_norm) if soft_weight else 0.0, "wh": 0.0}
+    if y is not None and hard_weight:
+        opts["wh"] = _divide(hard_weight, hard_norm)
+    total, soft_sum, hard_sum = _ChunkedKD.apply(s_rows, t_vals, t_idx, y, rows, keep, opts)
+    hard = _divide(hard_sum, hard_norm) if y is not None else torch.zeros_like(soft_sum)
+    return total, _divide(soft_sum, soft_norm), hard
+
+
 def soft_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: Teacher,
     mask: torch.Tensor | None = None,
     divergence: Divergence = "kl",
     temperature: float = 4.0,
@@ -162,30 +373,16 @@ def soft_loss(
 
     Args:
         student_logits (`torch.Tensor`): `[..., classes]` logits.
-        teacher_logits (`torch.Tensor`): `[..., classes_t]` logits with `classes_t >= classes`.
+        teacher_logits (`torch.Tensor` or [`TopKLogits`]):
+            `[..., classes_t]` logits with `classes_t >= classes`, or the teacher's top-k logits and indices.
         mask (`torch.Tensor`, *optional*): Boolean `[...]` mask of the rows to use; all rows when `None`.
         divergence, temperature, beta: See [`soft_divergence`].
         normalizer (`int` or `torch.Tensor`, *optional*): Divisor of the sum (e.g. `num_items_in_batch`).
         chunk_size (`int`, *optional*, defaults to 1024): Rows processed at once.
     """
-    if teacher_logits.shape[:-1] != student_logits.shape[:-1]:
-        raise ValueError(
-            f"`teacher_logits` must have the leading shape of `student_logits` {tuple(student_logits.shape[:-1])}, "
-            f"got {tuple(teacher_logits.shape[:-1])}."
-        )
-    if teacher_logits.shape[-1] < student_logits.shape[-1]:
-        raise ValueError(
-            f"`teacher_logits` must have at least the student's {student_logits.shape[-1]} classes, got "
-            f"{teacher_logits.shape[-1]}; use a teacher with the same vocabulary."
-        )
-    if chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}.")
-    _check_divergence(divergence, temperature, beta)
-
-    def row_loss(s, t, _):
-        return DIVERGENCES[divergence](s, t, temperature, beta)
-
-    return _reduce_rows(student_logits, teacher_logits.detach(), None, mask, row_loss, normalizer, chunk_size)
+    options = dict(divergence=divergence, temperature=temperature, beta=beta, chunk_size=chunk_size,
+                   label_smoothing=0.0)  # fmt: skip
+    return _kd_terms(student_logits, teacher_logits, None, mask, 1.0, normalizer, options)[0]
 
 
 def hard_loss(
@@ -196,28 +393,8 @@ def hard_loss(
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Cross-entropy summed over labels != -100 and divided by `normalizer` (default: their count), chunked."""
-    mask = labels != IGNORE_INDEX
-
-    def row_loss(s, _, y):
-        return F.cross_entropy(s, y, reduction="none", label_smoothing=label_smoothing)
-
-    return _reduce_rows(student_logits, None, labels, mask, row_loss, normalizer, chunk_size)
-
-
-def _reduce_rows(student, teacher, labels, mask, row_loss, normalizer, chunk_size):
-    s_rows = _as_rows(student)
-    t_rows = None if teacher is None else _as_rows(teacher)
-    y_rows = None if labels is None else labels.reshape(-1)
-    if mask is None:
-        rows = torch.arange(s_rows.shape[0], device=student.device)
-    else:
-        rows = mask.reshape(-1).nonzero().squeeze(-1).to(student.device)
-    total = _ChunkedRowSum.apply(s_rows, t_rows, y_rows, rows, row_loss, chunk_size)
-    if normalizer is None:
-        normalizer = rows.numel()
-    if torch.is_tensor(normalizer):
-        return total / normalizer.to(total.device).clamp(min=1)
-    return total / max(normalizer, 1)
+    options = dict(divergence="kl", temperature=1.0, beta=0.5, chunk_size=chunk_size, label_smoothing=label_smoothing)
+    return _kd_terms(student_logits, None, labels, labels != IGNORE_INDEX, 0.0, normalizer, options)[0]
 
 
 def distillation_loss(
@@ -270,15 +447,9 @@ def distillation_loss(
         labels = shift_causal_labels(labels)
     token_level = student_logits.dim() == 3
     mask = labels != IGNORE_INDEX if (token_level and labels is not None) else None
-    soft = soft_loss(
-        student_logits, teacher_logits, mask, divergence, temperature, beta, num_items_in_batch, chunk_size
-    )
-    if labels is None:
-        hard = torch.zeros_like(soft)
-        loss = soft
-    else:
-        hard = hard_loss(student_logits, labels, num_items_in_batch, chunk_size, label_smoothing)
-        loss = alpha * soft + (1 - alpha) * hard
+    options = dict(divergence=divergence, temperature=temperature, beta=beta, chunk_size=chunk_size,
+                   label_smoothing=label_smoothing)  # fmt: skip
+    loss, soft, hard = _kd_terms(student_logits, teacher_logits, labels, mask, alpha, num_items_in_batch, options)
     return (loss, {"soft": soft, "hard": hard}) if return_components else loss
 
 

@@ -1,7 +1,8 @@
 """`DistillationTrainer`: a `Trainer` whose loss mixes a frozen teacher's soft targets with the labels.
 
 Only `__init__` and `compute_loss` are overridden (plus `create_optimizer`, to train the hidden-state projection,
-and `log`, to flush the loss components); the training loop, saving, evaluation and distribution are the Trainer's.
+`log`, to flush the loss components, and `_set_signature_columns_if_needed`, to keep cached teacher columns); the
+training loop, saving, evaluation and distribution are the Trainer's.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from transformers.models.auto import modeling_auto
 from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils import logging
 
+from ..card_callback import model_card_callback, write_trainer_card
+from .cache import CACHE_COLUMNS, TeacherCacheCollator, has_teacher_cache, pop_teacher_outputs
 from .config import default_layer_map, distillation_options
 from .losses import attention_loss, distillation_loss, hidden_state_loss, soft_loss
 
@@ -73,10 +76,18 @@ class DistillationTrainer(Trainer):
     sequence / token classification, question answering (start and end logits), masked LM, causal LM (shifted) and
     encoder-decoder LM. The teacher is never wrapped, synchronised or saved: checkpoints hold the student only.
 
+    Two teacher modes, reported by `trainer.teacher_mode` and logged at start:
+
+    - `"live"`: the teacher runs a forward pass (under `torch.inference_mode()`, or `torch.no_grad()` when hidden or
+      attention losses need its intermediate states) on every batch;
+    - `"cached"`: the training set holds the columns of [`~hf_compress.distillation.cache.cache_teacher_outputs`];
+      batches that carry them use the stored logits and no teacher forward runs (`teacher_model` may be `None`).
+
     Args:
         model (`PreTrainedModel` or `peft.PeftModel`): The student.
-        teacher_model (`PreTrainedModel` or `str`):
-            The teacher, or a path loaded with the student's Auto class and `args.teacher_model_init_kwargs`.
+        teacher_model (`PreTrainedModel` or `str`, *optional*):
+            The teacher, or a path loaded with the student's Auto class and `args.teacher_model_init_kwargs`. May be
+            `None` when the training set holds cached teacher outputs.
         args (`TrainingArguments`, *optional*): Usually a [`DistillationConfig`].
         **kwargs: Every other [`~transformers.Trainer`] argument (`train_dataset`, `data_collator`, ...).
 
@@ -106,14 +117,34 @@ class DistillationTrainer(Trainer):
             raise ValueError(
                 f"`model` of class {type(student).__name__} is not a supported head; use one of {list(HEADS)}."
             )
-        self.teacher_model = self._build_teacher(teacher_model)
-        self._check_compatible(student, self.teacher_model)
+        datasets = [self.train_dataset]
+        datasets += list(self.eval_dataset.values()) if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
+        cached = [has_teacher_cache(d) for d in datasets if d is not None]
+        self.teacher_mode = "cached" if cached and cached[0] else "live"
+        if teacher_model is None and not (cached and all(cached)):
+            raise ValueError(
+                "`teacher_model` is required unless every dataset holds cached teacher outputs, got None; pass the "
+                "teacher or use `hf_compress.distillation.cache.cache_teacher_outputs`."
+            )
+        if any(cached):
+            side = getattr(self.processing_class, "padding_side", None)
+            side = side or getattr(getattr(self.data_collator, "tokenizer", None), "padding_side", "right")
+            self.data_collator = TeacherCacheCollator(self.data_collator, side)
+        self.teacher_model = None if teacher_model is None else self._build_teacher(teacher_model)
+        if self.teacher_model is not None:
+            self._check_compatible(student, self.teacher_model)
         self._configure_intermediate_losses(student, self.teacher_model)
+        logger.info(
+            f"DistillationTrainer teacher mode: {self.teacher_mode} ("
+            + ("stored teacher logits, no teacher forward" if self.teacher_mode == "cached" else "teacher forward")
+            + " on each training batch)."
+        )
         # Our compute_loss normalises every head by `num_items_in_batch`, so let the Trainer count it for us.
         self.model_accepts_loss_kwargs = True
         self._kd_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         self._kd_calls = {"train": 0, "eval": 0}
         self._kd_window_start = 0
+        model_card_callback(self)  # our model card in every checkpoint
 
     # ---- teacher -----------------------------------------------------------------------------------------------
 
@@ -178,6 +209,11 @@ class DistillationTrainer(Trainer):
         self.hidden_projection = None
         if kd["hidden_loss_weight"] == 0 and kd["attention_loss_weight"] == 0:
             return
+        if teacher is None:
+            raise ValueError(
+                "`hidden_loss_weight` and `attention_loss_weight` must be 0 with cached teacher outputs (no teacher "
+                f"states are stored), got {kd['hidden_loss_weight']} and {kd['attention_loss_weight']}."
+            )
         if self._head == "seq2seq_lm":
             raise ValueError(
                 "`hidden_loss_weight` and `attention_loss_weight` must be 0 for encoder-decoder students, got "
@@ -218,14 +254,21 @@ class DistillationTrainer(Trainer):
                 optimizer.add_param_group({"params": params, "weight_decay": self.args.weight_decay})
         return optimizer
 
+    def _set_signature_columns_if_needed(self) -> None:
+        """The Trainer keeps the columns of the model's `forward`; cached teacher columns must survive too."""
+        super()._set_signature_columns_if_needed()
+        self._signature_columns += [c for c in CACHE_COLUMNS if c not in self._signature_columns]
+
     # ---- loss --------------------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Student and teacher forward on the same inputs, then soft + hard (+ hidden, attention) terms."""
+        """Student and teacher forward on the same inputs (or cached teacher logits), then soft + hard (+ hidden,
+        attention) terms."""
         kd = self.distillation_args
         if self._head == "qa":  # targets are not `labels`: the Trainer does not count them
             num_items_in_batch = None
         inputs = dict(inputs)
+        teacher_outputs = pop_teacher_outputs(inputs)
         pairs = TARGETS.get(self._head, {"logits": "labels"})
         targets = {key: inputs.pop(key) for key in list(pairs.values()) if key in inputs}
         if self._head == "seq2seq_lm" and "labels" in targets and "decoder_input_ids" not in inputs:
@@ -237,9 +280,13 @@ class DistillationTrainer(Trainer):
         if kd["attention_loss_weight"] > 0:
             flags["output_attentions"] = True
         outputs = model(**inputs, **flags)
-        teacher_flags = {**flags, "use_cache": False} if self._head in ("causal_lm", "seq2seq_lm") else flags
-        with torch.no_grad():
-            teacher_outputs = self.teacher_model(**inputs, **teacher_flags)
+        if teacher_outputs is None:
+            teacher_outputs = self._teacher_forward(inputs, flags)
+        elif flags:
+            raise ValueError(
+                "`hidden_loss_weight` and `attention_loss_weight` must be 0 for batches with cached teacher outputs, "
+                f"got {kd['hidden_loss_weight']} and {kd['attention_loss_weight']}."
+            )
 
         token_loss, components = self._logit_terms(outputs, teacher_outputs, inputs, targets, num_items_in_batch)
         aux = 0.0
@@ -264,6 +311,19 @@ class DistillationTrainer(Trainer):
             drop = {"hidden_states", "attentions", "encoder_hidden_states", "decoder_hidden_states"}
             outputs = type(outputs)(**{k: v for k, v in outputs.items() if k not in drop})
         return (loss, outputs) if return_outputs else loss
+
+    def _teacher_forward(self, inputs: dict[str, Any], flags: dict[str, bool]):
+        if self.teacher_model is None:
+            raise ValueError(
+                f"`teacher_model` is None but a batch has no cached teacher columns ({', '.join(CACHE_COLUMNS)}); "
+                "pass the teacher or cache its outputs for this dataset too."
+            )
+        teacher_flags = {**flags, "use_cache": False} if self._head in ("causal_lm", "seq2seq_lm") else flags
+        # inference_mode skips autograd bookkeeping entirely; its tensors cannot be saved for backward: the logit
+        # losses only read teacher rows into fresh buffers, but the hidden-state / attention losses might save them.
+        context = torch.no_grad() if flags else torch.inference_mode()
+        with context:
+            return self.teacher_model(**inputs, **teacher_flags)
 
     def _logit_terms(self, outputs, teacher_outputs, inputs, targets, num_items_in_batch):
         """`alpha * soft + (1 - alpha) * hard` over the head's logits (start and end logits averaged for QA)."""
@@ -334,6 +394,27 @@ class DistillationTrainer(Trainer):
             logs.update({prefix + k: v / divisor for k, v in zip(keys, values.tolist())})
             self._kd_sums[mode], self._kd_calls[mode] = {}, 0
         super().log(logs, start_time)
+
+    # ---- model card --------------------------------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the student as `Trainer` does, plus our model card (no callback event fires on `save_model`)."""
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call and self.args.should_save:
+            write_trainer_card(self, output_dir or self.args.output_dir)
+
+    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
+                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None) -> None:
+        """Write hf_compress's card to `args.output_dir/README.md` (`push_to_hub` uploads it); see
+        [`~hf_compress.card_callback.write_trainer_card`]. `tasks` and `dataset_args` are unused (`config.json` has
+        the task)."""
+        from hf_compress.card_callback import write_trainer_card
+
+        if self.is_world_process_zero():
+            datasets = dataset if dataset is not None else dataset_tags
+            write_trainer_card(self, self.args.output_dir, model_name=model_name, base_model=finetuned_from,
+                               datasets=[datasets] if isinstance(datasets, str) else datasets,
+                               methods=[tags] if isinstance(tags, str) else tags, language=language, license=license)
 
 
 def _get(outputs, key: str, who: str) -> torch.Tensor:
