@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hf_compress.distillation.chunked import CPU_BLOCK
 from hf_compress.distillation.losses import (
-    CPU_BLOCK,
     TopKLogits,
     attention_loss,
     distillation_loss,

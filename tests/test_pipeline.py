@@ -205,7 +205,7 @@ def vocab_recipe(files, data, stages):
 def test_vocabulary_stage_then_int4_embeddings_evaluate_and_card(files, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-    from hf_compress.cli import _meta_model
+    from hf_compress.plan import _meta_model
     from hf_compress.quantization import Int8Embedding, model_size_bytes
     from hf_compress.recipes import validate
     from hf_compress.vocabulary_stage import plan_vocabulary

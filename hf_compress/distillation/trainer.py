@@ -11,18 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoModelForQuestionAnswering,
-    AutoModelForSeq2SeqLM,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-    PreTrainedModel,
-    Trainer,
-    TrainingArguments,
-)
-from transformers.models.auto import modeling_auto
+from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils import logging
 
@@ -30,30 +19,15 @@ from ..card_callback import model_card_callback, write_trainer_card
 from .cache import CACHE_COLUMNS, TeacherCacheCollator, has_teacher_cache, pop_teacher_outputs
 from .config import default_layer_map, distillation_options
 from .losses import attention_loss, distillation_loss, hidden_state_loss, soft_loss
+from .teacher import HEADS, LM_HEADS, build_teacher, check_compatible, detect_head
+
+# `HEADS`, `LM_HEADS` and `detect_head` live in `teacher.py`; they stay importable from here (cache.py, tests).
+__all__ = ["HEADS", "LM_HEADS", "DistillationTrainer", "detect_head"]
 
 logger = logging.get_logger(__name__)
 
-# Head -> (Auto class, class names). Checked in this order: BART is both seq2seq and masked LM.
-HEADS: dict[str, tuple[type, Any]] = {
-    "seq2seq_lm": (AutoModelForSeq2SeqLM, modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES),
-    "causal_lm": (AutoModelForCausalLM, modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
-    "masked_lm": (AutoModelForMaskedLM, modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES),
-    "qa": (AutoModelForQuestionAnswering, modeling_auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES),
-    "token_cls": (AutoModelForTokenClassification, modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES),
-    "seq_cls": (AutoModelForSequenceClassification, modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),
-}
-LM_HEADS = ("seq2seq_lm", "causal_lm", "masked_lm")
 # Output logits -> the input key holding their targets.
 TARGETS = {"qa": {"start_logits": "start_positions", "end_logits": "end_positions"}}
-
-
-def detect_head(class_name: str) -> str | None:
-    """The head type (a key of `HEADS`) of a model class name such as `"BertForMaskedLM"`, or `None`."""
-    for head, (_, mapping) in HEADS.items():
-        for names in mapping.values():
-            if class_name == names or (isinstance(names, (list, tuple)) and class_name in names):
-                return head
-    return None
 
 
 class _HiddenProjection(nn.Module):
@@ -149,59 +123,13 @@ class DistillationTrainer(Trainer):
     # ---- teacher -----------------------------------------------------------------------------------------------
 
     def _build_teacher(self, teacher: PreTrainedModel | nn.Module | str | None) -> nn.Module:
-        if isinstance(teacher, str):
-            init_kwargs = {"trust_remote_code": False, **self.distillation_args["teacher_model_init_kwargs"]}
-            if self.distillation_args["attention_loss_weight"] > 0:
-                init_kwargs.setdefault("attn_implementation", "eager")
-            auto_class = HEADS[self._head][0]
-            teacher = auto_class.from_pretrained(teacher, **init_kwargs)
-            saved = (getattr(teacher.config, "architectures", None) or [None])[0]
-            if saved is not None and detect_head(saved) not in (None, self._head):
-                raise ValueError(
-                    f"`teacher_model` checkpoint is a {saved} ({detect_head(saved)}) but the student is a "
-                    f"{self._head} model; pass a teacher trained for the same task."
-                )
-        elif not isinstance(teacher, nn.Module):
-            raise ValueError(
-                f"`teacher_model` must be a model or a path, got {type(teacher).__name__}; pass the teacher to distil."
-            )
+        kd = self.distillation_args
         dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
-        teacher = teacher.to(device=self.accelerator.device, dtype=dtype)
-        teacher.requires_grad_(False)
-        return teacher.eval()
+        return build_teacher(teacher, self._head, kd["teacher_model_init_kwargs"], kd["attention_loss_weight"] > 0,
+                             self.accelerator.device, dtype)
 
     def _check_compatible(self, student: nn.Module, teacher: nn.Module) -> None:
-        teacher_head = detect_head(type(unwrap_peft_model(teacher)).__name__)
-        if teacher_head != self._head:
-            raise ValueError(
-                f"`teacher_model` is a {type(teacher).__name__} ({teacher_head}) but the student is a {self._head} "
-                "model; load the teacher with the student's head type."
-            )
-        if self._head in ("seq_cls", "token_cls") and teacher.config.num_labels != student.config.num_labels:
-            raise ValueError(
-                f"`teacher_model` has num_labels={teacher.config.num_labels} but the student has "
-                f"{student.config.num_labels}; give both the same label set."
-            )
-        if self._head == "seq_cls" and getattr(student.config, "problem_type", None) in (
-            "regression",
-            "multi_label_classification",
-        ):
-            raise ValueError(
-                f"`problem_type` must be single-label classification to distil, got {student.config.problem_type!r}."
-            )
-        if self._head in LM_HEADS:
-            student_vocab, teacher_vocab = _vocab_size(student), _vocab_size(teacher)
-            tokens = len(self.processing_class) if hasattr(self.processing_class, "__len__") else None
-            if teacher_vocab < student_vocab or (teacher_vocab > student_vocab and tokens and tokens > student_vocab):
-                raise ValueError(
-                    f"`teacher_model` vocabulary ({teacher_vocab}) differs from the student's ({student_vocab}) "
-                    "beyond padding rows; use a teacher and student that share the tokenizer."
-                )
-            if teacher_vocab > student_vocab and tokens is None:
-                logger.warning(
-                    f"Teacher vocabulary {teacher_vocab} > student vocabulary {student_vocab}: treating the extra "
-                    "rows as padding and slicing them off (pass `processing_class` to have this checked)."
-                )
+        check_compatible(student, teacher, self._head, self.processing_class)
 
     def _configure_intermediate_losses(self, student: nn.Module, teacher: nn.Module) -> None:
         kd = self.distillation_args
@@ -423,11 +351,3 @@ def _get(outputs, key: str, who: str) -> torch.Tensor:
         keys = list(outputs.keys()) if hasattr(outputs, "keys") else type(outputs).__name__
         raise ValueError(f"The {who} model must return `{key}` to be distilled, got outputs {keys}.")
     return value
-
-
-def _vocab_size(model: nn.Module) -> int:
-    model = unwrap_peft_model(model)
-    embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
-        return embeddings.weight.shape[0]
-    return model.config.vocab_size

@@ -1,0 +1,136 @@
+"""The teacher of [`DistillationTrainer`]: head detection, loading and placement, and the checks against the student.
+
+Plain functions, so that the trainer keeps only the Trainer glue: [`build_teacher`] loads a path with the student's
+Auto class (or takes a model), freezes it and places it on the device in the training dtype; [`check_compatible`]
+rejects a teacher whose head, label set or vocabulary cannot teach the student (extra teacher vocabulary rows are
+accepted as padding, and sliced off by the losses).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    PreTrainedModel,
+)
+from transformers.models.auto import modeling_auto
+from transformers.trainer_utils import unwrap_peft_model
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+# Head -> (Auto class, class names). Checked in this order: BART is both seq2seq and masked LM.
+HEADS: dict[str, tuple[type, Any]] = {
+    "seq2seq_lm": (AutoModelForSeq2SeqLM, modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES),
+    "causal_lm": (AutoModelForCausalLM, modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+    "masked_lm": (AutoModelForMaskedLM, modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES),
+    "qa": (AutoModelForQuestionAnswering, modeling_auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES),
+    "token_cls": (AutoModelForTokenClassification, modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES),
+    "seq_cls": (AutoModelForSequenceClassification, modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),
+}
+LM_HEADS = ("seq2seq_lm", "causal_lm", "masked_lm")
+
+
+def detect_head(class_name: str) -> str | None:
+    """The head type (a key of `HEADS`) of a model class name such as `"BertForMaskedLM"`, or `None`."""
+    for head, (_, mapping) in HEADS.items():
+        for names in mapping.values():
+            if class_name == names or (isinstance(names, (list, tuple)) and class_name in names):
+                return head
+    return None
+
+
+def build_teacher(
+    teacher: PreTrainedModel | nn.Module | str | None,
+    head: str,
+    init_kwargs: dict[str, Any],
+    eager_attention: bool,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> nn.Module:
+    """
+    The frozen teacher in eval mode on `device` (cast to `dtype` when given): a model as is, or a path loaded with
+    the Auto class of `head`.
+
+    Args:
+        teacher (`PreTrainedModel`, `nn.Module` or `str`): The teacher or a checkpoint path / Hub id.
+        head (`str`): The student's head type, a key of `HEADS`.
+        init_kwargs (`dict`): `from_pretrained` keyword arguments for a path (`trust_remote_code` defaults to False).
+        eager_attention (`bool`): Load with `attn_implementation="eager"` (attention maps) unless set otherwise.
+        device (`torch.device`): Where the teacher runs.
+        dtype (`torch.dtype`, *optional*): The mixed-precision dtype of training, or `None` to keep the teacher's.
+    """
+    if isinstance(teacher, str):
+        init_kwargs = {"trust_remote_code": False, **init_kwargs}
+        if eager_attention:
+            init_kwargs.setdefault("attn_implementation", "eager")
+        auto_class = HEADS[head][0]
+        teacher = auto_class.from_pretrained(teacher, **init_kwargs)
+        saved = (getattr(teacher.config, "architectures", None) or [None])[0]
+        if saved is not None and detect_head(saved) not in (None, head):
+            raise ValueError(
+                f"`teacher_model` checkpoint is a {saved} ({detect_head(saved)}) but the student is a "
+                f"{head} model; pass a teacher trained for the same task."
+            )
+    elif not isinstance(teacher, nn.Module):
+        raise ValueError(
+            f"`teacher_model` must be a model or a path, got {type(teacher).__name__}; pass the teacher to distil."
+        )
+    teacher = teacher.to(device=device, dtype=dtype)
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+def check_compatible(student: nn.Module, teacher: nn.Module, head: str, processing_class: Any = None) -> None:
+    """
+    Raise a `ValueError` when `teacher` cannot teach `student` (a `head` model): another head type, another label
+    set, a regression / multi-label student, or an LM vocabulary that differs beyond padding rows (checked against
+    `len(processing_class)` when it has a length, else only warned about).
+    """
+    teacher_head = detect_head(type(unwrap_peft_model(teacher)).__name__)
+    if teacher_head != head:
+        raise ValueError(
+            f"`teacher_model` is a {type(teacher).__name__} ({teacher_head}) but the student is a {head} "
+            "model; load the teacher with the student's head type."
+        )
+    if head in ("seq_cls", "token_cls") and teacher.config.num_labels != student.config.num_labels:
+        raise ValueError(
+            f"`teacher_model` has num_labels={teacher.config.num_labels} but the student has "
+            f"{student.config.num_labels}; give both the same label set."
+        )
+    if head == "seq_cls" and getattr(student.config, "problem_type", None) in (
+        "regression",
+        "multi_label_classification",
+    ):
+        raise ValueError(
+            f"`problem_type` must be single-label classification to distil, got {student.config.problem_type!r}."
+        )
+    if head in LM_HEADS:
+        student_vocab, teacher_vocab = _vocab_size(student), _vocab_size(teacher)
+        tokens = len(processing_class) if hasattr(processing_class, "__len__") else None
+        if teacher_vocab < student_vocab or (teacher_vocab > student_vocab and tokens and tokens > student_vocab):
+            raise ValueError(
+                f"`teacher_model` vocabulary ({teacher_vocab}) differs from the student's ({student_vocab}) "
+                "beyond padding rows; use a teacher and student that share the tokenizer."
+            )
+        if teacher_vocab > student_vocab and tokens is None:
+            logger.warning(
+                f"Teacher vocabulary {teacher_vocab} > student vocabulary {student_vocab}: treating the extra "
+                "rows as padding and slicing them off (pass `processing_class` to have this checked)."
+            )
+
+
+def _vocab_size(model: nn.Module) -> int:
+    model = unwrap_peft_model(model)
+    embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
+        return embeddings.weight.shape[0]
+    return model.config.vocab_size
