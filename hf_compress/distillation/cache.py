@@ -41,6 +41,7 @@ from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils import logging
 
 from .losses import TopKLogits
+from .teacher import LM_HEADS, detect_head
 
 logger = logging.get_logger(__name__)
 
@@ -197,8 +198,6 @@ def cache_teacher_outputs(
     >>> cached = cache_teacher_outputs(teacher, tokenized, DataCollatorWithPadding(tok), top_k=64)  # doctest: +SKIP
     >>> trainer = DistillationTrainer(model=student, teacher_model=None, train_dataset=cached)  # doctest: +SKIP
     """
-    from .trainer import LM_HEADS, detect_head  # the trainer imports this module
-
     head = detect_head(type(unwrap_peft_model(teacher)).__name__)
     if head is None or head == "seq2seq_lm":
         raise ValueError(
