@@ -67,6 +67,7 @@ DATA_DEFAULTS: dict[str, Any] = {
     "text_column": "text",
     "text_pair_column": None,
     "label_column": "label",
+    "label_names": None,
     "max_length": 128,
     "max_train_samples": None,
     "max_eval_samples": None,

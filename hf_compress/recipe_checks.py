@@ -220,6 +220,9 @@ def check_data(data: DataSpec, model: ModelSpec, stages: list[Stage], bases: lis
                               f"only); remove it.")
     if not causal and data.label_column is None:
         data.label_column = "label"
+    if data.label_names is not None and (causal or len(data.label_names) != model.num_labels):
+        raise RecipeError(f"`data.label_names` has {len(data.label_names)} names but the model has "
+                          f"{model.num_labels} labels, got {data.label_names}; give one name per label.")
     for key, low in (("max_length", 1), ("block_size", 2), ("max_train_samples", 1), ("max_eval_samples", 1)):
         if getattr(data, key) is not None and getattr(data, key) < low:
             raise RecipeError(f"`data.{key}` must be >= {low}, got {getattr(data, key)}.")

@@ -76,6 +76,7 @@ class DataSpec:
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str | None = None  # validation sets "label" for classification
+    label_names: list[str] | None = None  # names of the integer labels 0..n-1 (config.id2label)
     max_length: int = 128
     max_train_samples: int | None = None
     max_eval_samples: int | None = None

@@ -244,8 +244,11 @@ def finetune_teacher(stage: dict[str, Any], ctx: StageContext, out_dir: Path) ->
 
     kwargs = {}
     if ctx.task == "sequence-classification":
-        names = getattr(ctx.train_dataset.features["labels"], "names", None)
+        names = ctx.spec["data"].get("label_names") or getattr(ctx.train_dataset.features["labels"], "names", None)
         names = names or [f"LABEL_{i}" for i in range(ctx.num_labels)]
+        if len(names) != ctx.num_labels:
+            raise ValueError(f"`data.label_names` has {len(names)} names for {ctx.num_labels} labels, got {names}; "
+                             "give one name per label.")
         kwargs = {"ignore_mismatched_sizes": True, "id2label": dict(enumerate(names)),
                   "label2id": {n: i for i, n in enumerate(names)}}
     model = _auto_class(ctx.task).from_pretrained(ctx.teacher, **kwargs)

@@ -63,7 +63,7 @@ def snapshot(root: Path) -> dict[str, str]:
 
 def test_full_recipe_layout_reports_and_resume(files, tmp_path):
     out = tmp_path / "run"
-    reports = run_recipe(make_recipe(files, FULL), out)
+    reports = run_recipe(make_recipe(files, FULL, label_names=["neg", "pos"]), out)
     names = ["teacher", "student", "pruned", "int8", "evaluate", "card"]
     assert [r["name"] for r in reports] == names and not any(r["skipped"] for r in reports)
     assert (out / "recipe.yaml").is_file()
@@ -77,6 +77,7 @@ def test_full_recipe_layout_reports_and_resume(files, tmp_path):
 
     teacher, student, pruned = (from_pretrained(out / n) for n in ("teacher", "student", "pruned"))
     assert teacher.config.num_labels == 2 and len(get_layers(teacher)) == 4
+    assert teacher.config.id2label == {0: "neg", 1: "pos"} and pruned.config.id2label == {0: "neg", 1: "pos"}
     assert len(get_layers(student)) == 2
     assert head_counts(pruned, 0)[0] < head_counts(student, 0)[0]  # physically smaller, and it reloads
     sizes = {n: read_report(out / n)["model"]["params"]["total"] for n in ("teacher", "student", "pruned")}
@@ -96,13 +97,13 @@ def test_full_recipe_layout_reports_and_resume(files, tmp_path):
 
     # resume: nothing reruns, nothing is rewritten
     before = snapshot(out)
-    again = run_recipe(make_recipe(files, FULL), out)
+    again = run_recipe(make_recipe(files, FULL, label_names=["neg", "pos"]), out)
     assert all(r["skipped"] for r in again)
     assert snapshot(out) == before
 
     # a changed late stage reruns only itself and what follows it
     changed = [*FULL[:3], {**FULL[3], "quantization": {"include_embeddings": False}}, *FULL[4:]]
-    third = run_recipe(make_recipe(files, changed), out)
+    third = run_recipe(make_recipe(files, changed, label_names=["neg", "pos"]), out)
     assert [r["skipped"] for r in third] == [True, True, True, False, False, False]
     after = snapshot(out)
     assert all(after[k] == v for k, v in before.items() if k.split("/")[0] in ("teacher", "student", "pruned"))

@@ -389,3 +389,16 @@ def test_finetuned_teacher_folder_replaces_the_teacher_stage(workdir):
     loaded = load_recipe(path, ["model.teacher=finetuned", "stages.teacher=null"])
     assert [s.name for s in loaded.stages] == ["student", "pruned", "vocab", "int8", "evaluate", "card"]
     assert loaded.model.num_labels == 2 and loaded.model.teacher == str((workdir / "finetuned").resolve())
+
+
+@pytest.mark.skipif(not HAS_MINILM, reason="needs the packaged all-MiniLM-L6-v2 (installed by `make`)")
+def test_label_names_must_match_num_labels(workdir):
+    recipe = base_recipe()
+    recipe["data"]["label_names"] = ["negative", "positive"]
+    assert load_recipe(write(workdir, recipe)).data.label_names == ["negative", "positive"]
+    recipe["data"]["label_names"] = ["negative", "neutral", "positive"]
+    with pytest.raises(RecipeError, match=r"`data.label_names` has 3 names but the model has 2 labels"):
+        load_recipe(write(workdir, recipe))
+    recipe["data"]["label_names"] = "negative"
+    with pytest.raises(RecipeError, match=r"`data.label_names`"):
+        load_recipe(write(workdir, recipe))
