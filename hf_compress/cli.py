@@ -210,6 +210,7 @@ def cmd_card(args: argparse.Namespace) -> int:
     write_card(folder, model_name=f"{spec['name']}-{folder.name}" if spec.get("name") else folder.name,
                base_model=base_model_id(teacher) if teacher else None, datasets=[dataset] if dataset else None,
                report=measured if "params" in measured else None, reference_report=reference,
+               reference_name="teacher (the recipe's reference)",
                recipe=recipe_file.read_text() if recipe_file.is_file() else None)
     print(f"Wrote {folder / 'README.md'}")
     return 0

@@ -411,6 +411,7 @@ def card(stage: dict[str, Any], ctx: StageContext, out_dir: Path) -> dict[str, A
         card = render_card(
             f"{ctx.spec['name']}-{final['name']}", base_model=_hub_id(ctx.spec["model"]["teacher"]),
             datasets=[dataset] if dataset else None, report=report, reference_report=reference,
+            reference_name="teacher (the recipe's reference)",
             recipe=recipe.read_text() if recipe.is_file() else None,
             config=json.loads((folder / "config.json").read_text()),
         )
