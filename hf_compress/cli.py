@@ -226,11 +226,33 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_SENTENCES = ("This new framework is fantastic!", "The plot was dull and the acting was even worse.")
+
+
+def demo_predictions(out: Path, sentences: Sequence[str] = DEMO_SENTENCES) -> list[dict[str, Any]]:
+    """Run ``pipeline("text-classification")`` with the final model of a finished run on ``sentences``."""
+    from transformers import AutoTokenizer, pipeline
+
+    from hf_compress.loading import from_pretrained
+
+    folder = Path(json.loads((out / "card" / "report.json").read_text())["model_dir"])
+    classify = pipeline("text-classification", model=from_pretrained(folder),
+                        tokenizer=AutoTokenizer.from_pretrained(folder))
+    predictions = classify(list(sentences))
+    print(f"\npipeline('text-classification', model=hf_compress.from_pretrained({str(folder)!r})):")
+    for sentence, prediction in zip(sentences, predictions):
+        print(f"  {prediction['label']:<10} {prediction['score']:.3f}  {sentence}")
+    return predictions
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     overrides = [*(QUICK_OVERRIDES if args.quick else ()), *args.set]
     run = argparse.Namespace(recipe=str(packaged_recipe("quickstart")), set=overrides, force=args.force,
                              output_dir=args.output_dir or str(Path("outputs") / "quickstart"))
-    return cmd_run(run)
+    code = cmd_run(run)
+    if code == 0 and is_main_process() and (Path(run.output_dir) / "card" / "report.json").is_file():
+        demo_predictions(Path(run.output_dir))
+    return code
 
 
 # ----------------------------------------------------------------------------------------------------- parser

@@ -13,7 +13,7 @@ import yaml
 
 import hf_compress.hub
 import hf_compress.pipeline
-from hf_compress.cli import QUICK_OVERRIDES, main, packaged_recipe
+from hf_compress.cli import DEMO_SENTENCES, QUICK_OVERRIDES, demo_predictions, main, packaged_recipe
 from hf_compress.recipes import REPO_ROOT
 from tests.conftest import free_port, tiny_model, tiny_tokenizer
 
@@ -255,3 +255,22 @@ def test_accelerate_launch_two_processes_prints_once(inputs, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["evaluate", "recipe.yaml", "student", "teacher"]
     assert result.stdout.count("Running recipe 'tiny-cli'") == 1
     assert result.stdout.count("\nstage ") == 1 and result.stdout.count("Outputs: ") == 1
+
+
+def test_demo_predictions_load_the_final_folder_into_a_pipeline(tmp_path, capsys):
+    """The demo ends with `pipeline("text-classification")` on the final (int8, pruned) model of the run."""
+    from hf_compress.pruning import prune_heads
+    from hf_compress.quantization import quantize_int8
+
+    model = tiny_model("bert", "seq_cls", num_labels=2, id2label={0: "negative", 1: "positive"},
+                       label2id={"negative": 0, "positive": 1})
+    quantize_int8(prune_heads(model, {0: [1, 2]}))
+    folder = tmp_path / "out" / "int8"
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    (tmp_path / "out" / "card").mkdir()
+    (tmp_path / "out" / "card" / "report.json").write_text(json.dumps({"model_dir": str(folder)}))
+    predictions = demo_predictions(tmp_path / "out")
+    assert [p["label"] in ("negative", "positive") for p in predictions] == [True] * len(DEMO_SENTENCES)
+    out = capsys.readouterr().out
+    assert all(sentence in out for sentence in DEMO_SENTENCES) and str(folder) in out
