@@ -193,7 +193,7 @@ def cmd_card(args: argparse.Namespace) -> int:
     import yaml
 
     from hf_compress.cards import write_card
-    from hf_compress.data import base_model_id
+    from hf_compress.stages import card_metadata
 
     out = Path(args.dir)
     folder = final_model_folder(out)
@@ -204,14 +204,9 @@ def cmd_card(args: argparse.Namespace) -> int:
     evaluated, reference_name = _evaluation(out, stages)
     measured = evaluated.get(folder.name) or {**report.get("model", {}), "metrics": report.get("metrics") or {}}
     reference = evaluated.get(reference_name) if reference_name != folder.name else None
-    data = spec.get("data") or {}
-    dataset = data.get("hub_id") or (Path(data["train"]).parent.name if data.get("train") else None)
-    teacher = (spec.get("model") or {}).get("teacher")
     write_card(folder, model_name=f"{spec['name']}-{folder.name}" if spec.get("name") else folder.name,
-               base_model=base_model_id(teacher) if teacher else None, datasets=[dataset] if dataset else None,
                report=measured if "params" in measured else None, reference_report=reference,
-               reference_name="teacher (the recipe's reference)",
-               recipe=recipe_file.read_text() if recipe_file.is_file() else None)
+               recipe=recipe_file.read_text() if recipe_file.is_file() else None, **card_metadata(spec))
     print(f"Wrote {folder / 'README.md'}")
     return 0
 

@@ -387,6 +387,15 @@ def _hub_id(teacher: str) -> str | None:
     return None if Path(hub_id).exists() else hub_id
 
 
+def card_metadata(spec: dict[str, Any]) -> dict[str, Any]:
+    """Card arguments that come from a resolved recipe: the teacher's Hub id, the dataset, the reference row's name."""
+    data = spec.get("data") or {}
+    dataset = data.get("hub_id") or (Path(data["train"]).parent.name if data.get("train") else None)
+    teacher = (spec.get("model") or {}).get("teacher")
+    return {"base_model": _hub_id(teacher) if teacher else None, "datasets": [dataset] if dataset else None,
+            "reference_name": "teacher (the recipe's reference)"}
+
+
 def card(stage: dict[str, Any], ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     """Write the model card (``README.md``) of the final model, with the evaluation table and the recipe."""
     import shutil
@@ -404,15 +413,11 @@ def card(stage: dict[str, Any], ctx: StageContext, out_dir: Path) -> dict[str, A
         report = evaluation["models"].get(final["name"], report)
         if final["name"] != evaluation["reference"]:
             reference = evaluation["models"][evaluation["reference"]]
-    data = ctx.spec.get("data") or {}
-    dataset = data.get("hub_id") or (Path(data["train"]).parent.name if data.get("train") else None)
     recipe = ctx.out / "recipe.yaml"
     if ctx.is_main_process:
         card = render_card(
-            f"{ctx.spec['name']}-{final['name']}", base_model=_hub_id(ctx.spec["model"]["teacher"]),
-            datasets=[dataset] if dataset else None, report=report, reference_report=reference,
-            reference_name="teacher (the recipe's reference)",
-            recipe=recipe.read_text() if recipe.is_file() else None,
+            f"{ctx.spec['name']}-{final['name']}", report=report, reference_report=reference,
+            recipe=recipe.read_text() if recipe.is_file() else None, **card_metadata(ctx.spec),
             config=json.loads((folder / "config.json").read_text()),
         )
         card.save(out_dir / "README.md")
