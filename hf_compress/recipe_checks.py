@@ -193,13 +193,23 @@ def check_teacher(model: ModelSpec, stages: list[Stage], bases: list[Path]) -> N
                           f"labels; fix `num_labels` or add a `finetune_teacher` stage.")
 
 
-def _columns(path: Path) -> list[str] | None:
-    """Column names of a csv/tsv/jsonl file from its first line (``None`` for other formats)."""
+def _columns(path: Path, names: list[str] | None = None) -> list[str] | None:
+    """Column names of a csv/tsv/jsonl file from its first line (``None`` for other formats).
+
+    ``names`` (``data.column_names``) replaces the header of a headerless csv/tsv file; its length must match the
+    first line's field count.
+    """
     suffix = path.suffix.lower()
     with path.open(encoding="utf-8", errors="replace") as f:
         first = f.readline().rstrip("\n\r")
     if suffix in (".csv", ".tsv"):
-        return [c.strip().strip('"') for c in first.split("\t" if suffix == ".tsv" else ",")]
+        fields = [c.strip().strip('"') for c in first.split("\t" if suffix == ".tsv" else ",")]
+        if names is not None and len(names) != len(fields):
+            raise RecipeError(f"`data.column_names` has {len(names)} names but {path.name} has {len(fields)} columns "
+                              f"(first line: {first[:80]!r}); give one name per column.")
+        return list(names) if names is not None else fields
+    if names is not None:
+        raise RecipeError(f"`data.column_names` only applies to csv/tsv files, got {path.name}; remove it.")
     if suffix == ".jsonl" and first.strip():
         try:
             row = json.loads(first)
@@ -247,7 +257,7 @@ def check_data(data: DataSpec, model: ModelSpec, stages: list[Stage], bases: lis
             raise RecipeError(f"`data.{key}` file {value!r} does not exist (looked in "
                               f"{', '.join(map(str, bases))}); fix the path.")
         setattr(data, key, str(found))
-        columns = _columns(found)
+        columns = _columns(found, data.column_names)
         wanted = ["text_column"] + ([] if causal else ["text_pair_column", "label_column"])
         for column_key in wanted:
             column = getattr(data, column_key)

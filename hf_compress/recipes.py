@@ -73,6 +73,7 @@ class DataSpec:
     hub_config: str | None = None
     train_split: str = "train"
     eval_split: str = "validation"
+    column_names: list[str] | None = None  # headerless csv/tsv files (GLUE CoLA): one name per column
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str | None = None  # validation sets "label" for classification

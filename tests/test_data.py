@@ -105,6 +105,24 @@ def test_causal_lm_text_is_chunked_into_blocks(tmp_path):
         load_text_dataset({**spec, "block_size": 1}, tiny_tokenizer(), "causal-lm")
 
 
+def test_headerless_tsv_takes_column_names(tmp_path):
+    path = tmp_path / "cola.tsv"  # GLUE CoLA layout: source, label, original mark, sentence; no header line
+    path.write_text("gj04\t1\t\tw1 w2 w3\ngj04\t0\t*\tw3 w2\ngj04\t1\t\tw4 w5\n")
+    names = ["source", "label", "mark", "sentence"]
+    raw = load_raw_split(path, names)
+    assert len(raw) == 3 and raw.column_names == names and raw[1]["sentence"] == "w3 w2"
+    spec = {"train": str(path), "eval": str(path), "text_column": "sentence", "column_names": names}
+    train, _ = load_text_dataset(spec, tiny_tokenizer(), "sequence-classification")
+    assert train["labels"] == [1, 0, 1]  # the first line is data, not a header
+    with pytest.raises(ValueError, match="`data.column_names` only applies to csv/tsv files"):
+        load_raw_split(write_tsv(tmp_path / "t.tsv").with_suffix(".tsv").rename(tmp_path / "t.txt"), names)
+
+
+def test_packaged_cola_loads_with_column_names():
+    dev = load_raw_split(REPO / "data/cola/dev.tsv", ["source", "label", "mark", "sentence"])
+    assert len(dev) == 1043 and set(dev["label"]) == {0, 1}
+
+
 def test_packaged_sst2_row_counts():
     assert len(load_raw_split(REPO / "data/sst2/train.tsv")) == 60614
     test = load_raw_split(REPO / "data/sst2/test.tsv")

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hf_compress.distillation import losses
 from hf_compress.distillation.chunked import CPU_BLOCK
 from hf_compress.distillation.losses import (
     TopKLogits,
@@ -247,6 +248,29 @@ def test_closed_form_gradients_match_autograd(temperature, smoothing):
     loss, grad = _grad(fn, s)
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("divergence,beta", [("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.9)])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_closed_form_reverse_kl_and_jsd_match_autograd(divergence, beta, temperature):
+    s, t = _logits(3, 6, 17, seed=40), _logits(3, 6, 17, seed=41)
+    s[0, 0, :5] += 60.0  # rows whose probabilities underflow to 0 (the JSD mixture must stay finite)
+    t[0, 0, 5:9] -= 120.0
+    labels = torch.randint(0, 17, (3, 6), generator=torch.Generator().manual_seed(42))
+    labels[1, 2:] = -100
+    row = {"reverse_kl": losses._reverse_kl, "jsd": losses._jsd}[divergence]
+
+    def reference(x):
+        keep = labels != -100
+        soft = row(x[keep], t[keep], temperature, beta).mean()  # autograd through the log-space reference
+        return 0.4 * soft + 0.6 * F.cross_entropy(x.reshape(-1, 17), labels.reshape(-1))
+
+    ref_loss, ref_grad = _grad(reference, s)
+    loss, grad = _grad(lambda x: distillation_loss(x, t, labels, temperature, 0.4, divergence=divergence, beta=beta,
+                                                   chunk_size=4), s)  # fmt: skip
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-5)
 
 
 def test_bfloat16_student_gets_a_bfloat16_gradient():

@@ -204,6 +204,8 @@ MALFORMED = [
      "did you mean `text_column`?"),
     ("column not in file", lambda r: r["data"].update(text_column="sentense"),
      "`data.text_column` is 'sentense' but train.tsv has columns sentence, label", "did you mean `sentence`?"),
+    ("column_names of the wrong length", lambda r: r["data"].update(column_names=["sentence"]),
+     "`data.column_names` has 1 names but train.tsv has 2 columns", "one name per column"),
     ("empty stages", lambda r: r.update(stages=[]), "`stages` must be a non-empty list", ""),
     ("both data sources", lambda r: r["data"].update(hub_id="glue"), "`data.hub_id` 'glue' is set together", ""),
     ("bad stage name", lambda r: _stage(r, 1).update(name="a/b"), "`stages[1].name` is 'a/b'", "folder name"),

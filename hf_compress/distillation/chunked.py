@@ -1,9 +1,9 @@
 """The chunked kernel behind the soft and hard distillation losses of [`~hf_compress.distillation.losses`].
 
 [`_ChunkedKD`] walks a `[N, V]` student one block of rows at a time: the soft (teacher) and hard (label) terms are read
-from the same block, forward KL and cross-entropy get their closed-form gradients written straight into one `[N, V]`
-buffer, and other divergences run autograd on the block only. So no autograd graph over the full vocabulary is ever
-held. The teacher is dense logits or a [`TopKLogits`] sparse row.
+from the same block, forward KL, reverse KL, JSD and cross-entropy get their closed-form gradients written straight
+into one `[N, V]` buffer, and the logit MSE runs autograd on the block only. So no autograd graph over the full
+vocabulary is ever held. The teacher is dense logits or a [`TopKLogits`] sparse row.
 """
 
 from __future__ import annotations
@@ -73,12 +73,44 @@ def _kl_rows(log_ps, ps, teacher, teacher_idx, temperature, need_grad, work):
     return rows * temperature**2
 
 
+def _dot_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products of two `[c, V]` blocks without a `[c, V]` temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _mixture_rows(log_ps, ps, teacher, divergence, temperature, beta, need_grad, work):
+    """Reverse-KL or JSD row sums times `T**2` and, with `need_grad`, their closed-form gradient in `ps` (unweighted).
+
+    With `g = dL/dp_s`, the gradient with respect to the logits is `p_s * (g - <p_s, g>) / T`:
+    reverse KL `L = sum p_s log(p_s / p_t)` has `g = log(p_s / p_t) + 1`; the beta-JSD
+    `L = beta KL(p_t || m) + (1 - beta) KL(p_s || m)` with `m = beta p_t + (1 - beta) p_s` has
+    `g = (1 - beta) log(p_s / m)`. In both the row's own divergence term is `<p_s, g>` up to the constant, so one
+    row sum serves the loss and the gradient. `ps` and `log_ps` are overwritten.
+    """
+    c, inv = log_ps.shape[0], 1.0 / temperature
+    log_pt, pt = _log_probs_(_shifted(teacher.float(), inv, work("zt", c)), work("pt", c))
+    if divergence == "reverse_kl":
+        ratio = log_pt.neg_().add_(log_ps)  # log(p_s / p_t)
+        rows = own = _dot_rows(ps, ratio)
+        scale = temperature
+    else:
+        log_m = torch.mul(pt, beta, out=work("m", c)).add_(ps, alpha=1 - beta)
+        log_m.clamp_(min=torch.finfo(torch.float32).tiny).log_()  # both terms are ~0 where m underflows
+        rows_t = _dot_rows(pt, log_pt.sub_(log_m))
+        ratio = log_ps.sub_(log_m)  # log(p_s / m)
+        own = _dot_rows(ps, ratio)
+        rows, scale = beta * rows_t + (1 - beta) * own, temperature * (1 - beta)
+    if need_grad:
+        ps.mul_(ratio.sub_(own.unsqueeze(1))).mul_(scale)
+    return rows * temperature**2, ps if need_grad else None
+
+
 def _chunk_terms(s, t, t_idx, y, keep, opts, need_grad, work, out):
     """Soft and hard row losses of one `[c, V]` chunk and the gradient of `ws * soft + wh * hard` (or `None`).
 
     `keep` (`[c]` floats or `None`) zeroes the soft term of rows outside the mask. `out` (`[c, V]` float32, e.g. the
-    gradient buffer's rows) receives the gradient when the closed forms apply, saving a copy. Divergences other than
-    `"kl"` use the per-row function `opts["row_loss"]` (`losses.DIVERGENCES[divergence]`).
+    gradient buffer's rows) receives the gradient when the closed forms apply, saving a copy. Only `"mse"`
+    uses the per-row function `opts["row_loss"]` (`losses.DIVERGENCES[divergence]`) under autograd.
     """
     divergence, temperature, ws, wh = opts["divergence"], opts["temperature"], opts["ws"], opts["wh"]
     c = s.shape[0]
@@ -94,6 +126,11 @@ def _chunk_terms(s, t, t_idx, y, keep, opts, need_grad, work, out):
                 shared = (log_ps, work("q", c).copy_(ps) if need_grad else None)
             soft = _kl_rows(log_ps, ps, t, t_idx, temperature, need_grad, work)
             grad = ps.mul_(ws * temperature) if need_grad else None
+        elif divergence in ("reverse_kl", "jsd"):
+            dense = t if t_idx is None else _densify(t, t_idx, s.shape[-1])
+            log_ps, ps = _log_probs_(_shifted(s, 1.0 / temperature, work("zs", c), row_max), out)
+            soft, grad = _mixture_rows(log_ps, ps, dense, divergence, temperature, opts["beta"], need_grad, work)
+            grad = grad.mul_(ws) if need_grad else None
         else:
             dense = t.float() if t_idx is None else _densify(t, t_idx, s.shape[-1])
             row_loss = opts["row_loss"]
@@ -137,8 +174,9 @@ def _densify(values: torch.Tensor, indices: torch.Tensor, width: int) -> torch.T
 class _ChunkedKD(torch.autograd.Function):
     """`ws * sum(soft rows) + wh * sum(hard rows)` over selected rows of a `[N, V]` student, one chunk at a time.
 
-    Forward KL and cross-entropy use their closed-form gradients (`T * (p_s - p_t)` and `softmax - onehot`), computed
-    chunk by chunk during the forward pass into a single `[N, V]` buffer; other divergences use autograd per chunk.
+    Forward KL, reverse KL, JSD and cross-entropy use their closed-form gradients (e.g. `T * (p_s - p_t)` and
+    `softmax - onehot`), computed chunk by chunk during the forward pass into a single `[N, V]` buffer; the logit MSE
+    uses autograd per chunk.
     So no autograd graph over the full vocabulary is ever held and each chunk is read once for both terms. Also
     returns the unweighted soft and hard sums (not differentiable) for logging.
     """
