@@ -1,7 +1,8 @@
 """Post-training int8 quantisation of Linear and Embedding layers for CPU inference, saved as plain safetensors.
 
-Weights are stored as int8 (or int4 packed two per byte, for embeddings) with one fp32 scale per output channel /
-embedding row (symmetric, no zero point), as ordinary buffers. ``model.save_pretrained(folder)`` therefore writes a
+Weights are stored as int8 with one fp32 scale per output channel / embedding row (symmetric, no zero point), as
+ordinary buffers; a 4-bit word-embedding table packs two codes a byte with an fp16 scale and offset per group of 64
+columns (asymmetric, clipping range chosen per group by least squares). ``model.save_pretrained(folder)`` therefore writes a
 normal ``model.safetensors`` plus a ``hf_compress_quantization`` record in ``config.json``, and
 :func:`load_quantized` rebuilds the same modules from that record.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -56,6 +58,42 @@ def quantize_rows(weight: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, to
         codes = F.pad(codes, (0, 1))
     nibbles = (codes + 8).to(torch.uint8)
     return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4), scale
+
+
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # candidate ranges of quantize_groups, fractions of min..max
+
+
+def quantize_groups(weight: torch.Tensor, group_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit quantisation of a 2-D tensor in groups of ``group_size`` columns per row.
+
+    Each group maps ``[lo, hi]`` (its min..max shrunk by the ratio of ``CLIP_RATIOS`` with the least squared error) to
+    16 levels: ``w ~ code * scale + offset`` with ``code`` in [-8, 7]. Returns ``(packed, scale, offset)``: ``packed``
+    is uint8 ``(rows, cols / 2)`` in the nibble layout of :func:`quantize_rows`, ``scale`` and ``offset`` are fp16
+    ``(rows, cols / group_size)``.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"`weight` must be 2-D, got shape {tuple(weight.shape)}.")
+    rows, cols = weight.shape
+    if group_size < 2 or group_size % 2 or cols % group_size:
+        raise ValueError(f"`group_size` must be an even divisor of the {cols} columns, got {group_size}.")
+    x = weight.detach().float().reshape(rows, cols // group_size, group_size)
+    low, high = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    best = best_err = None
+    for ratio in CLIP_RATIOS:
+        lo, hi = low * ratio, high * ratio
+        scale = ((hi - lo) / 15).clamp(min=1e-8).half().float()
+        offset = (lo + 8 * scale).half().float()  # code -8 decodes to lo
+        codes = torch.clamp(torch.round((x - offset) / scale), -8, 7)
+        err = (codes * scale + offset - x).pow(2).sum(-1, keepdim=True)
+        if best is None:
+            best, best_err = (codes, scale, offset), err
+        else:
+            better = err < best_err
+            best = tuple(torch.where(better, new, old) for new, old in zip((codes, scale, offset), best))
+            best_err = torch.minimum(err, best_err)
+    codes, scale, offset = best
+    nibbles = (codes.reshape(rows, cols) + 8).to(torch.uint8)
+    return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4), scale.squeeze(-1).half(), offset.squeeze(-1).half()
 
 
 def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
@@ -131,39 +169,62 @@ class Int8Linear(nn.Module):
 
 
 class Int8Embedding(nn.Module):
-    """An Embedding with int8 (or packed int4) rows and one fp32 scale per row; only looked-up rows are rescaled."""
+    """An Embedding with int8 (or packed int4) rows; only looked-up rows are decoded.
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, bits: int = 8):
+    ``group_size=None``: symmetric codes with one fp32 ``scale`` per row. ``group_size=g`` (4-bit only): asymmetric
+    codes with an fp16 ``scale`` and ``offset`` per group of ``g`` columns (see :func:`quantize_groups`).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, bits: int = 8,
+                 group_size: int | None = None):  # fmt: skip
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"`bits` must be 4 or 8, got {bits}.")
-        self.num_embeddings, self.embedding_dim, self.padding_idx, self.bits = (
-            num_embeddings, embedding_dim, padding_idx, bits,
+        if group_size is not None and (bits != 4 or embedding_dim % group_size):
+            raise ValueError(f"`group_size` needs bits=4 and must divide embedding_dim={embedding_dim}, got "
+                             f"{group_size} at bits={bits}.")  # fmt: skip
+        self.num_embeddings, self.embedding_dim, self.padding_idx, self.bits, self.group_size = (
+            num_embeddings, embedding_dim, padding_idx, bits, group_size,
         )
         cols, dtype = (embedding_dim, torch.int8) if bits == 8 else ((embedding_dim + 1) // 2, torch.uint8)
         self.register_buffer("qweight", torch.zeros(num_embeddings, cols, dtype=dtype))
-        self.register_buffer("scale", torch.ones(num_embeddings))
+        if group_size is None:
+            self.register_buffer("scale", torch.ones(num_embeddings))
+        else:
+            groups = embedding_dim // group_size
+            self.register_buffer("scale", torch.ones(num_embeddings, groups, dtype=torch.float16))
+            self.register_buffer("offset", torch.zeros(num_embeddings, groups, dtype=torch.float16))
 
     @classmethod
-    def from_float(cls, module: nn.Embedding, bits: int = 8) -> Int8Embedding:
-        new = cls(module.num_embeddings, module.embedding_dim, module.padding_idx, bits=bits)
-        new.qweight, new.scale = quantize_rows(module.weight, bits=bits)
+    def from_float(cls, module: nn.Embedding, bits: int = 8, group_size: int | None = None) -> Int8Embedding:
+        new = cls(module.num_embeddings, module.embedding_dim, module.padding_idx, bits=bits, group_size=group_size)
+        if group_size is None:
+            new.qweight, new.scale = quantize_rows(module.weight, bits=bits)
+        else:
+            new.qweight, new.scale, new.offset = quantize_groups(module.weight, group_size)
         return new
 
-    def _codes(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows if self.bits == 8 else unpack_int4(rows, self.embedding_dim)
+    def _decode(self, codes: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 rows from packed ``codes`` (rows ``index`` of the table, or all rows)."""
+        pick = (lambda t: t) if index is None else (lambda t: F.embedding(index, t))  # noqa: E731
+        values = (codes if self.bits == 8 else unpack_int4(codes, self.embedding_dim)).float()
+        if self.group_size is None:
+            return values * pick(self.scale[:, None])
+        grouped = values.unflatten(-1, (-1, self.group_size))
+        scale, offset = pick(self.scale).float().unsqueeze(-1), pick(self.offset).float().unsqueeze(-1)
+        return torch.addcmul(offset, grouped, scale).flatten(-2)
 
     @property
     def weight(self) -> torch.Tensor:
         """The dequantised fp32 table (a fresh tensor)."""
-        return self._codes(self.qweight).float() * self.scale[:, None]
+        return self._decode(self.qweight)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = self._codes(F.embedding(input_ids, self.qweight))
-        return rows.float() * F.embedding(input_ids, self.scale[:, None])
+        return self._decode(F.embedding(input_ids, self.qweight), input_ids)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}"
+        group = f", group_size={self.group_size}" if self.group_size else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}{group}"
 
 
 @functools.cache
@@ -208,6 +269,7 @@ def quantize_int8(
     exclude: list[str] | None = None,
     compute: Compute = "dynamic",
     embedding_bits: int = 8,
+    embedding_group_size: int | None = None,
 ) -> nn.Module:
     """Quantise ``model``'s Linear (and Embedding) layers to int8 in place, for CPU inference.
 
@@ -220,7 +282,11 @@ def quantize_int8(
         exclude (`list[str]`, *optional*): ``fnmatch`` patterns of module names to leave in floating point.
         compute (`Literal["dynamic", "weight_only"]`, *optional*, defaults to `"dynamic"`): Linear kernel, see module
             docstring.
-        embedding_bits (`int`, *optional*, defaults to 8): 8, or 4 for nibble-packed embedding rows.
+        embedding_bits (`int`, *optional*, defaults to 8): bits of the word-embedding table (the model's input
+            embeddings, else its largest table): 8, or 4 for nibble-packed rows. Other tables (positions, token types:
+            small and sensitive) stay int8.
+        embedding_group_size (`int`, *optional*): columns sharing one fp16 scale and offset in a 4-bit table; must
+            divide the embedding width. Defaults to 64 (or its greatest common divisor with the width).
 
     Example:
 
@@ -235,6 +301,9 @@ def quantize_int8(
     _check_compute(compute)
     if embedding_bits not in (4, 8):
         raise ValueError(f"`embedding_bits` must be 4 or 8, got {embedding_bits}.")
+    if embedding_group_size is not None and (not isinstance(embedding_group_size, int) or embedding_group_size < 2
+                                             or embedding_group_size % 2):  # fmt: skip
+        raise ValueError(f"`embedding_group_size` must be an even integer >= 2, got {embedding_group_size!r}.")
     for arg, patterns in (("modules", modules), ("exclude", exclude)):
         if patterns is not None and (isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns)):
             raise TypeError(f"`{arg}` must be a list of name patterns, got {patterns!r}.")
@@ -250,13 +319,24 @@ def quantize_int8(
     if not chosen:
         raise ValueError(f"`modules`={modules!r} / `exclude`={exclude!r} select no Linear or Embedding layer.")
 
-    record = {}
+    tables = {n: candidates[n][0] for n in chosen if candidates[n][1] == "embedding"}
+    word = _word_embedding(model, tables) if embedding_bits == 4 else None
+    if word is not None:
+        width = tables[word].embedding_dim
+        if embedding_group_size is None:
+            embedding_group_size = math.gcd(width, 64)
+        if width % embedding_group_size or embedding_group_size % 2:
+            raise ValueError(f"`embedding_group_size` {embedding_group_size} does not evenly divide the width {width} "
+                             f"of `{word}` into even groups; pick an even divisor of {width}.")
+    record, layouts = {}, {}
     for name in sorted(chosen):
         module, kind = candidates[name]
         if kind == "linear":
             _set_module(model, name, Int8Linear.from_float(module, compute=compute))
         else:
-            _set_module(model, name, Int8Embedding.from_float(module, bits=embedding_bits))
+            layout = {"bits": 4, "group_size": embedding_group_size} if name == word else {"bits": 8}
+            _set_module(model, name, Int8Embedding.from_float(module, **layout))
+            layouts[name] = layout
         record[name] = kind
     config = getattr(model, "config", None)
     if config is not None:
@@ -267,8 +347,22 @@ def quantize_int8(
             "compute": compute,
             "embedding_bits": embedding_bits,
             "modules": {**previous.get("modules", {}), **record},
+            "embeddings": {**previous.get("embeddings", {}), **layouts},
         })
     return model
+
+
+def _word_embedding(model: nn.Module, tables: dict[str, nn.Embedding]) -> str | None:
+    """Name (among ``tables``) of the model's input-embedding table, else of the largest table."""
+    if not tables:
+        return None
+    getter = getattr(model, "get_input_embeddings", None)
+    try:
+        word = getter() if callable(getter) else None
+    except (AttributeError, NotImplementedError):
+        word = None
+    named = [name for name, table in tables.items() if table is word]
+    return named[0] if named else max(tables, key=lambda n: tables[n].weight.numel())
 
 
 def is_quantized(config) -> bool:
@@ -291,7 +385,8 @@ def set_compute(model: nn.Module, compute: Compute) -> nn.Module:
 
 def prepare_quantized_skeleton(model: nn.Module, record: dict) -> nn.Module:
     """Replace the float modules named in ``record["modules"]`` with empty int8 modules of the same shapes."""
-    bits = record.get("embedding_bits", 8)
+    bits = record.get("embedding_bits", 8)  # files without per-table layouts used it for every table, per row
+    layouts = record.get("embeddings", {})
     for name, kind in record["modules"].items():
         try:
             module = model.get_submodule(name)
@@ -301,7 +396,9 @@ def prepare_quantized_skeleton(model: nn.Module, record: dict) -> nn.Module:
             out_f, in_f = module.weight.t().shape if _is_conv1d(module) else module.weight.shape
             new = Int8Linear(in_f, out_f, bias=module.bias is not None, compute=record.get("compute", "dynamic"))
         elif kind == "embedding":
-            new = Int8Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx, bits=bits)
+            layout = layouts.get(name, {"bits": bits})
+            new = Int8Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx,
+                                bits=layout["bits"], group_size=layout.get("group_size"))  # fmt: skip
         else:
             raise ValueError(f"Module kind for `{name}` must be 'linear' or 'embedding', got {kind!r}.")
         _set_module(model, name, new)

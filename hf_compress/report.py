@@ -42,7 +42,9 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         own = list(module.named_parameters(recurse=False))
         if isinstance(module, Int8Linear | Int8Embedding):
             codes = module.qweight
-            if isinstance(module, Int8Embedding) and module.bits == 4:
+            if isinstance(module, Int8Embedding) and module.group_size:  # asymmetric: code 0 is not weight 0
+                codes = module.weight
+            elif isinstance(module, Int8Embedding) and module.bits == 4:
                 codes = unpack_int4(codes, module.embedding_dim)
             own.append(("weight", codes))
             if isinstance(module, Int8Linear) and module.bias is not None:

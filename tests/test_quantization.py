@@ -13,6 +13,7 @@ from hf_compress.quantization import (
     is_quantized,
     load_quantized,
     model_size_bytes,
+    quantize_groups,
     quantize_int8,
     quantize_rows,
     set_compute,
@@ -52,6 +53,48 @@ def test_int4_packing_round_trips(cols):
     assert torch.all((codes.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-6)
 
 
+def test_quantize_groups_error_bounded_and_beats_per_row_int4():
+    w = torch.randn(40, 64) * torch.linspace(0.1, 3.0, 64)  # columns of very different ranges
+    w[3] = 0.5  # a constant group must decode exactly enough
+    packed, scale, offset = quantize_groups(w, group_size=16)
+    assert packed.dtype == torch.uint8 and packed.shape == (40, 32)
+    assert scale.dtype == offset.dtype == torch.float16 and scale.shape == offset.shape == (40, 4)
+    codes = unpack_int4(packed, 64).float().view(40, 4, 16)
+    assert codes.min() >= -8 and codes.max() <= 7
+    decoded = (codes * scale.float()[..., None] + offset.float()[..., None]).view(40, 64)
+    lo, hi = w.view(40, 4, 16).amin(-1), w.view(40, 4, 16).amax(-1)
+    assert torch.all((decoded - w).abs().view(40, 4, 16).amax(-1) <= (hi - lo) / 15 + 1e-3)  # <= one full-range step
+    row_packed, row_scale = quantize_rows(w, bits=4)
+    per_row = unpack_int4(row_packed, 64).float() * row_scale[:, None]
+    assert (decoded - w).pow(2).sum() < 0.5 * (per_row - w).pow(2).sum()
+    with pytest.raises(ValueError, match="`group_size` must be an even divisor of the 64 columns, got 24"):
+        quantize_groups(w, group_size=24)
+
+
+def test_int4_applies_to_the_word_table_only_and_legacy_files_still_load(tmp_path):
+    model = quantize_int8(tiny_model("bert", "seq_cls"), embedding_bits=4)
+    embeddings = model.bert.embeddings
+    assert (embeddings.word_embeddings.bits, embeddings.word_embeddings.group_size) == (4, 16)  # gcd(width 16, 64)
+    assert embeddings.position_embeddings.bits == 8 and embeddings.position_embeddings.group_size is None
+    record = getattr(model.config, QUANTIZATION_KEY)
+    assert record["embeddings"]["bert.embeddings.word_embeddings"] == {"bits": 4, "group_size": 16}
+    with pytest.raises(ValueError, match="`embedding_group_size` 6 does not evenly divide the width 16"):
+        quantize_int8(tiny_model("bert", "seq_cls"), embedding_bits=4, embedding_group_size=6)
+    # A file written before per-table layouts: every table per-row int4, no "embeddings" entry in the record.
+    legacy = quantize_int8(tiny_model("bert", "seq_cls"))
+    for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+        setattr(legacy.bert.embeddings, name, Int8Embedding.from_float(
+            getattr(tiny_model("bert", "seq_cls").bert.embeddings, name), bits=4))
+    old = getattr(legacy.config, QUANTIZATION_KEY)
+    old.pop("embeddings")
+    old["embedding_bits"] = 4
+    before = _logits(legacy)
+    legacy.save_pretrained(tmp_path)
+    reloaded = load_quantized(tmp_path)
+    assert reloaded.bert.embeddings.position_embeddings.bits == 4
+    assert torch.equal(_logits(reloaded), before)
+
+
 def test_quantize_rows_rejects_bad_bits():
     with pytest.raises(ValueError, match="`bits` must be 4 or 8, got 3"):
         quantize_rows(torch.randn(2, 2), bits=3)
@@ -76,10 +119,10 @@ def test_int8_linear_from_conv1d_uses_transposed_layout():
     assert _rel(q(x), conv(x)) < 0.02
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_int8_embedding_looks_up_dequantised_rows(bits):
+@pytest.mark.parametrize(("bits", "group_size"), [(8, None), (4, None), (4, 4)])
+def test_int8_embedding_looks_up_dequantised_rows(bits, group_size):
     emb = nn.Embedding(50, 12, padding_idx=0)
-    q = Int8Embedding.from_float(emb, bits=bits)
+    q = Int8Embedding.from_float(emb, bits=bits, group_size=group_size)
     ids = torch.tensor([[1, 5, 49], [0, 2, 2]])
     assert torch.allclose(q(ids), q.weight[ids])
     assert _rel(q(ids), emb(ids)) < (0.02 if bits == 8 else 0.2)
