@@ -2,8 +2,8 @@
 
 Weights are stored as int8 with one fp32 scale per output channel / embedding row (symmetric, no zero point), as
 ordinary buffers; a 4-bit word-embedding table packs two codes a byte with an fp16 scale and offset per group of 64
-columns (asymmetric, clipping range chosen per group by least squares). ``model.save_pretrained(folder)`` therefore writes a
-normal ``model.safetensors`` plus a ``hf_compress_quantization`` record in ``config.json``, and
+columns (asymmetric, clipping range chosen per group by least squares). ``model.save_pretrained(folder)`` therefore
+writes a normal ``model.safetensors`` plus a ``hf_compress_quantization`` record in ``config.json``, and
 :func:`load_quantized` rebuilds the same modules from that record.
 
 Why our own modules rather than ``torch.ao.quantization.quantize_dynamic`` or ``torchao``: in torch 2.13 the former

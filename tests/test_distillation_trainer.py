@@ -143,7 +143,7 @@ def test_gradient_accumulation_matches_large_batch(tmp_path, head, kwargs):
         assert acc_log[key] == pytest.approx(big_log[key], rel=1e-5), key
 
 
-def test_hidden_projection_trained_but_never_saved(tmp_path):
+def test_hidden_projection_is_checkpointed_and_resumed_but_not_saved_with_the_model(tmp_path):
     student = tiny_model("llama", "causal_lm", seed=0)
     teacher = tiny_model("llama", "causal_lm", seed=1, hidden_size=32, num_hidden_layers=2)
     args = config(tmp_path, max_steps=4, hidden_loss_weight=1.0, hidden_loss="cosine", save_strategy="steps",
@@ -164,7 +164,20 @@ def test_hidden_projection_trained_but_never_saved(tmp_path):
         assert saved and set(saved) <= set(student_shapes)
         assert all(student_shapes[k] == shape for k, shape in saved.items())
         assert json.loads((folder / "config.json").read_text())["hidden_size"] == 16
-        assert not [p.name for p in folder.iterdir() if "teacher" in p.name or "projection" in p.name]
+        assert not [p.name for p in folder.iterdir() if "teacher" in p.name]
+    assert not [p.name for p in (tmp_path / "final").iterdir() if "projection" in p.name]
+    trained = snapshot(trainer.hidden_projection)
+    checkpoint = tmp_path / "out" / "checkpoint-4"
+    with safe_open(str(checkpoint / "hidden_projection.safetensors"), "pt") as f:
+        assert {k: f.get_tensor(k) for k in f.keys()}.keys() == trained.keys()
+
+    # Resuming restores the trained projection (a fresh trainer starts from a new random one).
+    fresh = DistillationTrainer(model=tiny_model("llama", "causal_lm", seed=0), teacher_model=teacher, args=args,
+                                train_dataset=data)
+    assert any(not torch.equal(v, trained[k]) for k, v in fresh.hidden_projection.state_dict().items())
+    fresh.train(resume_from_checkpoint=str(checkpoint))  # at max_steps already: loads, trains nothing
+    for key, value in fresh.hidden_projection.state_dict().items():
+        torch.testing.assert_close(value, trained[key], msg=key)
 
 
 def test_attention_loss_switches_to_eager(tmp_path):

@@ -1,18 +1,21 @@
 """`DistillationTrainer`: a `Trainer` whose loss mixes a frozen teacher's soft targets with the labels.
 
 Only `__init__` and `compute_loss` are overridden (plus `create_optimizer`, to train the hidden-state projection,
-`log`, to flush the loss components, and `_set_signature_columns_if_needed`, to keep cached teacher columns); the
-training loop, saving, evaluation and distribution are the Trainer's.
+`log`, to flush the loss components, `_set_signature_columns_if_needed`, to keep cached teacher columns, and
+`_save_checkpoint` / `_load_from_checkpoint`, to resume the projection); the training loop, saving, evaluation and
+distribution are the Trainer's.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainingArguments
-from transformers.trainer_utils import unwrap_peft_model
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, unwrap_peft_model
 from transformers.utils import logging
 
 from ..card_callback import model_card_callback, write_trainer_card
@@ -39,6 +42,10 @@ class _HiddenProjection(nn.Module):
 
     def forward(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
         return [p(h.to(p.weight.dtype)) for p, h in zip(self.proj, states)]
+
+
+TEACHER_FIRST = True
+PROJECTION_FILE = "hidden_projection.safetensors"  # in checkpoints only
 
 
 class DistillationTrainer(Trainer):
@@ -171,7 +178,8 @@ class DistillationTrainer(Trainer):
             if self.optimizer is not None:
                 logger.warning("A custom optimizer was passed: add `trainer.hidden_projection` parameters to it.")
             projection = _HiddenProjection(len(self.layer_map), *widths).to(self.accelerator.device)
-            self.hidden_projection = self.accelerator.prepare_model(projection)  # DDP-synchronised, never saved
+            # DDP-synchronised; saved in checkpoints (PROJECTION_FILE) for resuming, never with the final model
+            self.hidden_projection = self.accelerator.prepare_model(projection)
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
@@ -207,10 +215,13 @@ class DistillationTrainer(Trainer):
             flags["output_hidden_states"] = True
         if kd["attention_loss_weight"] > 0:
             flags["output_attentions"] = True
-        outputs = model(**inputs, **flags)
-        if teacher_outputs is None:
+        live = teacher_outputs is None
+        if live and TEACHER_FIRST:
             teacher_outputs = self._teacher_forward(inputs, flags)
-        elif flags:
+        outputs = model(**inputs, **flags)
+        if live and not TEACHER_FIRST:
+            teacher_outputs = self._teacher_forward(inputs, flags)
+        elif not live and flags:
             raise ValueError(
                 "`hidden_loss_weight` and `attention_loss_weight` must be 0 for batches with cached teacher outputs, "
                 f"got {kd['hidden_loss_weight']} and {kd['attention_loss_weight']}."
@@ -322,6 +333,27 @@ class DistillationTrainer(Trainer):
             logs.update({prefix + k: v / divisor for k, v in zip(keys, values.tolist())})
             self._kd_sums[mode], self._kd_calls[mode] = {}, 0
         super().log(logs, start_time)
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Save the checkpoint as `Trainer` does, plus the hidden-state projection (trained, not part of the model)."""
+        super()._save_checkpoint(model, trial)
+        if self.hidden_projection is not None and self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            state = self.accelerator.unwrap_model(self.hidden_projection).state_dict()
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / PROJECTION_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Resume the student as `Trainer` does, and the hidden-state projection when the checkpoint has one."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint) / PROJECTION_FILE
+        if self.hidden_projection is not None:
+            if not path.is_file():
+                logger.warning(f"{resume_from_checkpoint} has no {PROJECTION_FILE}: the hidden-state projection "
+                               "restarts from its initialisation.")
+                return
+            self.accelerator.unwrap_model(self.hidden_projection).load_state_dict(load_file(str(path)))
 
     # ---- model card --------------------------------------------------------------------------------------------
 
