@@ -162,3 +162,16 @@ def test_unstructured(unstructured):
         kept = theirs["saved"]["as_trained"]  # saved with the re-parametrisation in place
         assert kept["has_weight_orig_and_mask"] and kept["disk_bytes"] > dense_saved["disk_bytes"]
         assert kept["reload"]["missing_weights"] > 0 and kept["reload"]["sparsity"] == 0.0
+
+
+def test_cached_teacher(tmp_path_factory, teacher):
+    result = run_bench("bench_cached_teacher.py", tmp_path_factory.mktemp("bench") / "cached.json", teacher)
+    check_machine(result, "cached_teacher")
+    assert result["rows"] == TINY_STEPS * 8  # steps x batch: the cache covers exactly the rows trained on
+    assert (result["live"]["mode"], result["cached"]["mode"]) == ("live", "cached")
+    assert len(result["live"]["losses"]) == len(result["cached"]["losses"]) == TINY_STEPS
+    assert result["max_loss_curve_diff"] < 1e-4  # same batches, same teacher logits: the same training
+    assert result["accuracy_diff_points"] == pytest.approx(
+        100 * (result["cached"]["accuracy"] - result["live"]["accuracy"]))
+    assert result["cache_plus_cached_over_live"] == pytest.approx(
+        (result["cache_s"] + result["cached"]["train_s"]) / result["live"]["train_s"])
