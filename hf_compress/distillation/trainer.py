@@ -44,7 +44,6 @@ class _HiddenProjection(nn.Module):
         return [p(h.to(p.weight.dtype)) for p, h in zip(self.proj, states)]
 
 
-TEACHER_FIRST = True
 PROJECTION_FILE = "hidden_projection.safetensors"  # in checkpoints only
 
 
@@ -215,17 +214,14 @@ class DistillationTrainer(Trainer):
             flags["output_hidden_states"] = True
         if kd["attention_loss_weight"] > 0:
             flags["output_attentions"] = True
-        live = teacher_outputs is None
-        if live and TEACHER_FIRST:
+        if teacher_outputs is None:  # teacher first: its activations are freed before the student's graph is built
             teacher_outputs = self._teacher_forward(inputs, flags)
-        outputs = model(**inputs, **flags)
-        if live and not TEACHER_FIRST:
-            teacher_outputs = self._teacher_forward(inputs, flags)
-        elif not live and flags:
+        elif flags:
             raise ValueError(
                 "`hidden_loss_weight` and `attention_loss_weight` must be 0 for batches with cached teacher outputs, "
                 f"got {kd['hidden_loss_weight']} and {kd['attention_loss_weight']}."
             )
+        outputs = model(**inputs, **flags)
 
         token_loss, components = self._logit_terms(outputs, teacher_outputs, inputs, targets, num_items_in_batch)
         aux = 0.0
