@@ -9,7 +9,8 @@ run in interleaved rounds so a load change on a shared machine hits all of them 
 * ``ideal`` = plain + teacher_forward, and ``kd / ideal`` (goal <= 1.05);
 * ``cached``: a ``DistillationTrainer`` step from ``cache_teacher_outputs`` columns, no teacher (goal <= 1.05 x plain);
 * ``trl_gkd`` (causal LM only, when ``trl`` is importable): TRL's ``GKDTrainer`` off-policy (``lmbda=0``, forward KL
-  ``beta=0``, no CE term), against the same ideal;
+  ``beta=0``, no CE term, fp32 like the others: ``bf16=False`` overrides TRL's bf16-autocast default), against the
+  same ideal;
 * ``kd_jsd`` / ``trl_gkd_jsd`` (causal LM only): the same two with the generalised Jensen-Shannon divergence at
   ``beta=0.5`` (``GKDConfig``'s default, "off-policy JSD"; ours adds the CE term at alpha=0.5), and
   ``kd_jsd / trl_gkd_jsd`` (goal <= 0.6).
@@ -127,8 +128,11 @@ def build_gkd(model, teacher, data, common, timer, beta: float):
     vocab = {f"w{i}": i for i in range(model.config.vocab_size)}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="w1")),
                                         pad_token="w0", unk_token="w1", eos_token="w2")  # fmt: skip
-    config = GKDConfig(**common, lmbda=0.0, beta=beta, temperature=2.0, max_length=len(data[0]["input_ids"]))
-    return GKDTrainer(model=model, teacher_model=teacher, args=config, train_dataset=data, callbacks=[timer],
+    # GKDConfig defaults to bf16 autocast (also on CPU), and TRL wraps the teacher's forward in it for good: keep fp32
+    # like every other variant, and give TRL its own copy of the teacher so the wrapper cannot leak into later runs.
+    config = GKDConfig(**common, lmbda=0.0, beta=beta, temperature=2.0, max_length=len(data[0]["input_ids"]),
+                       bf16=False, fp16=False)  # fmt: skip
+    return GKDTrainer(model=model, teacher_model=copy.deepcopy(teacher), args=config, train_dataset=data, callbacks=[timer],
                       data_collator=default_data_collator, processing_class=tokenizer)  # fmt: skip
 
 
