@@ -132,8 +132,8 @@ def build_gkd(model, teacher, data, common, timer, beta: float):
     # like every other variant, and give TRL its own copy of the teacher so the wrapper cannot leak into later runs.
     config = GKDConfig(**common, lmbda=0.0, beta=beta, temperature=2.0, max_length=len(data[0]["input_ids"]),
                        bf16=False, fp16=False)  # fmt: skip
-    return GKDTrainer(model=model, teacher_model=copy.deepcopy(teacher), args=config, train_dataset=data, callbacks=[timer],
-                      data_collator=default_data_collator, processing_class=tokenizer)  # fmt: skip
+    return GKDTrainer(model=model, teacher_model=copy.deepcopy(teacher), args=config, train_dataset=data,
+                      callbacks=[timer], data_collator=default_data_collator, processing_class=tokenizer)  # fmt: skip
 
 
 def teacher_times(teacher, data, batch: int, repeats: int) -> list[float]:
