@@ -193,7 +193,7 @@ def cmd_card(args: argparse.Namespace) -> int:
     import yaml
 
     from hf_compress.cards import write_card
-    from hf_compress.stages import card_metadata
+    from hf_compress.report_stages import card_metadata
 
     out = Path(args.dir)
     folder = final_model_folder(out)

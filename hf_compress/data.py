@@ -270,7 +270,7 @@ def load_text_dataset(data_spec: Any, tokenizer, task: Task, seed: int = 42) -> 
         data_spec (`dict` or dataclass):
             The recipe's ``data`` section (keys of ``DATA_DEFAULTS``): ``train``/``eval`` file paths (csv, tsv,
             json, jsonl, parquet or txt, chosen by extension) or ``hub_id`` with ``hub_config`` and splits;
-            ``column_names`` for csv/tsv files without a header line; the column names to use; ``max_length``;
+            ``column_names`` for csv/tsv files without a header line; the ``*_column`` names; ``max_length``;
             ``max_train_samples``/``max_eval_samples``; ``block_size``.
         tokenizer (`PreTrainedTokenizerBase`):
             Tokenizer of the teacher.
