@@ -16,7 +16,7 @@ from hf_compress.pruning.importance import (
     unit_layout,
     unit_scores,
 )
-from hf_compress.pruning.masks import skip_layers
+from hf_compress.pruning.surgery import skip_layers
 from tests.conftest import tiny_inputs, tiny_model
 
 

@@ -19,10 +19,10 @@ from hf_compress.pruning.masks import (
     removes_more,
     save_masks,
     select_units,
-    skip_layers,
     structured_slices,
 )
 from hf_compress.pruning.schedules import units_to_remove
+from hf_compress.pruning.surgery import skip_layers
 from tests.conftest import tiny_inputs, tiny_model
 
 

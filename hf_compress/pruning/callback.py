@@ -47,9 +47,9 @@ from .masks import (
     removes_more,
     save_masks,
     select_units,
-    skip_layers,
 )
 from .schedules import is_pruning_step, sparsity_at
+from .surgery import skip_layers
 from .unstructured import magnitude_masks, prunable_weights
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from .architectures import ffn_size, get_layers, head_counts, head_slices, neuron_slices, unwrap
 
@@ -390,19 +389,3 @@ def removes_more(keep: dict, sparsity: float, scope: str = "global") -> bool:
         if units_to_remove(sparsity, total) > total - sum(int(mask.sum()) for mask in group):
             return True
     return False
-
-
-def skip_layers(model: nn.Module, keep: torch.Tensor) -> list[RemovableHandle]:
-    """Make every block with ``keep[i] == False`` the identity (its output replaced by its input) until removal.
-
-    Returns the hook handles; call ``handle.remove()`` on each to restore the blocks.
-    """
-
-    def identity(module, args, kwargs, output):
-        hidden_in = args[0] if args else kwargs["hidden_states"]
-        if isinstance(output, torch.Tensor):
-            return hidden_in
-        return (hidden_in, *tuple(output)[1:])
-
-    layers = get_layers(model)
-    return [layers[i].register_forward_hook(identity, with_kwargs=True) for i in (~keep).nonzero().flatten().tolist()]

@@ -7,6 +7,8 @@ Llama-family head counts) are rewritten so that plain ``AutoModel.from_pretraine
 (per-layer differences, fewer heads where head width is ``hidden_size / num_heads``) is recorded per layer in
 ``config.hf_compress["layers"]`` while the config fields keep their original, larger sizes: plain loading then stops
 with a size-mismatch error instead of loading wrong weights, and :func:`hf_compress.from_pretrained` rebuilds it.
+:func:`skip_layers` is the reversible preview of :func:`drop_layers` used while training: blocks become identities
+through forward hooks until they are removed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from transformers.pytorch_utils import Conv1D
 
 from .architectures import (
@@ -276,3 +279,19 @@ def drop_layers(model: nn.Module, layers: list[int]) -> nn.Module:
         config.layer_types = [layer_types[i] for i in keep]
     record_structure(inner)
     return model
+
+
+def skip_layers(model: nn.Module, keep: torch.Tensor) -> list[RemovableHandle]:
+    """Make every block with ``keep[i] == False`` the identity (its output replaced by its input) until removal.
+
+    Returns the hook handles; call ``handle.remove()`` on each to restore the blocks.
+    """
+
+    def identity(module, args, kwargs, output):
+        hidden_in = args[0] if args else kwargs["hidden_states"]
+        if isinstance(output, torch.Tensor):
+            return hidden_in
+        return (hidden_in, *tuple(output)[1:])
+
+    layers = get_layers(model)
+    return [layers[i].register_forward_hook(identity, with_kwargs=True) for i in (~keep).nonzero().flatten().tolist()]
