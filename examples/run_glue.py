@@ -38,6 +38,7 @@ from transformers import (
 
 from hf_compress.distillation.config import DistillationConfig  # hf_compress: TrainingArguments + distillation knobs
 from hf_compress.distillation.trainer import DistillationTrainer  # hf_compress: the Trainer class
+from hf_compress.distributed import shutdown_distributed  # hf_compress: clean exit under accelerate launch
 from hf_compress.pruning.callback import PruningCallback  # hf_compress: the callback
 from hf_compress.pruning.config import PruningConfig  # hf_compress
 
@@ -193,6 +194,7 @@ def main():
         metrics["eval_samples"] = len(eval_dataset)
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+    shutdown_distributed(trainer)
 
 
 if __name__ == "__main__":

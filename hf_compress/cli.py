@@ -10,7 +10,7 @@
 User errors (bad recipe, missing file, invalid value) print one ``error: ...`` line on stderr and exit with status 2,
 without a traceback (``--debug`` shows it). Under ``accelerate launch -m hf_compress.cli run recipe.yaml`` every
 process validates and trains; only the main process (accelerate's ``PartialState``) writes stage folders and
-reports (see ``hf_compress.pipeline``) and prints tables.
+reports (see ``hf_compress.pipeline``) and prints tables; the process group is destroyed before exit.
 """
 
 from __future__ import annotations
@@ -330,6 +330,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; finished stages are kept and a rerun resumes after them.", file=sys.stderr)
         return 130
+    finally:
+        from hf_compress.distributed import shutdown_distributed
+
+        shutdown_distributed()  # under accelerate launch: free the stages' DDP wrappers, end the process group
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from hf_compress.distillation.config import DistillationConfig  # noqa: E402
 from hf_compress.distillation.trainer import DistillationTrainer  # noqa: E402
+from hf_compress.distributed import shutdown_distributed  # noqa: E402
 from tests.conftest import tiny_inputs, tiny_model  # noqa: E402
 
 
@@ -60,6 +61,7 @@ def main() -> None:
         with open(os.path.join(cli.output_dir, "losses.json"), "w") as f:
             json.dump({"loss": [h["loss"] for h in history], "loss_soft": [h["loss_soft"] for h in history],
                        "loss_hidden": [h["loss_hidden"] for h in history]}, f)
+    shutdown_distributed(trainer)
 
 
 if __name__ == "__main__":

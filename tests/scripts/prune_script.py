@@ -19,6 +19,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from hf_compress.distributed import shutdown_distributed  # noqa: E402
 from hf_compress.pruning.callback import PruningCallback  # noqa: E402
 from hf_compress.pruning.config import PruningConfig  # noqa: E402
 from tests.conftest import tiny_inputs, tiny_model  # noqa: E402
@@ -64,6 +65,7 @@ def main() -> None:
                for key, value in pruning.removed.items()}
     with open(os.path.join(cli.output_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"world_size": world, "fingerprints": noise.fingerprints, "removed": removed}, f)
+    shutdown_distributed(trainer)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,50 @@
+"""End a multi-process (``accelerate launch``) run cleanly.
+
+A ``DistributedDataParallel`` wrapper keeps the process group alive after ``destroy_process_group()``. If Python
+then exits with that wrapper still referenced (a finished ``Trainer`` holds it), gloo's worker threads are torn down
+during interpreter shutdown and the process can abort with ``terminate called without an active exception`` —
+the run's work is done and saved, but the exit status is non-zero. :func:`shutdown_distributed` unwraps the
+trainers, frees the wrappers and destroys the group while Python is still fully alive.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+
+def _unwrap(value: Any) -> Any:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return value.module if isinstance(value, DistributedDataParallel) else value
+
+
+def shutdown_distributed(*trainers: Any) -> None:
+    """Release the DDP wrappers held by ``trainers`` and destroy the default process group; a no-op when none runs.
+
+    Call it once at the end of a script run with ``accelerate launch`` (after the last ``train()``, ``evaluate()``
+    and ``save_model()``); the trainers remain usable on one process afterwards.
+
+    Example:
+
+    ```python
+    >>> from hf_compress.distributed import shutdown_distributed
+    >>> trainer.train()  # doctest: +SKIP
+    >>> trainer.save_model()  # doctest: +SKIP
+    >>> shutdown_distributed(trainer)  # doctest: +SKIP
+    ```
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for trainer in trainers:
+        accelerator = getattr(trainer, "accelerator", None)
+        if accelerator is not None:
+            accelerator.free_memory()
+        for name, value in list(vars(trainer).items()):
+            unwrapped = _unwrap(value)
+            if unwrapped is not value:
+                setattr(trainer, name, unwrapped)
+    gc.collect()  # trainers that went out of scope still hold their wrappers through reference cycles
+    dist.destroy_process_group()

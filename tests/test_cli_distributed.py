@@ -1,0 +1,57 @@
+"""`accelerate launch -m hf_compress.cli run recipe.yaml` on two CPU (gloo) processes, as the README documents."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hf_compress.loading import from_pretrained
+from hf_compress.pruning.architectures import get_layers, head_counts
+from tests.conftest import free_port, tiny_model, tiny_tokenizer
+from tests.test_data import write_tsv
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS, BATCH, STEPS = 32, 4, 3
+
+
+@pytest.mark.slow
+def test_recipe_runs_on_two_processes(tmp_path):
+    tiny_model("bert", "seq_cls", num_labels=2).save_pretrained(tmp_path / "teacher")
+    tiny_tokenizer().save_pretrained(tmp_path / "teacher")
+    data = str(write_tsv(tmp_path / "train.tsv", rows=ROWS))
+    train = {"max_steps": STEPS, "per_device_train_batch_size": BATCH, "learning_rate": 1e-3, "disable_tqdm": True}
+    recipe = {
+        "name": "tiny", "seed": 0, "model": {"teacher": str(tmp_path / "teacher"), "num_labels": 2},
+        "data": {"train": data, "eval": data, "text_column": "sentence", "max_length": 16},
+        "stages": [
+            {"name": "student", "type": "distill", "student": {"num_layers": 2}, "training": train},
+            {"name": "pruned", "type": "prune", "recovery": "distill", "training": train,
+             "pruning": {"targets": {"heads": 0.5, "ffn_neurons": 0.5}, "schedule": "one_shot"}},
+            {"name": "int8", "type": "quantize"},
+        ],
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(free_port())]
+    command = [*launcher, "-m", "hf_compress.cli", "run", str(tmp_path / "recipe.yaml"), "--output-dir", str(out)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+
+    assert result.returncode == 0, result.stderr[-3000:]  # including a clean exit of both gloo processes
+    assert result.stdout.count("Outputs:") == 1  # only the main process prints the tables
+    assert sorted(p.name for p in out.iterdir()) == ["int8", "pruned", "recipe.yaml", "student"]  # no .tmp left
+    reports = {name: json.loads((out / name / "report.json").read_text()) for name in ("student", "pruned", "int8")}
+    assert all(report["status"] == "done" for report in reports.values())
+    # both ranks trained: the global batch is 2 x BATCH, so STEPS steps cover this fraction of an epoch
+    assert reports["student"]["train"]["epoch"] == pytest.approx(STEPS * BATCH * 2 / ROWS)
+    pruned = from_pretrained(out / "pruned")
+    teacher_heads = tiny_model("bert", "seq_cls", num_labels=2).config.num_attention_heads
+    assert len(get_layers(pruned)) == 2
+    assert [head_counts(pruned, layer)[0] for layer in range(2)] == [teacher_heads // 2] * 2
