@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,6 +89,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def accelerate_launch(args: list[str], num_processes: int = 2, timeout: int = 120) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of ``args`` (a script and its arguments, or ``-m module ...``) on CPU processes.
+
+    With several processes, ``--multi_gpu`` starts torchrun and ``ACCELERATE_USE_CPU`` makes the ranks use CPU + gloo,
+    on a free port. Fails the test with the end of stderr unless the launch exits with status 0.
+    """
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
+    if num_processes > 1:
+        command += ["--multi_gpu", "--main_process_port", str(free_port())]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]  # a clean exit of every process included
+    return result
 
 
 @pytest.fixture(params=FAMILIES)

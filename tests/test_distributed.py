@@ -1,29 +1,18 @@
 """Two-process CPU (gloo) distillation must match one process with the same global batch."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import ROOT, accelerate_launch
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "distill_script.py"
 
 
 def launch(output_dir: Path, num_processes: int, batch_size: int) -> dict:
     output_dir.mkdir(parents=True)
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
-    if num_processes > 1:  # `--multi_gpu` starts torchrun; ACCELERATE_USE_CPU makes the ranks use CPU + gloo
-        launcher += ["--multi_gpu", "--main_process_port", str(free_port())]
-    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [*launcher, str(SCRIPT), "--output_dir", str(output_dir), "--batch_size", str(batch_size)]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
+    accelerate_launch([str(SCRIPT), "--output_dir", str(output_dir), "--batch_size", str(batch_size)], num_processes)
     ranks = [json.loads((output_dir / f"rank{r}.json").read_text()) for r in range(num_processes)]
     return {"losses": json.loads((output_dir / "losses.json").read_text()), "ranks": ranks}
 

@@ -75,7 +75,7 @@ def _kl_rows(log_ps, ps, teacher, teacher_idx, temperature, need_grad, work):
 
 def _dot_rows(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     """Row-wise dot products of two `[c, V]` blocks through a reused `[c, V]` buffer (on CPU, a batched `bmm` of
-    `[1, V] @ [V, 1]` products is ~40x slower than this multiply-and-sum)."""
+    `[1, V] @ [V, 1]` products is many times slower than this multiply-and-sum)."""
     return torch.mul(a, b, out=scratch).sum(-1)
 
 
