@@ -24,6 +24,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check hf_compress tests bench examples
+	$(VENV)/bin/ruff format --check hf_compress tests bench examples
 
 clean:
 	rm -rf $(VENV) outputs

@@ -27,7 +27,7 @@ from common import machine_info, setup_threads, write_json
 from transformers import logging as hf_logging
 
 from hf_compress import DistillationTrainer, cache_teacher_outputs, make_student
-from hf_compress.report import format_table
+from hf_compress.reporting.measure import format_table
 
 
 def train_student(ctx: dict, workdir: Path, name: str, dataset, teacher) -> dict:
@@ -74,8 +74,10 @@ def main(argv: list[str] | None = None) -> dict:
              for name, r in (("live", live), ("cached", from_cache))]  # fmt: skip
     print("\nCached vs live teacher (3-layer student, SST-2 GLUE dev)\n" + format_table(table))
     ratios = payload["cached_train_over_live_train"], payload["cache_plus_cached_over_live"]
-    print(f"max |loss difference| over {len(live['losses'])} logged steps: {diff:.2e}; cached / live training time "
-          f"{ratios[0]:.3f}; (cache + cached) / live {ratios[1]:.3f}")
+    print(
+        f"max |loss difference| over {len(live['losses'])} logged steps: {diff:.2e}; cached / live training time "
+        f"{ratios[0]:.3f}; (cache + cached) / live {ratios[1]:.3f}"
+    )
     print(f"wrote {write_json(payload, args.output)}")
     return payload
 

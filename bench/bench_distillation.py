@@ -53,7 +53,7 @@ from hf_compress.distillation.cache import cache_teacher_outputs
 from hf_compress.distillation.config import DistillationConfig
 from hf_compress.distillation.student import make_student
 from hf_compress.distillation.trainer import DistillationTrainer
-from hf_compress.report import format_table
+from hf_compress.reporting.measure import format_table
 
 BERT = dict(num_hidden_layers=6, hidden_size=384, num_attention_heads=12, intermediate_size=1536, vocab_size=30522)
 LLAMA = dict(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,

@@ -36,12 +36,12 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers import logging as hf_logging
 
 from hf_compress import DistillationConfig, DistillationTrainer, from_pretrained, save_pretrained
-from hf_compress.data import cache_dir, data_collator, load_raw_split, load_text_dataset
+from hf_compress.models.families import get_layers, head_counts
 from hf_compress.pruning import prune_heads
-from hf_compress.pruning.architectures import get_layers, head_counts
 from hf_compress.pruning.importance import layer_unit_scores, unit_layout
-from hf_compress.report import count_parameters, format_table
-from hf_compress.stages import evaluate_model
+from hf_compress.recipes.data import cache_dir, data_collator, load_raw_split, load_text_dataset
+from hf_compress.recipes.stages.context import evaluate_model
+from hf_compress.reporting.measure import count_parameters, format_table
 
 REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO / "data" / "sst2"
@@ -60,8 +60,14 @@ DISTILLATION = dict(temperature=4.0, alpha=0.7, per_device_train_batch_size=BATC
 
 def load_data(tokenizer, args: argparse.Namespace, size: dict) -> tuple:
     """Tokenised train rows (seeded slice when limited) and dev rows, unpadded (the collator pads per batch)."""
-    spec = {"train": str(args.train), "eval": str(args.eval), "text_column": "sentence", "max_length": SEQ,
-            "max_train_samples": size["train_rows"], "max_eval_samples": size["eval_rows"]}
+    spec = {
+        "train": str(args.train),
+        "eval": str(args.eval),
+        "text_column": "sentence",
+        "max_length": SEQ,
+        "max_train_samples": size["train_rows"],
+        "max_eval_samples": size["eval_rows"],
+    }
     return load_text_dataset(spec, tokenizer, "sequence-classification", seed=0)
 
 
@@ -78,8 +84,9 @@ def taylor_head_scores(model: torch.nn.Module, train, collator, batches: int) ->
     model.requires_grad_(True)
     layout = unit_layout(model, "heads")
     totals = {layer: torch.zeros(n) for layer, (n, _) in layout.items()}
-    loader = DataLoader(train, batch_size=BATCH, shuffle=True, collate_fn=collator,
-                        generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        train, batch_size=BATCH, shuffle=True, collate_fn=collator, generator=torch.Generator().manual_seed(0)
+    )
     seen = 0
     for batch in loader:
         if seen == batches:
@@ -130,8 +137,11 @@ def round_trip(model: torch.nn.Module, folder: Path, inputs: dict) -> dict:
     model.eval()
     with torch.inference_mode():
         before, after = model(**inputs).logits, reloaded(**inputs).logits
-    return {"identical": bool(torch.equal(before, after)), "max_abs_diff": float((before - after).abs().max()),
-            "reloaded_class": type(reloaded).__name__}
+    return {
+        "identical": bool(torch.equal(before, after)),
+        "max_abs_diff": float((before - after).abs().max()),
+        "reloaded_class": type(reloaded).__name__,
+    }
 
 
 def heads_per_layer(model: torch.nn.Module) -> list[int]:
@@ -141,8 +151,10 @@ def heads_per_layer(model: torch.nn.Module) -> list[int]:
 def run(args: argparse.Namespace, workdir: Path) -> dict:
     size = SIZES[args.size]
     if not (Path(args.teacher) / "config.json").is_file():
-        raise FileNotFoundError(f"`--teacher` {str(args.teacher)!r} has no config.json; fine-tune the SST-2 teacher "
-                                "first (`python bench/bench_sst2.py --size full` caches it) or pass its folder.")
+        raise FileNotFoundError(
+            f"`--teacher` {str(args.teacher)!r} has no config.json; fine-tune the SST-2 teacher "
+            "first (`python bench/bench_sst2.py --size full` caches it) or pass its folder."
+        )
     tokenizer = AutoTokenizer.from_pretrained(args.teacher)
     teacher = AutoModelForSequenceClassification.from_pretrained(args.teacher).eval()
     train, evaluation = load_data(tokenizer, args, size)
@@ -153,8 +165,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     print("1/4 teacher accuracy ...", flush=True)
     acc = {"teacher": accuracy(teacher, evaluation, collator)}
 
-    print(f"2/4 Taylor importance over {size['calib_batches']} batches, pruning {RATIO:.0%} of heads per layer ...",
-          flush=True)
+    print(
+        f"2/4 Taylor importance over {size['calib_batches']} batches, pruning {RATIO:.0%} of heads per layer ...",
+        flush=True,
+    )
     student = copy.deepcopy(teacher)
     start = time.perf_counter()
     scores = taylor_head_scores(student, train, collator, size["calib_batches"])
@@ -164,12 +178,22 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     acc["pruned"] = accuracy(student, evaluation, collator)
 
     print(f"3/4 distillation recovery, {size['recovery_steps']} steps ...", flush=True)
-    config = DistillationConfig(output_dir=str(workdir / "recovery"), max_steps=size["recovery_steps"],
-                                report_to="none", save_strategy="no", use_cpu=True, seed=0, logging_strategy="no",
-                                disable_tqdm=True, dataloader_num_workers=0, **DISTILLATION)
+    config = DistillationConfig(
+        output_dir=str(workdir / "recovery"),
+        max_steps=size["recovery_steps"],
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        logging_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **DISTILLATION,
+    )
     student.requires_grad_(True).train()
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config, train_dataset=train,
-                                  data_collator=collator)
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=config, train_dataset=train, data_collator=collator
+    )
     start = time.perf_counter()
     trainer.train()
     timings["recovery_s"] = time.perf_counter() - start
@@ -198,12 +222,21 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         "benchmark": "heads_taylor",
         "size": args.size,
         "config": {
-            "teacher": str(args.teacher), "train": str(args.train), "eval": str(args.eval),
-            "train_rows": len(train), "eval_sentences": len(evaluation), "max_length": SEQ,
-            "importance": "taylor |w*grad| per head, CE loss, eval mode", "scope": "per_layer", "ratio": RATIO,
-            "calib_batches": size["calib_batches"], "calib_batch_size": BATCH,
-            "recovery_steps": size["recovery_steps"], "distillation": DISTILLATION,
-            "latency_seq": SEQ, "latency_repeats": {"b1": size["repeats"][0], "b32": size["repeats"][1]},
+            "teacher": str(args.teacher),
+            "train": str(args.train),
+            "eval": str(args.eval),
+            "train_rows": len(train),
+            "eval_sentences": len(evaluation),
+            "max_length": SEQ,
+            "importance": "taylor |w*grad| per head, CE loss, eval mode",
+            "scope": "per_layer",
+            "ratio": RATIO,
+            "calib_batches": size["calib_batches"],
+            "calib_batch_size": BATCH,
+            "recovery_steps": size["recovery_steps"],
+            "distillation": DISTILLATION,
+            "latency_seq": SEQ,
+            "latency_repeats": {"b1": size["repeats"][0], "b32": size["repeats"][1]},
             "latency_note": "pruned and recovered share shapes: one measurement of the recovered model serves both",
         },
         "removed_heads": {str(layer): heads for layer, heads in removed.items()},
@@ -217,22 +250,35 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
 def table(rows: dict) -> str:
     lines = []
     for stage, row in rows.items():
-        lines.append({
-            "stage": stage, "heads": row["heads"], "params": f"{row['params'] / 1e6:.2f}M",
-            "accuracy": f"{row['accuracy']:.4f}",
-            "retention %": "-" if row["retention_pct"] is None else f"{row['retention_pct']:.1f}",
-            "b1 ms": f"{row['latency_ms']['b1']['median']:.2f}", "b32 ms": f"{row['latency_ms']['b32']['median']:.1f}",
-            "speedup b1/b32": f"{row['speedup_b1']:.2f}x / {row['speedup_b32']:.2f}x",
-        })
+        lines.append(
+            {
+                "stage": stage,
+                "heads": row["heads"],
+                "params": f"{row['params'] / 1e6:.2f}M",
+                "accuracy": f"{row['accuracy']:.4f}",
+                "retention %": "-" if row["retention_pct"] is None else f"{row['retention_pct']:.1f}",
+                "b1 ms": f"{row['latency_ms']['b1']['median']:.2f}",
+                "b32 ms": f"{row['latency_ms']['b32']['median']:.1f}",
+                "speedup b1/b32": f"{row['speedup_b1']:.2f}x / {row['speedup_b32']:.2f}x",
+            }
+        )
     return format_table(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=list(SIZES), default="full",
-                        help="tiny = smoke test (seconds), full = the reported numbers (about 5 min on 2 cores).")
-    parser.add_argument("--teacher", type=Path, default=TEACHER,
-                        help="Fine-tuned SST-2 BertForSequenceClassification folder with its tokenizer.")
+    parser.add_argument(
+        "--size",
+        choices=list(SIZES),
+        default="full",
+        help="tiny = smoke test (seconds), full = the reported numbers (about 5 min on 2 cores).",
+    )
+    parser.add_argument(
+        "--teacher",
+        type=Path,
+        default=TEACHER,
+        help="Fine-tuned SST-2 BertForSequenceClassification folder with its tokenizer.",
+    )
     parser.add_argument("--train", type=Path, default=SST2 / "train.tsv", help="Training tsv (sentence, label).")
     parser.add_argument("--eval", type=Path, default=SST2 / "test.tsv", help="Evaluation tsv (GLUE dev).")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's).")
@@ -246,8 +292,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         payload = run(args, Path(tmp))
     machine["load_average_1m_end"] = machine_info()["load_average_1m"]
-    payload = {"benchmark": payload.pop("benchmark"), "size": payload.pop("size"), "machine": machine,
-               "total_s": time.perf_counter() - start, **payload}
+    payload = {
+        "benchmark": payload.pop("benchmark"),
+        "size": payload.pop("size"),
+        "machine": machine,
+        "total_s": time.perf_counter() - start,
+        **payload,
+    }
     print(table(payload["rows"]))
     print(f"save -> hf_compress.from_pretrained identical logits: {payload['reload']['identical']}")
     print(f"wrote {write_json(payload, args.output)}")

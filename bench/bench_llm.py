@@ -35,11 +35,11 @@ from common import RESULTS_DIR, StepTimer, machine_info, setup_threads, summariz
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, default_data_collator
 from transformers import logging as hf_logging
 
-from hf_compress.data import resolve_model_path
 from hf_compress.distillation import DistillationConfig, DistillationTrainer
 from hf_compress.pruning import drop_layers
 from hf_compress.pruning.importance import block_influence_scores
-from hf_compress.report import count_parameters, format_table
+from hf_compress.recipes.data import resolve_model_path
+from hf_compress.reporting.measure import count_parameters, format_table
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 TEXTS = {
@@ -88,19 +88,23 @@ def perplexity(model, rows: torch.Tensor, batch: int = 8) -> dict:
     model.eval()
     start, nll, count = time.perf_counter(), 0.0, 0
     for i in range(0, len(rows), batch):
-        ids = rows[i: i + batch]
+        ids = rows[i : i + batch]
         loss = model(input_ids=ids, labels=ids).loss  # mean over the (seq - 1) shifted positions of every row
         tokens = ids.shape[0] * (ids.shape[1] - 1)
         nll, count = nll + float(loss) * tokens, count + tokens
-    return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens_scored": count,
-            "seconds": time.perf_counter() - start}
+    return {
+        "ppl": math.exp(nll / count),
+        "nll": nll / count,
+        "tokens_scored": count,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def prune(teacher, tokenizer, size: dict) -> tuple[torch.nn.Module, dict]:
     """A copy of ``teacher`` without its ``num_layers // 3`` lowest block-influence blocks, and what was done."""
     n = size["calibration"] * size["batch"]
     rows = blocks(token_stream(tokenizer, TEXTS["tinyshakespeare"], n * size["seq"]), size["seq"])
-    batches = [{"input_ids": rows[i: i + size["batch"]]} for i in range(0, n, size["batch"])]
+    batches = [{"input_ids": rows[i : i + size["batch"]]} for i in range(0, n, size["batch"])]
     start = time.perf_counter()
     scores = block_influence_scores(teacher, batches)
     num_layers = len(scores)
@@ -108,11 +112,17 @@ def prune(teacher, tokenizer, size: dict) -> tuple[torch.nn.Module, dict]:
     student = drop_layers(copy.deepcopy(teacher), drop)
     return student, {
         "importance": "block_influence (ShortGPT: 1 - cos(h_in, h_out), mean over tokens and batches)",
-        "calibration": {"text": "tinyshakespeare", "batches": size["calibration"],
-                        "batch": f"{size['batch']}x{size['seq']}"},
+        "calibration": {
+            "text": "tinyshakespeare",
+            "batches": size["calibration"],
+            "batch": f"{size['batch']}x{size['seq']}",
+        },
         "scores": [round(float(s), 6) for s in scores],
-        "dropped_layers": drop, "layers_before": num_layers, "layers_after": num_layers - len(drop),
-        "params_before": count_parameters(teacher)["total"], "params_after": count_parameters(student)["total"],
+        "dropped_layers": drop,
+        "layers_before": num_layers,
+        "layers_after": num_layers - len(drop),
+        "params_before": count_parameters(teacher)["total"],
+        "params_after": count_parameters(student)["total"],
         "seconds": time.perf_counter() - start,
     }
 
@@ -134,10 +144,26 @@ class CpuStepTimer(StepTimer):
 
 def common_args(size: dict, lr: float, out: str) -> dict:
     """TrainingArguments shared by both trainers, so they see the same batches, schedule and optimizer."""
-    return dict(output_dir=out, max_steps=size["steps"], per_device_train_batch_size=size["batch"], learning_rate=lr,
-                lr_scheduler_type="linear", warmup_steps=max(1, size["steps"] // 10), weight_decay=0.0,
-                max_grad_norm=1.0, seed=0, data_seed=0, report_to="none", use_cpu=True, bf16=False, fp16=False,
-                save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0)
+    return dict(
+        output_dir=out,
+        max_steps=size["steps"],
+        per_device_train_batch_size=size["batch"],
+        learning_rate=lr,
+        lr_scheduler_type="linear",
+        warmup_steps=max(1, size["steps"] // 10),
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        seed=0,
+        data_seed=0,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
 
 
 def run_trainer(trainer, timer: CpuStepTimer, student, rows_eval: torch.Tensor, size: dict) -> dict:
@@ -146,22 +172,37 @@ def run_trainer(trainer, timer: CpuStepTimer, student, rows_eval: torch.Tensor, 
     trainer.train()
     wall = time.perf_counter() - start
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return {"step_s": summarize(timer.step_times(skip=size["skip"])),
-            "step_cpu_s": summarize(timer.cpu_times(skip=size["skip"])), "train_seconds": wall,
-            "losses": [round(x, 5) for x in losses], "first_loss": losses[0] if losses else None,
-            "last_loss": losses[-1] if losses else None, "perplexity": perplexity(student, rows_eval)}
+    return {
+        "step_s": summarize(timer.step_times(skip=size["skip"])),
+        "step_cpu_s": summarize(timer.cpu_times(skip=size["skip"])),
+        "train_seconds": wall,
+        "losses": [round(x, 5) for x in losses],
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "perplexity": perplexity(student, rows_eval),
+    }
 
 
 def recover_hf_compress(teacher, student, tokenizer, train, rows_eval, size, lr, out) -> dict:
-    config = DistillationConfig(**common_args(size, lr, out), alpha=1.0, temperature=1.0, distillation_loss="kl",
-                                loss_chunk_size=size["chunk"])
+    config = DistillationConfig(
+        **common_args(size, lr, out), alpha=1.0, temperature=1.0, distillation_loss="kl", loss_chunk_size=size["chunk"]
+    )
     timer = CpuStepTimer()
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config, train_dataset=train,
-                                  processing_class=tokenizer, data_collator=default_data_collator, callbacks=[timer])
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=config,
+        train_dataset=train,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+        callbacks=[timer],
+    )
     result = run_trainer(trainer, timer, student, rows_eval, size)
-    result["loss"] = (f"DistillationConfig(alpha=1.0, temperature=1.0, distillation_loss='kl', "
-                      f"loss_chunk_size={size['chunk']}): forward KL(teacher || student) per shifted token, summed "
-                      "over the vocabulary, divided by the tokens in the batch")
+    result["loss"] = (
+        f"DistillationConfig(alpha=1.0, temperature=1.0, distillation_loss='kl', "
+        f"loss_chunk_size={size['chunk']}): forward KL(teacher || student) per shifted token, summed "
+        "over the vocabulary, divided by the tokens in the batch"
+    )
     return result
 
 
@@ -175,19 +216,40 @@ def recover_trl_gkd(teacher, student, tokenizer, train, rows_eval, size, lr, out
         return {"ran": False, "error": f"{type(err).__name__}: {err}"}
     result = {"trl_version": version}
     try:
-        config = GKDConfig(**common_args(size, lr, out), lmbda=0.0, beta=0.0, seq_kd=False, temperature=1.0,
-                           max_length=size["seq"], disable_dropout=True, gradient_checkpointing=False)
+        config = GKDConfig(
+            **common_args(size, lr, out),
+            lmbda=0.0,
+            beta=0.0,
+            seq_kd=False,
+            temperature=1.0,
+            max_length=size["seq"],
+            disable_dropout=True,
+            gradient_checkpointing=False,
+        )
         timer = CpuStepTimer()
-        trainer = GKDTrainer(model=student, teacher_model=teacher, args=config, train_dataset=train,
-                             processing_class=tokenizer, data_collator=default_data_collator, callbacks=[timer])
+        trainer = GKDTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=config,
+            train_dataset=train,
+            processing_class=tokenizer,
+            data_collator=default_data_collator,
+            callbacks=[timer],
+        )
         result.update(run_trainer(trainer, timer, student, rows_eval, size))
     except (RuntimeError, TypeError, ValueError, AttributeError, KeyError, ImportError) as err:
-        return {**result, "ran": False, "error": f"{type(err).__name__}: {err}",
-                "traceback_tail": traceback.format_exc()[-1500:]}
+        return {
+            **result,
+            "ran": False,
+            "error": f"{type(err).__name__}: {err}",
+            "traceback_tail": traceback.format_exc()[-1500:],
+        }
     result["ran"] = True
-    result["loss"] = ("GKDConfig(lmbda=0, beta=0, seq_kd=False): generalized JSD at beta=0 = forward KL(teacher || "
-                      "student) per shifted token at T=1 (GKD's loss ignores `temperature`), summed over the "
-                      "vocabulary, divided by the tokens in the batch")
+    result["loss"] = (
+        "GKDConfig(lmbda=0, beta=0, seq_kd=False): generalized JSD at beta=0 = forward KL(teacher || "
+        "student) per shifted token at T=1 (GKD's loss ignores `temperature`), summed over the "
+        "vocabulary, divided by the tokens in the batch"
+    )
     return result
 
 
@@ -201,20 +263,30 @@ TRL_DISTILLATION_SKIPPED = (
 
 def print_tables(payload: dict) -> None:
     ppl = payload["perplexity"]
-    rows = [{"model": "teacher", "layers": payload["pruning"]["layers_before"], "ppl": ppl["teacher"]["ppl"]},
-            {"model": "pruned (no recovery)", "layers": payload["pruning"]["layers_after"],
-             "ppl": ppl["pruned"]["ppl"]}]
+    rows = [
+        {"model": "teacher", "layers": payload["pruning"]["layers_before"], "ppl": ppl["teacher"]["ppl"]},
+        {"model": "pruned (no recovery)", "layers": payload["pruning"]["layers_after"], "ppl": ppl["pruned"]["ppl"]},
+    ]
     for name, res in payload["recovery"].items():
         if res.get("ran"):
-            rows.append({"model": f"recovered: {name}", "layers": payload["pruning"]["layers_after"],
-                         "ppl": res["perplexity"]["ppl"], "median step s": res["step_s"]["median"],
-                         "median step CPU s": res["step_cpu_s"]["median"],
-                         "first loss": res["first_loss"], "last loss": res["last_loss"]})
+            rows.append(
+                {
+                    "model": f"recovered: {name}",
+                    "layers": payload["pruning"]["layers_after"],
+                    "ppl": res["perplexity"]["ppl"],
+                    "median step s": res["step_s"]["median"],
+                    "median step CPU s": res["step_cpu_s"]["median"],
+                    "first loss": res["first_loss"],
+                    "last loss": res["last_loss"],
+                }
+            )
         else:
             reason = res.get("short") or res.get("error") or res.get("skipped", "")
             rows.append({"model": f"recovered: {name}", "ppl": f"not run: {reason[:90]}"})
-    print(f"\nWikiText-2 test perplexity ({ppl['tokens']} tokens, blocks of {ppl['block_size']}) and KD recovery "
-          f"({payload['settings']['steps']} steps of {payload['settings']['batch']})\n" + format_table(rows))
+    print(
+        f"\nWikiText-2 test perplexity ({ppl['tokens']} tokens, blocks of {ppl['block_size']}) and KD recovery "
+        f"({payload['settings']['steps']} steps of {payload['settings']['batch']})\n" + format_table(rows)
+    )
     print("\n" + format_table([{k: v for k, v in payload["comparison"].items() if not isinstance(v, str)}]))
 
 
@@ -222,8 +294,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=list(SIZES), default="full", help="Steps / tokens (tiny = smoke).")
     parser.add_argument("--model", default="builtin:SmolLM2-135M", help="Teacher: builtin name or local folder.")
-    parser.add_argument("--train-text", choices=("wikitext2_valid", "tinyshakespeare"), default="wikitext2_valid",
-                        help="Text the recovery distils on (the evaluation is always WikiText-2 test).")
+    parser.add_argument(
+        "--train-text",
+        choices=("wikitext2_valid", "tinyshakespeare"),
+        default="wikitext2_valid",
+        help="Text the recovery distils on (the evaluation is always WikiText-2 test).",
+    )
     parser.add_argument("--steps", type=int, default=None, help="Override the size's recovery steps.")
     parser.add_argument("--lr", type=float, default=2e-4, help="Peak learning rate of both recoveries.")
     parser.add_argument("--skip-trl", action="store_true", help="Only hf_compress's recovery.")
@@ -244,47 +320,72 @@ def main(argv: list[str] | None = None) -> dict:
     path = resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    payload["model"] = {"name": args.model, "path": path, "layers": teacher.config.num_hidden_layers,
-                        "vocab_size": teacher.config.vocab_size, "params": count_parameters(teacher)["total"],
-                        "tie_word_embeddings": teacher.config.tie_word_embeddings,
-                        "load_seconds": time.perf_counter() - start}
-    print(f"teacher {args.model}: {payload['model']['layers']} layers, {payload['model']['params']:,} params",
-          flush=True)
+    payload["model"] = {
+        "name": args.model,
+        "path": path,
+        "layers": teacher.config.num_hidden_layers,
+        "vocab_size": teacher.config.vocab_size,
+        "params": count_parameters(teacher)["total"],
+        "tie_word_embeddings": teacher.config.tie_word_embeddings,
+        "load_seconds": time.perf_counter() - start,
+    }
+    print(
+        f"teacher {args.model}: {payload['model']['layers']} layers, {payload['model']['params']:,} params", flush=True
+    )
     student, payload["pruning"] = prune(teacher, tokenizer, size)
     print(f"dropped layers {payload['pruning']['dropped_layers']}", flush=True)
 
     train_ids = token_stream(tokenizer, TEXTS[args.train_text], size["steps"] * size["batch"] * size["seq"])
     train_rows = blocks(train_ids, size["seq"])
-    train = datasets.Dataset.from_dict({"input_ids": train_rows.tolist(), "attention_mask": torch.ones_like(
-        train_rows).tolist(), "labels": train_rows.tolist()}).with_format("torch")
+    train = datasets.Dataset.from_dict(
+        {
+            "input_ids": train_rows.tolist(),
+            "attention_mask": torch.ones_like(train_rows).tolist(),
+            "labels": train_rows.tolist(),
+        }
+    ).with_format("torch")
     rows_eval = blocks(token_stream(tokenizer, TEXTS["wikitext2_test"], size["eval_tokens"]), size["seq"])
     payload["settings"] = {
-        "train_text": args.train_text, "batch": f"{size['batch']}x{size['seq']}", "steps": size["steps"],
-        "warmup_steps_skipped_in_timing": size["skip"], "learning_rate": args.lr, "lr_schedule": "linear, 10% warm-up",
-        "optimizer": "AdamW (Trainer default), weight_decay 0, max_grad_norm 1", "seed": 0,
-        "teacher": "the full model, fp32, frozen", "student": "the same layer-dropped copy for every trainer",
-        "train_tokens": int(train_rows.numel()), "loss_chunk_size": size["chunk"],
+        "train_text": args.train_text,
+        "batch": f"{size['batch']}x{size['seq']}",
+        "steps": size["steps"],
+        "warmup_steps_skipped_in_timing": size["skip"],
+        "learning_rate": args.lr,
+        "lr_schedule": "linear, 10% warm-up",
+        "optimizer": "AdamW (Trainer default), weight_decay 0, max_grad_norm 1",
+        "seed": 0,
+        "teacher": "the full model, fp32, frozen",
+        "student": "the same layer-dropped copy for every trainer",
+        "train_tokens": int(train_rows.numel()),
+        "loss_chunk_size": size["chunk"],
         "timing": "per optimizer step, on_step_begin to the next, median after the warm-up steps; the trainers run "
-                  "sequentially (hf_compress first), so compare wall times on an idle machine",
+        "sequentially (hf_compress first), so compare wall times on an idle machine",
     }
     print("perplexity: teacher, pruned ...", flush=True)
-    payload["perplexity"] = {"method": PPL_METHOD, "tokens": int(rows_eval.numel()), "block_size": size["seq"],
-                             "teacher": perplexity(teacher, rows_eval), "pruned": perplexity(student, rows_eval)}
+    payload["perplexity"] = {
+        "method": PPL_METHOD,
+        "tokens": int(rows_eval.numel()),
+        "block_size": size["seq"],
+        "teacher": perplexity(teacher, rows_eval),
+        "pruned": perplexity(student, rows_eval),
+    }
 
     trl_student = copy.deepcopy(student)  # identical starting weights for TRL
     recovery = {}
     with tempfile.TemporaryDirectory() as tmp:
         print("recovery: hf_compress DistillationTrainer ...", flush=True)
-        recovery["hf_compress"] = recover_hf_compress(teacher, student, tokenizer, train, rows_eval, size, args.lr,
-                                                      f"{tmp}/ours")
+        recovery["hf_compress"] = recover_hf_compress(
+            teacher, student, tokenizer, train, rows_eval, size, args.lr, f"{tmp}/ours"
+        )
         recovery["hf_compress"]["ran"] = True
         del student
         if args.skip_trl:
             recovery["trl_gkd"] = {"ran": False, "skipped": "--skip-trl"}
         else:
             print("recovery: TRL GKDTrainer (lmbda=0, beta=0) ...", flush=True)
-            recovery["trl_gkd"] = recover_trl_gkd(teacher, trl_student, tokenizer, train, rows_eval, size, args.lr,
-                                                  f"{tmp}/trl")
+            recovery["trl_gkd"] = recover_trl_gkd(
+                teacher, trl_student, tokenizer, train, rows_eval, size, args.lr, f"{tmp}/trl"
+            )
     recovery["trl_distillation"] = {"ran": False, "skipped": TRL_DISTILLATION_SKIPPED, "short": TRL_DISTILLATION_SHORT}
     payload["recovery"] = recovery
     payload["perplexity"]["recovered"] = {name: res["perplexity"] for name, res in recovery.items() if res.get("ran")}
@@ -292,12 +393,16 @@ def main(argv: list[str] | None = None) -> dict:
     ours, trl = recovery["hf_compress"], recovery["trl_gkd"]
     comparison = {"hf_compress_median_step_s": ours["step_s"]["median"], "hf_compress_ppl": ours["perplexity"]["ppl"]}
     if trl.get("ran"):
-        comparison.update({
-            "trl_median_step_s": trl["step_s"]["median"], "trl_ppl": trl["perplexity"]["ppl"],
-            "step_time_ratio_hf_compress_over_trl": ours["step_s"]["median"] / trl["step_s"]["median"],
-            "step_cpu_ratio_hf_compress_over_trl": ours["step_cpu_s"]["median"] / trl["step_cpu_s"]["median"],
-            "first_loss_rel_diff": abs(ours["first_loss"] - trl["first_loss"]) / max(abs(trl["first_loss"]), 1e-12),
-        })
+        comparison.update(
+            {
+                "trl_median_step_s": trl["step_s"]["median"],
+                "trl_ppl": trl["perplexity"]["ppl"],
+                "step_time_ratio_hf_compress_over_trl": ours["step_s"]["median"] / trl["step_s"]["median"],
+                "step_cpu_ratio_hf_compress_over_trl": ours["step_cpu_s"]["median"] / trl["step_cpu_s"]["median"],
+                "first_loss_rel_diff": abs(ours["first_loss"] - trl["first_loss"])
+                / max(abs(trl["first_loss"]), 1e-12),
+            }
+        )
     else:
         comparison["trl"] = "not run: " + trl.get("error", trl.get("skipped", "unknown"))
     payload["comparison"] = comparison

@@ -41,27 +41,51 @@ from transformers import (
 )
 
 from hf_compress.loading import from_pretrained, needs_loader, save_pretrained
-from hf_compress.pruning.architectures import block_module, get_family, get_layers
+from hf_compress.models.families import block_module, get_family, get_layers
 from hf_compress.pruning.callback import PruningCallback
 from hf_compress.pruning.config import PruningConfig
 from hf_compress.pruning.importance import head_groups, unit_scores
 from hf_compress.pruning.schedules import is_pruning_step
 from hf_compress.pruning.surgery import layer_structure, prune_ffn_neurons, prune_heads
-from hf_compress.quantization import model_size_bytes
-from hf_compress.report import count_parameters, folder_size_bytes, format_table
+from hf_compress.quantization.quantize import model_size_bytes
+from hf_compress.reporting.measure import count_parameters, folder_size_bytes, format_table
 
 BERT = dict(num_hidden_layers=6, hidden_size=384, num_attention_heads=12, intermediate_size=1536, vocab_size=30522)
-LLAMA = dict(num_hidden_layers=6, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
-             intermediate_size=1536, vocab_size=49152)
+LLAMA = dict(
+    num_hidden_layers=6,
+    hidden_size=576,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    intermediate_size=1536,
+    vocab_size=49152,
+)
 # Per size: shape overrides, sequence length, (batch, timed repeats) pairs, training batch / steps / warm-up steps.
 SIZES = {
-    "tiny": dict(bert=dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=256,
-                           vocab_size=1000),
-                 llama=dict(num_hidden_layers=2, hidden_size=96, num_attention_heads=6, num_key_value_heads=3,
-                            intermediate_size=256, vocab_size=1000),
-                 seq=32, batches=((1, 5), (4, 3)), train_batch=4, train_steps=10, train_skip=3),
-    "small": dict(bert=dict(num_hidden_layers=2), llama=dict(num_hidden_layers=2),
-                  seq=128, batches=((1, 10), (8, 5)), train_batch=8, train_steps=14, train_skip=4),
+    "tiny": dict(
+        bert=dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=256, vocab_size=1000),
+        llama=dict(
+            num_hidden_layers=2,
+            hidden_size=96,
+            num_attention_heads=6,
+            num_key_value_heads=3,
+            intermediate_size=256,
+            vocab_size=1000,
+        ),
+        seq=32,
+        batches=((1, 5), (4, 3)),
+        train_batch=4,
+        train_steps=10,
+        train_skip=3,
+    ),
+    "small": dict(
+        bert=dict(num_hidden_layers=2),
+        llama=dict(num_hidden_layers=2),
+        seq=128,
+        batches=((1, 10), (8, 5)),
+        train_batch=8,
+        train_steps=14,
+        train_skip=4,
+    ),
     "full": dict(bert={}, llama={}, seq=128, batches=((1, 20), (32, 5)), train_batch=8, train_steps=20, train_skip=4),
 }
 MODULE_ROLES = ("q", "k", "v", "o", "up", "down")  # the Linear layers both pruning methods act on
@@ -76,8 +100,7 @@ def build_models(size: dict, seq: int) -> dict[str, torch.nn.Module]:
     """The two dense models, in eval mode with SDPA attention, from configs (random weights, seeded)."""
     torch.manual_seed(0)
     bert = BertConfig(**{**BERT, **size["bert"]}, max_position_embeddings=max(512, seq), num_labels=2)
-    llama = LlamaConfig(**{**LLAMA, **size["llama"]}, max_position_embeddings=max(2048, seq),
-                        tie_word_embeddings=True)
+    llama = LlamaConfig(**{**LLAMA, **size["llama"]}, max_position_embeddings=max(2048, seq), tie_word_embeddings=True)
     models = {"bert": BertForSequenceClassification(bert), "llama": LlamaForCausalLM(llama)}
     for model in models.values():
         model.set_attn_implementation("sdpa")
@@ -153,12 +176,18 @@ def reload_check(name: str, pruned: torch.nn.Module, inputs: dict, folder: Path)
     inputs = {k: v for k, v in inputs.items() if k != "logits_to_keep"}
     with torch.inference_mode():
         before, after = pruned(**inputs).logits, reloaded(**inputs).logits
-    return {"loader": loader, "plain_from_pretrained_possible": plain, "identical": bool(torch.equal(before, after)),
-            "max_abs_diff": float((before - after).abs().max()), "weights_disk_bytes": folder_size_bytes(folder, True)}
+    return {
+        "loader": loader,
+        "plain_from_pretrained_possible": plain,
+        "identical": bool(torch.equal(before, after)),
+        "max_abs_diff": float((before - after).abs().max()),
+        "weights_disk_bytes": folder_size_bytes(folder, True),
+    }
 
 
-def latency_section(name: str, dense: torch.nn.Module, size: dict, fraction: float, logits: int | None,
-                    workdir: Path) -> dict:
+def latency_section(
+    name: str, dense: torch.nn.Module, size: dict, fraction: float, logits: int | None, workdir: Path
+) -> dict:
     seq = size["seq"]
     pruned = copy.deepcopy(dense)
     heads, neurons = magnitude_plan(pruned, fraction)
@@ -174,12 +203,19 @@ def latency_section(name: str, dense: torch.nn.Module, size: dict, fraction: flo
         "shape": {k: getattr(dense.config, k) for k in (*LLAMA, "num_key_value_heads") if hasattr(dense.config, k)},
         "requested_fraction": fraction,
         "rounding": "per layer, the nearest whole number of head groups (query heads sharing a KV head) and of FFN "
-                    "neurons, ties rounded down; lowest L2 magnitude removed first",
-        "achieved": {"head_sparsity": 1 - q_kept / q_total, "kv_head_sparsity": 1 - kv_kept / kv_total,
-                     "ffn_sparsity": 1 - f_kept / f_total, "layers_after": after[0]},
+        "neurons, ties rounded down; lowest L2 magnitude removed first",
+        "achieved": {
+            "head_sparsity": 1 - q_kept / q_total,
+            "kv_head_sparsity": 1 - kv_kept / kv_total,
+            "ffn_sparsity": 1 - f_kept / f_total,
+            "layers_after": after[0],
+        },
         "params": {**params, "ratio": params["pruned"] / params["dense"]},
-        "bytes": {"dense_memory": model_size_bytes(dense), "pruned_memory": model_size_bytes(pruned),
-                  "dense_disk": folder_size_bytes(workdir / f"{name}-dense", True)},
+        "bytes": {
+            "dense_memory": model_size_bytes(dense),
+            "pruned_memory": model_size_bytes(pruned),
+            "dense_disk": folder_size_bytes(workdir / f"{name}-dense", True),
+        },
         "logits_positions": "n/a (classifier on [CLS])" if logits is None else ("all" if logits == 0 else logits),
         "flops_method": FLOPS_METHOD,
         "batches": {},
@@ -192,13 +228,19 @@ def latency_section(name: str, dense: torch.nn.Module, size: dict, fraction: flo
         inputs = random_inputs(dense, batch, seq, logits)
         fns = {"dense": functools.partial(dense, **inputs), "pruned": functools.partial(pruned, **inputs)}
         stats = time_ms(fns, repeats, warmup=1)
-        flops = {kind: forward_flops(model, batch, seq, logits or seq) for kind, model in
-                 (("dense", dense), ("pruned", pruned))}
+        flops = {
+            kind: forward_flops(model, batch, seq, logits or seq)
+            for kind, model in (("dense", dense), ("pruned", pruned))
+        }
         speedup = stats["dense"]["median"] / stats["pruned"]["median"]
         flop_x = flops["dense"]["total"] / flops["pruned"]["total"]
         result["batches"][f"{batch}x{seq}"] = {
-            "dense_ms": stats["dense"], "pruned_ms": stats["pruned"], "flops": flops, "speedup": speedup,
-            "flop_reduction": flop_x, "speedup_per_flop_reduction": speedup / flop_x,
+            "dense_ms": stats["dense"],
+            "pruned_ms": stats["pruned"],
+            "flops": flops,
+            "speedup": speedup,
+            "flop_reduction": flop_x,
+            "speedup_per_flop_reduction": speedup / flop_x,
         }
     reload = reload_check(name, pruned, check, workdir / f"{name}-pruned")
     result["bytes"]["pruned_disk"] = reload.pop("weights_disk_bytes")
@@ -254,12 +296,19 @@ class RandomTokens(torch.utils.data.Dataset):
 
 def pruning_config(size: dict, frequency: int) -> PruningConfig:
     """Heads + FFN to 50% on a cubic schedule ending at the last step, so masks grow during the measured steps."""
-    return PruningConfig(targets={"heads": 0.5, "ffn_neurons": 0.5}, schedule="cubic", start_step=0,
-                         end_step=size["train_steps"], frequency=frequency, scope="local")
+    return PruningConfig(
+        targets={"heads": 0.5, "ffn_neurons": 0.5},
+        schedule="cubic",
+        start_step=0,
+        end_step=size["train_steps"],
+        frequency=frequency,
+        scope="local",
+    )
 
 
-def train_variant(variant: str, base: torch.nn.Module, data: RandomTokens, size: dict, workdir: Path,
-                  frequency: int | None) -> dict:
+def train_variant(
+    variant: str, base: torch.nn.Module, data: RandomTokens, size: dict, workdir: Path, frequency: int | None
+) -> dict:
     """One ``Trainer`` run of ``variant``; per-step times (and the callback's own hook times) after warm-up."""
     model = copy.deepcopy(base).train()
     timer, callbacks, pruning = StepTimer(), [], None
@@ -275,38 +324,57 @@ def train_variant(variant: str, base: torch.nn.Module, data: RandomTokens, size:
                 else:
                     torch_prune.ln_structured(module, "weight", amount=0.5, n=2, dim=0)
     args = TrainingArguments(
-        output_dir=str(workdir / variant), max_steps=size["train_steps"],
-        per_device_train_batch_size=size["train_batch"], learning_rate=5e-5, report_to="none", use_cpu=True,
-        save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0,
+        output_dir=str(workdir / variant),
+        max_steps=size["train_steps"],
+        per_device_train_batch_size=size["train_batch"],
+        learning_rate=5e-5,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
     )
     Trainer(model=model, args=args, train_dataset=data, callbacks=[timer, *callbacks]).train()
     result = {"step_s": summarize(timer.step_times(skip=size["train_skip"]))}
     if pruning is not None:
-        hooks = pruning.hooks[size["train_skip"]: size["train_steps"] - 1]  # the timed steps
+        hooks = pruning.hooks[size["train_skip"] : size["train_steps"] - 1]  # the timed steps
         result["frequency"] = frequency
         result["hooks_s_per_step"] = summarize([seconds for seconds, _ in hooks])
         for label, event in (("hooks_s_pruning_steps", True), ("hooks_s_mask_only_steps", False)):
             times = [seconds for seconds, is_event in hooks if is_event == event]
             result[label] = summarize(times) if times else None
-        result["removed_at_end"] = {target: sum(len(units) for units in pruning.removed[target].values())
-                                    for target in ("heads", "ffn_neurons")}
+        result["removed_at_end"] = {
+            target: sum(len(units) for units in pruning.removed[target].values())
+            for target in ("heads", "ffn_neurons")
+        }
     return result
 
 
 def training_section(base: torch.nn.Module, size: dict, workdir: Path, prune_every: int) -> dict:
     data = RandomTokens(size["train_batch"] * size["train_steps"], size["seq"], base.config.vocab_size)
-    variants = {"no_callback": None, "pruning_callback_every_step": 1,
-                f"pruning_callback_every_{prune_every}_steps": prune_every,
-                "torch_prune_l1_unstructured": None, "torch_prune_ln_structured": None}
+    variants = {
+        "no_callback": None,
+        "pruning_callback_every_step": 1,
+        f"pruning_callback_every_{prune_every}_steps": prune_every,
+        "torch_prune_l1_unstructured": None,
+        "torch_prune_ln_structured": None,
+    }
     if prune_every == 1:
         del variants["pruning_callback_every_1_steps"]
     config = pruning_config(size, 1)
-    out = {"model": "bert (BertForSequenceClassification, latency shape)", "batch": f"{size['train_batch']}x"
-           f"{size['seq']}", "steps": size["train_steps"], "warmup_steps_skipped": size["train_skip"],
-           "pruning_config": {k: getattr(config, k) for k in ("targets", "schedule", "start_step", "end_step",
-                                                               "scope")},
-           "torch_prune_modules": list(MODULE_ROLES), "torch_prune_amount": 0.5, "goal_max_ratio": 1.03,
-           "variants": {}}
+    out = {
+        "model": "bert (BertForSequenceClassification, latency shape)",
+        "batch": f"{size['train_batch']}x{size['seq']}",
+        "steps": size["train_steps"],
+        "warmup_steps_skipped": size["train_skip"],
+        "pruning_config": {k: getattr(config, k) for k in ("targets", "schedule", "start_step", "end_step", "scope")},
+        "torch_prune_modules": list(MODULE_ROLES),
+        "torch_prune_amount": 0.5,
+        "goal_max_ratio": 1.03,
+        "variants": {},
+    }
     for variant, frequency in variants.items():
         print(f"training: {variant} ...", flush=True)
         out["variants"][variant] = train_variant(variant, base, data, size, workdir, frequency)
@@ -322,23 +390,44 @@ def print_tables(latency: dict, training: dict) -> None:
     rows = []
     for name, res in latency.items():
         for shape, b in res["batches"].items():
-            rows.append({"model": name, "batch": shape, "dense ms": b["dense_ms"]["median"],
-                         "pruned ms": b["pruned_ms"]["median"], "speedup": f"{b['speedup']:.2f}x",
-                         "FLOP reduction": f"{b['flop_reduction']:.2f}x",
-                         "speedup/FLOP": f"{b['speedup_per_flop_reduction']:.2f}"})
+            rows.append(
+                {
+                    "model": name,
+                    "batch": shape,
+                    "dense ms": b["dense_ms"]["median"],
+                    "pruned ms": b["pruned_ms"]["median"],
+                    "speedup": f"{b['speedup']:.2f}x",
+                    "FLOP reduction": f"{b['flop_reduction']:.2f}x",
+                    "speedup/FLOP": f"{b['speedup_per_flop_reduction']:.2f}",
+                }
+            )
     print("\nLatency (median, CPU; goal speedup/FLOP >= 0.9)\n" + format_table(rows))
-    rows = [{"model": name, "heads removed": f"{100 * r['achieved']['head_sparsity']:.1f}%",
-             "kv heads removed": f"{100 * r['achieved']['kv_head_sparsity']:.1f}%",
-             "ffn removed": f"{100 * r['achieved']['ffn_sparsity']:.1f}%", "params": r["params"]["dense"],
-             "params pruned": r["params"]["pruned"], "disk MB": r["bytes"]["dense_disk"] / 1e6,
-             "pruned disk MB": r["bytes"]["pruned_disk"] / 1e6, "reload": r["reload"]["loader"],
-             "identical logits": r["reload"]["identical"], "FlopCounter/analytic": r["flop_counter_check"]["ratio"]}
-            for name, r in latency.items()]
+    rows = [
+        {
+            "model": name,
+            "heads removed": f"{100 * r['achieved']['head_sparsity']:.1f}%",
+            "kv heads removed": f"{100 * r['achieved']['kv_head_sparsity']:.1f}%",
+            "ffn removed": f"{100 * r['achieved']['ffn_sparsity']:.1f}%",
+            "params": r["params"]["dense"],
+            "params pruned": r["params"]["pruned"],
+            "disk MB": r["bytes"]["dense_disk"] / 1e6,
+            "pruned disk MB": r["bytes"]["pruned_disk"] / 1e6,
+            "reload": r["reload"]["loader"],
+            "identical logits": r["reload"]["identical"],
+            "FlopCounter/analytic": r["flop_counter_check"]["ratio"],
+        }
+        for name, r in latency.items()
+    ]
     print("\nStructure and reload\n" + format_table(rows))
     rows = []
     for name, v in training["variants"].items():
-        row = {"variant": name, "median step s": v["step_s"]["median"], "p25": v["step_s"]["p25"],
-               "p75": v["step_s"]["p75"], "ratio": f"{v['ratio_vs_no_callback']:.3f}"}
+        row = {
+            "variant": name,
+            "median step s": v["step_s"]["median"],
+            "p25": v["step_s"]["p25"],
+            "p75": v["step_s"]["p75"],
+            "ratio": f"{v['ratio_vs_no_callback']:.3f}",
+        }
         if "hooks_fraction_of_step" in v:
             row["callback hooks (mean/step)"] = f"{100 * v['hooks_fraction_of_step']:.1f}%"
         rows.append(row)
@@ -350,10 +439,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=list(SIZES), default="full", help="Model / batch sizes (tiny = smoke).")
     parser.add_argument("--fraction", type=float, default=0.5, help="Fraction of heads and of FFN neurons removed.")
-    parser.add_argument("--llama-logits", choices=("last", "all"), default="last",
-                        help="Llama lm-head positions timed: last (prefill, logits_to_keep=1) or all.")
-    parser.add_argument("--prune-every", type=int, default=10,
-                        help="Frequency of the second PruningCallback run (the first prunes every step).")
+    parser.add_argument(
+        "--llama-logits",
+        choices=("last", "all"),
+        default="last",
+        help="Llama lm-head positions timed: last (prefill, logits_to_keep=1) or all.",
+    )
+    parser.add_argument(
+        "--prune-every",
+        type=int,
+        default=10,
+        help="Frequency of the second PruningCallback run (the first prunes every step).",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's).")
     parser.add_argument("--skip-training", action="store_true", help="Only the latency part.")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "pruning.json", help="JSON result path.")

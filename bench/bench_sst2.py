@@ -40,11 +40,11 @@ from transformers import (
 from transformers import logging as hf_logging
 
 from hf_compress import DistillationConfig, DistillationTrainer, PruningCallback, PruningConfig, make_student
-from hf_compress.data import cache_dir, data_collator, load_raw_split, load_text_dataset, resolve_model_path
 from hf_compress.loading import save_pretrained
-from hf_compress.quantization import is_quantized, quantize_int8
-from hf_compress.report import count_parameters, folder_size_bytes, format_table
-from hf_compress.stages import evaluate_model
+from hf_compress.quantization.quantize import is_quantized, quantize_int8
+from hf_compress.recipes.data import cache_dir, data_collator, load_raw_split, load_text_dataset, resolve_model_path
+from hf_compress.recipes.stages.context import evaluate_model
+from hf_compress.reporting.measure import count_parameters, folder_size_bytes, format_table
 
 REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO / "data" / "sst2"
@@ -66,8 +66,14 @@ DISTILLATION = dict(temperature=4.0, alpha=0.5)  # DistillationConfig defaults, 
 
 def load_sst2(tokenizer, size: dict) -> tuple:
     """Tokenised SST-2 train (``data/sst2/train.tsv``, optionally a seeded slice) and GLUE dev (``test.tsv``)."""
-    spec = {"train": str(SST2 / "train.tsv"), "eval": str(SST2 / "test.tsv"), "text_column": "sentence",
-            "max_length": SEQ, "max_train_samples": size["train_rows"], "max_eval_samples": size["eval_rows"]}
+    spec = {
+        "train": str(SST2 / "train.tsv"),
+        "eval": str(SST2 / "test.tsv"),
+        "text_column": "sentence",
+        "max_length": SEQ,
+        "max_train_samples": size["train_rows"],
+        "max_eval_samples": size["eval_rows"],
+    }
     return load_text_dataset(spec, tokenizer, "sequence-classification", seed=0)
 
 
@@ -80,9 +86,19 @@ def latency_inputs(tokenizer, rows: int = 32) -> dict[str, torch.Tensor]:
 def train_args(output_dir: Path, size: dict, distill: bool = False, **overrides) -> TrainingArguments:
     """The arguments every training row shares: same steps, batch, lr, seed (hence the same batches), no saving."""
     cls = DistillationConfig if distill else TrainingArguments
-    kwargs = dict(output_dir=str(output_dir), max_steps=size["steps"], per_device_train_batch_size=size["batch"],
-                  learning_rate=size["lr"], seed=0, report_to="none", use_cpu=True, save_strategy="no",
-                  logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
+    kwargs = dict(
+        output_dir=str(output_dir),
+        max_steps=size["steps"],
+        per_device_train_batch_size=size["batch"],
+        learning_rate=size["lr"],
+        seed=0,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     if distill:
         kwargs |= DISTILLATION
     return cls(**{**kwargs, **overrides})
@@ -95,8 +111,9 @@ def timed_train(trainer: Trainer) -> float:
     return time.perf_counter() - start
 
 
-def get_teacher(path: Path | None, size_name: str, train, collator, workdir: Path,
-                teacher_steps: int | None = None) -> tuple[torch.nn.Module, dict]:
+def get_teacher(
+    path: Path | None, size_name: str, train, collator, workdir: Path, teacher_steps: int | None = None
+) -> tuple[torch.nn.Module, dict]:
     """The fine-tuned SST-2 teacher at ``path`` (default: the cache), fine-tuned from the packaged model if missing.
 
     A teacher fine-tuned here is saved to ``path`` when it was given explicitly or when ``size_name`` is ``"full"``;
@@ -111,14 +128,20 @@ def get_teacher(path: Path | None, size_name: str, train, collator, workdir: Pat
     base = resolve_model_path(BASE_MODEL)
     print(f"teacher: none at {target}; fine-tuning {BASE_MODEL} for {steps} steps ...", flush=True)
     model = AutoModelForSequenceClassification.from_pretrained(
-        base, num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
+        base, num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1}
+    )
     args = train_args(workdir / "teacher", size, max_steps=steps, warmup_steps=steps // 10)
     seconds = timed_train(Trainer(model=model, args=args, train_dataset=train, data_collator=collator))
     save_to = target if path is not None or size_name == "full" else workdir / "teacher-model"
     model.save_pretrained(save_to)
     AutoTokenizer.from_pretrained(base).save_pretrained(save_to)
-    info = {"source": BASE_MODEL, "fine_tuned_here": True, "steps": steps, "train_s": seconds,
-            "saved_to": str(save_to)}
+    info = {
+        "source": BASE_MODEL,
+        "fine_tuned_here": True,
+        "steps": steps,
+        "train_s": seconds,
+        "saved_to": str(save_to),
+    }
     return model.eval(), info
 
 
@@ -147,13 +170,22 @@ def latency(models: dict[str, torch.nn.Module], inputs: dict, repeats: tuple[int
 def setup(args: argparse.Namespace, workdir: Path) -> dict:
     """Tokenizer, data, collator, teacher and latency inputs shared by the SST-2 benchmarks."""
     size = SIZES[args.size]
-    tokenizer = AutoTokenizer.from_pretrained(args.teacher if args.teacher and Path(args.teacher).is_dir()
-                                              else resolve_model_path(BASE_MODEL))
+    tokenizer = AutoTokenizer.from_pretrained(
+        args.teacher if args.teacher and Path(args.teacher).is_dir() else resolve_model_path(BASE_MODEL)
+    )
     train, evaluation = load_sst2(tokenizer, size)
     collator = data_collator(tokenizer, "sequence-classification")
     teacher, info = get_teacher(args.teacher, args.size, train, collator, workdir, args.teacher_steps)
-    return dict(size=size, tokenizer=tokenizer, train=train, eval=evaluation, collator=collator, teacher=teacher,
-                teacher_info=info, inputs=latency_inputs(tokenizer))
+    return dict(
+        size=size,
+        tokenizer=tokenizer,
+        train=train,
+        eval=evaluation,
+        collator=collator,
+        teacher=teacher,
+        teacher_info=info,
+        inputs=latency_inputs(tokenizer),
+    )
 
 
 def accuracy(model: torch.nn.Module, ctx: dict) -> float:
@@ -168,14 +200,27 @@ def positive_int(text: str) -> int:
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, output: str) -> None:
-    parser.add_argument("--size", choices=list(SIZES), default="full",
-                        help="tiny = smoke test (seconds), small = a few minutes, full = the reported numbers.")
-    parser.add_argument("--teacher", type=Path, default=None,
-                        help=f"Fine-tuned SST-2 teacher folder (default {TEACHER_CACHE}; fine-tuned if missing).")
-    parser.add_argument("--teacher-steps", type=positive_int, default=None,
-                        help="Fine-tune steps when the teacher is missing (default: the size's).")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch intra-op threads (default: torch's).")
+    parser.add_argument(
+        "--size",
+        choices=list(SIZES),
+        default="full",
+        help="tiny = smoke test (seconds), small = a few minutes, full = the reported numbers.",
+    )
+    parser.add_argument(
+        "--teacher",
+        type=Path,
+        default=None,
+        help=f"Fine-tuned SST-2 teacher folder (default {TEACHER_CACHE}; fine-tuned if missing).",
+    )
+    parser.add_argument(
+        "--teacher-steps",
+        type=positive_int,
+        default=None,
+        help="Fine-tune steps when the teacher is missing (default: the size's).",
+    )
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)."
+    )
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / output, help="JSON result path.")
 
 
@@ -187,13 +232,20 @@ def distill_student(ctx: dict, workdir: Path, distill: bool) -> tuple[torch.nn.M
     common = dict(train_dataset=ctx["train"], data_collator=ctx["collator"])
     name = "student-distilled" if distill else "student-labels"
     if distill:
-        trainer = DistillationTrainer(model=student, teacher_model=ctx["teacher"],
-                                      args=train_args(workdir / name, ctx["size"], distill=True), **common)
+        trainer = DistillationTrainer(
+            model=student,
+            teacher_model=ctx["teacher"],
+            args=train_args(workdir / name, ctx["size"], distill=True),
+            **common,
+        )
     else:
         trainer = Trainer(model=student, args=train_args(workdir / name, ctx["size"]), **common)
     seconds = timed_train(trainer)
-    return student, {"train_steps": ctx["size"]["steps"], "train_s": seconds,
-                     "teacher_layers": student.config.hf_compress["teacher_layers"]}
+    return student, {
+        "train_steps": ctx["size"]["steps"],
+        "train_s": seconds,
+        "teacher_layers": student.config.hf_compress["teacher_layers"],
+    }
 
 
 def pruned(ctx: dict, workdir: Path, ratio: float, recover: bool) -> tuple[torch.nn.Module, dict]:
@@ -202,13 +254,13 @@ def pruned(ctx: dict, workdir: Path, ratio: float, recover: bool) -> tuple[torch
     steps = ctx["size"]["steps"]
     targets = {"heads": ratio, "ffn_neurons": ratio}
     if recover:
-        config = PruningConfig(targets=targets, schedule="cubic", start_step=0, end_step=max(1, steps // 2),
-                               frequency=max(1, steps // 20))
+        config = PruningConfig(
+            targets=targets, schedule="cubic", start_step=0, end_step=max(1, steps // 2), frequency=max(1, steps // 20)
+        )
         args = train_args(workdir / f"prune-{ratio}", ctx["size"], distill=True)
     else:  # one optimizer step at lr 0: masks at step 0, surgery at the end, weights untouched
         config = PruningConfig(targets=targets, schedule="one_shot")
-        args = train_args(workdir / f"oneshot-{ratio}", ctx["size"], max_steps=1, learning_rate=0.0,
-                          weight_decay=0.0)
+        args = train_args(workdir / f"oneshot-{ratio}", ctx["size"], max_steps=1, learning_rate=0.0, weight_decay=0.0)
     callback = PruningCallback(config)
     common = dict(args=args, train_dataset=ctx["train"], data_collator=ctx["collator"], callbacks=[callback])
     if recover:
@@ -217,10 +269,19 @@ def pruned(ctx: dict, workdir: Path, ratio: float, recover: bool) -> tuple[torch
         trainer = Trainer(model=model, **common)
     seconds = timed_train(trainer)
     removed = {t: sum(len(units) for units in callback.removed[t].values()) for t in ("heads", "ffn_neurons")}
-    return model, {"train_steps": steps if recover else 0, "train_s": seconds, "removed": removed,
-                   "pruning": {"targets": targets, "schedule": config.schedule, "end_step": config.end_step,
-                               "frequency": config.frequency, "scope": config.scope,
-                               "importance": config.importance}}
+    return model, {
+        "train_steps": steps if recover else 0,
+        "train_s": seconds,
+        "removed": removed,
+        "pruning": {
+            "targets": targets,
+            "schedule": config.schedule,
+            "end_step": config.end_step,
+            "frequency": config.frequency,
+            "scope": config.scope,
+            "importance": config.importance,
+        },
+    }
 
 
 def pick_best(rows: dict[str, dict], teacher_accuracy: float, goal: float) -> str:
@@ -233,21 +294,41 @@ def pick_best(rows: dict[str, dict], teacher_accuracy: float, goal: float) -> st
 
 
 def print_table(rows: dict[str, dict]) -> None:
-    table = [{"model": name, "params": r["params"], "disk MB": r["disk_bytes"] / 1e6,
-              "b1 ms": r["latency_ms"]["b1"]["median"], "b32 ms": r["latency_ms"]["b32"]["median"],
-              "accuracy": f"{100 * r['accuracy']:.2f}", "retention": f"{r['retention_pct']:.1f}%",
-              "size x": f"{r['size_x']:.2f}", "speed x b1": f"{r['speed_x_b1']:.2f}",
-              "speed x b32": f"{r['speed_x_b32']:.2f}", "train steps": r["train_steps"]} for name, r in rows.items()]
+    table = [
+        {
+            "model": name,
+            "params": r["params"],
+            "disk MB": r["disk_bytes"] / 1e6,
+            "b1 ms": r["latency_ms"]["b1"]["median"],
+            "b32 ms": r["latency_ms"]["b32"]["median"],
+            "accuracy": f"{100 * r['accuracy']:.2f}",
+            "retention": f"{r['retention_pct']:.1f}%",
+            "size x": f"{r['size_x']:.2f}",
+            "speed x b1": f"{r['speed_x_b1']:.2f}",
+            "speed x b32": f"{r['speed_x_b32']:.2f}",
+            "train steps": r["train_steps"],
+        }
+        for name, r in rows.items()
+    ]
     print("\nSST-2 (GLUE dev) accuracy vs compression, CPU latency at seq 64 (median)\n" + format_table(table))
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_arguments(parser, "sst2.json")
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.7],
-                        help="Fractions of heads and of FFN neurons pruned, one pair of rows each.")
-    parser.add_argument("--retention-goal", type=float, default=0.97,
-                        help="Accuracy fraction of the teacher the int8 row's source must keep.")
+    parser.add_argument(
+        "--ratios",
+        type=float,
+        nargs="+",
+        default=[0.3, 0.5, 0.7],
+        help="Fractions of heads and of FFN neurons pruned, one pair of rows each.",
+    )
+    parser.add_argument(
+        "--retention-goal",
+        type=float,
+        default=0.97,
+        help="Accuracy fraction of the teacher the int8 row's source must keep.",
+    )
     args = parser.parse_args(argv)
     if any(not 0 < r < 1 for r in args.ratios):
         parser.error(f"`--ratios` must all be in (0, 1), got {args.ratios}.")
@@ -259,10 +340,16 @@ def main(argv: list[str] | None = None) -> dict:
         workdir = Path(tmp)
         ctx = setup(args, workdir)
         payload["teacher"] = ctx["teacher_info"]
-        payload["config"] = {**{k: v for k, v in ctx["size"].items() if k != "repeats"}, "seq": SEQ,
-                             "eval_sentences": len(ctx["eval"]), "distillation": DISTILLATION,
-                             "student_layers": 3, "ratios": args.ratios, "retention_goal": args.retention_goal,
-                             "without_recovery": "one-shot PruningCallback, one optimizer step at lr 0 (no training)"}
+        payload["config"] = {
+            **{k: v for k, v in ctx["size"].items() if k != "repeats"},
+            "seq": SEQ,
+            "eval_sentences": len(ctx["eval"]),
+            "distillation": DISTILLATION,
+            "student_layers": 3,
+            "ratios": args.ratios,
+            "retention_goal": args.retention_goal,
+            "without_recovery": "one-shot PruningCallback, one optimizer step at lr 0 (no training)",
+        }
         models, info = {"teacher": ctx["teacher"]}, {"teacher": {"train_steps": 0}}
         for distill in (True, False):
             name = "student-3L-distilled" if distill else "student-3L-labels"
@@ -279,8 +366,12 @@ def main(argv: list[str] | None = None) -> dict:
         best = pick_best(rows, rows["teacher"]["accuracy"], args.retention_goal)
         name = f"{best}-int8"
         models[name] = quantize_int8(copy.deepcopy(models[best]), include_embeddings=True)
-        rows[name] = {"train_steps": 0, "source": best, "accuracy": accuracy(models[name], ctx),
-                      "params": count_parameters(models[name])["total"]}
+        rows[name] = {
+            "train_steps": 0,
+            "source": best,
+            "accuracy": accuracy(models[name], ctx),
+            "params": count_parameters(models[name])["total"],
+        }
         for name, model in models.items():
             rows[name]["disk_bytes"] = disk_bytes(model, workdir / "saved" / name)
         print("timing ...", flush=True)

@@ -40,9 +40,9 @@ from transformers import AutoModelForSequenceClassification, Trainer
 from transformers import logging as hf_logging
 
 from hf_compress.loading import from_pretrained, needs_loader, save_pretrained
-from hf_compress.pruning.architectures import get_layers
+from hf_compress.models.families import get_layers
 from hf_compress.pruning.surgery import layer_structure, prune_ffn_neurons, prune_heads
-from hf_compress.report import count_parameters, folder_size_bytes, format_table
+from hf_compress.reporting.measure import count_parameters, folder_size_bytes, format_table
 
 try:
     import torch_pruning as tp
@@ -70,9 +70,17 @@ def prune_torch_pruning(teacher: torch.nn.Module, ratio: float, inputs: dict) ->
         ignored += [layer.attention.output.dense, layer.output.dense]  # their outputs are the residual stream
     example = {k: v[:2] for k, v in inputs.items()}
     pruner = tp.pruner.MetaPruner(
-        model, example, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio,
-        global_pruning=False, num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
-        head_pruning_ratio=ratio, ignored_layers=ignored, output_transform=lambda out: out.logits.sum(),
+        model,
+        example,
+        importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=ratio,
+        global_pruning=False,
+        num_heads=num_heads,
+        prune_num_heads=True,
+        prune_head_dims=False,
+        head_pruning_ratio=ratio,
+        ignored_layers=ignored,
+        output_transform=lambda out: out.logits.sum(),
     )
     pruner.step()
     for layer in get_layers(model):  # Torch-Pruning slices weights; the module attributes are ours to fix
@@ -86,13 +94,18 @@ def prune_torch_pruning(teacher: torch.nn.Module, ratio: float, inputs: dict) ->
 
 def structure(model: torch.nn.Module) -> dict:
     layers = layer_structure(model)
-    return {"heads_per_layer": [x["num_heads"] for x in layers], "head_dim": layers[0]["head_dim"],
-            "ffn_per_layer": [x["ffn"] for x in layers], "params": count_parameters(model)["total"]}
+    return {
+        "heads_per_layer": [x["num_heads"] for x in layers],
+        "head_dim": layers[0]["head_dim"],
+        "ffn_per_layer": [x["ffn"] for x in layers],
+        "params": count_parameters(model)["total"],
+    }
 
 
 def recover(model: torch.nn.Module, ctx: dict, workdir: Path) -> float:
-    trainer = Trainer(model=model, args=train_args(workdir, ctx["size"]), train_dataset=ctx["train"],
-                      data_collator=ctx["collator"])
+    trainer = Trainer(
+        model=model, args=train_args(workdir, ctx["size"]), train_dataset=ctx["train"], data_collator=ctx["collator"]
+    )
     return timed_train(trainer)
 
 
@@ -107,47 +120,74 @@ def reload_report(name: str, model: torch.nn.Module, ctx: dict, folder: Path) ->
     plain, ours = folder / f"{name}-plain", folder / f"{name}-hf_compress"
     model.save_pretrained(plain)
     fresh = AutoModelForSequenceClassification.from_config(model.config).state_dict()
-    mismatched = {k: (list(v.shape), list(fresh[k].shape)) for k, v in model.state_dict().items()
-                  if k in fresh and v.shape != fresh[k].shape}
-    out = {"config_heads": model.config.num_attention_heads, "config_ffn": model.config.intermediate_size,
-           "tensors_mismatching_config": len(mismatched),
-           "example_mismatch": next((f"{k}: saved {a} vs config {b}" for k, (a, b) in mismatched.items()), None)}
+    mismatched = {
+        k: (list(v.shape), list(fresh[k].shape))
+        for k, v in model.state_dict().items()
+        if k in fresh and v.shape != fresh[k].shape
+    }
+    out = {
+        "config_heads": model.config.num_attention_heads,
+        "config_ffn": model.config.intermediate_size,
+        "tensors_mismatching_config": len(mismatched),
+        "example_mismatch": next((f"{k}: saved {a} vs config {b}" for k, (a, b) in mismatched.items()), None),
+    }
     try:
         reloaded = AutoModelForSequenceClassification.from_pretrained(plain)
         out["plain_from_pretrained"] = {"ok": True, "identical": bool(torch.equal(expected, logits(reloaded, inputs)))}
     except Exception as error:  # noqa: BLE001 - what transformers raises is the result being reported
         out["plain_from_pretrained"] = {"ok": False, "error": f"{type(error).__name__}: {str(error).strip()[:300]}"}
     loose = AutoModelForSequenceClassification.from_pretrained(plain, ignore_mismatched_sizes=True)
-    out["plain_ignore_mismatched_sizes"] = {"accuracy": accuracy(loose, ctx),
-                                            "identical": bool(torch.equal(expected, logits(loose, inputs)))}
+    out["plain_ignore_mismatched_sizes"] = {
+        "accuracy": accuracy(loose, ctx),
+        "identical": bool(torch.equal(expected, logits(loose, inputs))),
+    }
     save_pretrained(model, ours)
     reloaded = from_pretrained(ours)
     reloaded.set_attn_implementation("sdpa")
     diff = (expected - logits(reloaded, inputs)).abs().max()
-    out["hf_compress_from_pretrained"] = {"needs_loader": needs_loader(reloaded.config.to_dict()),
-                                          "identical": bool(diff == 0), "max_abs_diff": float(diff),
-                                          "disk_bytes": folder_size_bytes(ours)}
+    out["hf_compress_from_pretrained"] = {
+        "needs_loader": needs_loader(reloaded.config.to_dict()),
+        "identical": bool(diff == 0),
+        "max_abs_diff": float(diff),
+        "disk_bytes": folder_size_bytes(ours),
+    }
     return out
 
 
 def print_tables(payload: dict) -> None:
     rows = payload["rows"]
-    table = [{"model": name, "params": r["structure"]["params"], "heads/layer": r["structure"]["heads_per_layer"][0],
-              "ffn/layer": r["structure"]["ffn_per_layer"][0],
-              "acc pruned": "-" if r["accuracy_pruned"] is None else f"{100 * r['accuracy_pruned']:.2f}",
-              "acc recovered": f"{100 * r['accuracy']:.2f}", "b1 ms": r["latency_ms"]["b1"]["median"],
-              "b32 ms": r["latency_ms"]["b32"]["median"], "speed x b1": f"{r['speed_x_b1']:.2f}",
-              "speed x b32": f"{r['speed_x_b32']:.2f}"} for name, r in rows.items()]
-    print(f"\nStructured pruning at {payload['ratio']:.0%} heads + FFN, {payload['recovery_steps']} recovery steps "
-          f"(torch-pruning {payload['torch_pruning_version']})\n" + format_table(table))
+    table = [
+        {
+            "model": name,
+            "params": r["structure"]["params"],
+            "heads/layer": r["structure"]["heads_per_layer"][0],
+            "ffn/layer": r["structure"]["ffn_per_layer"][0],
+            "acc pruned": "-" if r["accuracy_pruned"] is None else f"{100 * r['accuracy_pruned']:.2f}",
+            "acc recovered": f"{100 * r['accuracy']:.2f}",
+            "b1 ms": r["latency_ms"]["b1"]["median"],
+            "b32 ms": r["latency_ms"]["b32"]["median"],
+            "speed x b1": f"{r['speed_x_b1']:.2f}",
+            "speed x b32": f"{r['speed_x_b32']:.2f}",
+        }
+        for name, r in rows.items()
+    ]
+    print(
+        f"\nStructured pruning at {payload['ratio']:.0%} heads + FFN, {payload['recovery_steps']} recovery steps "
+        f"(torch-pruning {payload['torch_pruning_version']})\n" + format_table(table)
+    )
     table = []
     for name, r in rows.items():
         if "reload" in r:
             reload = r["reload"]
             plain = reload["plain_from_pretrained"]
-            table.append({"model": name, "plain from_pretrained": "ok" if plain["ok"] else plain["error"][:60],
-                          "ignore_mismatched acc": f"{100 * reload['plain_ignore_mismatched_sizes']['accuracy']:.2f}",
-                          "hf_compress reload identical": reload["hf_compress_from_pretrained"]["identical"]})
+            table.append(
+                {
+                    "model": name,
+                    "plain from_pretrained": "ok" if plain["ok"] else plain["error"][:60],
+                    "ignore_mismatched acc": f"{100 * reload['plain_ignore_mismatched_sizes']['accuracy']:.2f}",
+                    "hf_compress reload identical": reload["hf_compress_from_pretrained"]["identical"],
+                }
+            )
     print("\nSave -> reload\n" + format_table(table))
 
 
@@ -163,9 +203,14 @@ def main(argv: list[str] | None = None) -> dict:
     setup_threads(args.threads)
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    payload = {"benchmark": "torch_pruning", "size": args.size, "machine": machine_info(), "ratio": args.ratio,
-               "torch_pruning_version": importlib.metadata.version("torch-pruning"),
-               "torch_pruning_module_version": getattr(tp, "__version__", None)}
+    payload = {
+        "benchmark": "torch_pruning",
+        "size": args.size,
+        "machine": machine_info(),
+        "ratio": args.ratio,
+        "torch_pruning_version": importlib.metadata.version("torch-pruning"),
+        "torch_pruning_module_version": getattr(tp, "__version__", None),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         ctx = setup(args, workdir)
@@ -173,11 +218,19 @@ def main(argv: list[str] | None = None) -> dict:
         payload["recovery_steps"] = ctx["size"]["steps"]
         payload["recovery"] = "plain Trainer on the labels, same steps / lr / seed / batches for both"
         teacher = ctx["teacher"]
-        models = {"teacher": teacher, "hf_compress": prune_ours(teacher, args.ratio),
-                  "torch_pruning": prune_torch_pruning(teacher, args.ratio, ctx["inputs"])}
-        rows = {name: {"structure": structure(model), "accuracy_pruned": None if name == "teacher" else
-                       accuracy(model, ctx)} for name, model in models.items()}
-        diff = (logits(models["hf_compress"], ctx["inputs"]) - logits(models["torch_pruning"], ctx["inputs"]))
+        models = {
+            "teacher": teacher,
+            "hf_compress": prune_ours(teacher, args.ratio),
+            "torch_pruning": prune_torch_pruning(teacher, args.ratio, ctx["inputs"]),
+        }
+        rows = {
+            name: {
+                "structure": structure(model),
+                "accuracy_pruned": None if name == "teacher" else accuracy(model, ctx),
+            }
+            for name, model in models.items()
+        }
+        diff = logits(models["hf_compress"], ctx["inputs"]) - logits(models["torch_pruning"], ctx["inputs"])
         payload["pruned_logits_max_abs_diff"] = float(diff.abs().max())  # 0: both removed the same units
         for name in ("hf_compress", "torch_pruning"):
             print(f"recovering {name} ...", flush=True)

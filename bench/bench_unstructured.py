@@ -42,11 +42,13 @@ from transformers import logging as hf_logging
 
 from hf_compress import PruningCallback, PruningConfig
 from hf_compress.pruning.unstructured import magnitude_prune, prunable_weights, sparsity_report
-from hf_compress.report import folder_size_bytes, format_table
+from hf_compress.reporting.measure import folder_size_bytes, format_table
 
-NOTE = ("Neither gives a dense speedup or a smaller dense checkpoint: zeros are multiplied and stored like any other "
-        "value. torch.nn.utils.prune is slower while its re-parametrisation is in place (weight_orig * weight_mask "
-        "recomputed every forward) and, saved in that state, stores two tensors per pruned weight.")
+NOTE = (
+    "Neither gives a dense speedup or a smaller dense checkpoint: zeros are multiplied and stored like any other "
+    "value. torch.nn.utils.prune is slower while its re-parametrisation is in place (weight_orig * weight_mask "
+    "recomputed every forward) and, saved in that state, stores two tensors per pruned weight."
+)
 
 
 def linear_modules(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
@@ -76,8 +78,13 @@ def prunable_sparsity(model: torch.nn.Module) -> float:
 
 def fine_tune(model: torch.nn.Module, ctx: dict, workdir: Path, callbacks: list) -> dict:
     timer = StepTimer()
-    trainer = Trainer(model=model, args=train_args(workdir, ctx["size"]), train_dataset=ctx["train"],
-                      data_collator=ctx["collator"], callbacks=[timer, *callbacks])
+    trainer = Trainer(
+        model=model,
+        args=train_args(workdir, ctx["size"]),
+        train_dataset=ctx["train"],
+        data_collator=ctx["collator"],
+        callbacks=[timer, *callbacks],
+    )
     seconds = timed_train(trainer)
     times = timer.step_times(skip=1 if ctx["size"]["steps"] <= 8 else 5)  # skip warm-up steps
     return {"train_s": seconds, "step_s": summarize(times)}
@@ -88,34 +95,57 @@ def saved(model: torch.nn.Module, ctx: dict, folder: Path) -> dict:
     model.save_pretrained(folder)
     weights = b"".join(f.read_bytes() for f in sorted(folder.glob("*.safetensors")))
     keys = list(model.state_dict())
-    out = {"disk_bytes": folder_size_bytes(folder), "zlib_weights_bytes": len(zlib.compress(weights, 1)),
-           "has_weight_orig_and_mask": any(k.endswith("weight_orig") for k in keys)}
+    out = {
+        "disk_bytes": folder_size_bytes(folder),
+        "zlib_weights_bytes": len(zlib.compress(weights, 1)),
+        "has_weight_orig_and_mask": any(k.endswith("weight_orig") for k in keys),
+    }
     reloaded = AutoModelForSequenceClassification.from_pretrained(folder)
     missing = [k for k in reloaded.state_dict() if k not in keys]  # re-initialised: not in the checkpoint
-    out["reload"] = {"accuracy": accuracy(reloaded, ctx), "missing_weights": len(missing),
-                     "example_missing": missing[0] if missing else None,
-                     "sparsity": prunable_sparsity(reloaded)}
+    out["reload"] = {
+        "accuracy": accuracy(reloaded, ctx),
+        "missing_weights": len(missing),
+        "example_missing": missing[0] if missing else None,
+        "sparsity": prunable_sparsity(reloaded),
+    }
     return out
 
 
 def print_tables(payload: dict) -> None:
     rows = payload["rows"]
-    table = [{"model": name, "target sparsity": r["target_sparsity"], "reached": f"{100 * r['sparsity_after']:.1f}%",
-              "acc one-shot": "-" if r["accuracy_oneshot"] is None else f"{100 * r['accuracy_oneshot']:.2f}",
-              "acc fine-tuned": f"{100 * r['accuracy']:.2f}", "step s": r["step_s"]["median"],
-              "step ratio": f"{r['step_ratio_vs_dense']:.3f}", "b1 ms": r["latency_ms"]["b1"]["median"],
-              "b32 ms": r["latency_ms"]["b32"]["median"]} for name, r in rows.items()]
-    print(f"\nUnstructured pruning, {payload['steps']} fine-tune steps (median step time, same run)\n"
-          + format_table(table))
+    table = [
+        {
+            "model": name,
+            "target sparsity": r["target_sparsity"],
+            "reached": f"{100 * r['sparsity_after']:.1f}%",
+            "acc one-shot": "-" if r["accuracy_oneshot"] is None else f"{100 * r['accuracy_oneshot']:.2f}",
+            "acc fine-tuned": f"{100 * r['accuracy']:.2f}",
+            "step s": r["step_s"]["median"],
+            "step ratio": f"{r['step_ratio_vs_dense']:.3f}",
+            "b1 ms": r["latency_ms"]["b1"]["median"],
+            "b32 ms": r["latency_ms"]["b32"]["median"],
+        }
+        for name, r in rows.items()
+    ]
+    print(
+        f"\nUnstructured pruning, {payload['steps']} fine-tune steps (median step time, same run)\n"
+        + format_table(table)
+    )
     table = []
     for name, r in rows.items():
         for state, s in r["saved"].items():
-            table.append({"model": name, "saved": state, "disk MB": s["disk_bytes"] / 1e6,
-                          "zlib weights MB": s["zlib_weights_bytes"] / 1e6,
-                          "weight_orig+mask": s["has_weight_orig_and_mask"],
-                          "reload acc": f"{100 * s['reload']['accuracy']:.2f}",
-                          "reload sparsity": f"{100 * s['reload']['sparsity']:.1f}%",
-                          "missing weights": s["reload"]["missing_weights"]})
+            table.append(
+                {
+                    "model": name,
+                    "saved": state,
+                    "disk MB": s["disk_bytes"] / 1e6,
+                    "zlib weights MB": s["zlib_weights_bytes"] / 1e6,
+                    "weight_orig+mask": s["has_weight_orig_and_mask"],
+                    "reload acc": f"{100 * s['reload']['accuracy']:.2f}",
+                    "reload sparsity": f"{100 * s['reload']['sparsity']:.1f}%",
+                    "missing weights": s["reload"]["missing_weights"],
+                }
+            )
     print("\nSaved with save_pretrained, reloaded with plain from_pretrained\n" + format_table(table))
     print(f"\nNote: {NOTE}")
 
@@ -123,8 +153,13 @@ def print_tables(payload: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_arguments(parser, "unstructured.json")
-    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.8],
-                        help="Fractions of the selected Linear weights zeroed, one pair of runs each.")
+    parser.add_argument(
+        "--sparsities",
+        type=float,
+        nargs="+",
+        default=[0.5, 0.8],
+        help="Fractions of the selected Linear weights zeroed, one pair of runs each.",
+    )
     args = parser.parse_args(argv)
     if any(not 0 < s < 1 for s in args.sparsities):
         parser.error(f"`--sparsities` must all be in (0, 1), got {args.sparsities}.")
@@ -136,8 +171,13 @@ def main(argv: list[str] | None = None) -> dict:
         workdir = Path(tmp)
         ctx = setup(args, workdir)
         teacher = ctx["teacher"]
-        payload |= {"teacher": ctx["teacher_info"], "steps": ctx["size"]["steps"], "sparsities": args.sparsities,
-                    "pruned_weights": len(prunable_weights(teacher)), "scope": "global (one threshold, all weights)"}
+        payload |= {
+            "teacher": ctx["teacher_info"],
+            "steps": ctx["size"]["steps"],
+            "sparsities": args.sparsities,
+            "pruned_weights": len(prunable_weights(teacher)),
+            "scope": "global (one threshold, all weights)",
+        }
         models = {"dense": copy.deepcopy(teacher).requires_grad_(True)}
         rows = {"dense": {"target_sparsity": 0.0, "accuracy_oneshot": None, "sparsity_before": 0.0}}
         callbacks = {"dense": []}
@@ -146,16 +186,27 @@ def main(argv: list[str] | None = None) -> dict:
             oneshot = copy.deepcopy(teacher)
             magnitude_prune(oneshot, sparsity)
             models[ours] = copy.deepcopy(teacher).requires_grad_(True)
-            callbacks[ours] = [PruningCallback(PruningConfig(target="unstructured", sparsity=sparsity,
-                                                             schedule="one_shot"))]
+            callbacks[ours] = [
+                PruningCallback(PruningConfig(target="unstructured", sparsity=sparsity, schedule="one_shot"))
+            ]
             models[theirs], callbacks[theirs] = torch_pruned(teacher, sparsity), []
-            masks_equal = all(torch.equal(a == 0, b == 0) for a, b in
-                              zip(prunable_weights(oneshot).values(), [m.weight for m, _ in linear_modules(
-                                  models[theirs])]))
-            rows[ours] = {"target_sparsity": sparsity, "accuracy_oneshot": accuracy(oneshot, ctx),
-                          "sparsity_before": sparsity_report(oneshot).prunable_sparsity}
-            rows[theirs] = {"target_sparsity": sparsity, "accuracy_oneshot": accuracy(models[theirs], ctx),
-                            "sparsity_before": prunable_sparsity(models[theirs]), "same_mask_as_ours": masks_equal}
+            masks_equal = all(
+                torch.equal(a == 0, b == 0)
+                for a, b in zip(
+                    prunable_weights(oneshot).values(), [m.weight for m, _ in linear_modules(models[theirs])]
+                )
+            )
+            rows[ours] = {
+                "target_sparsity": sparsity,
+                "accuracy_oneshot": accuracy(oneshot, ctx),
+                "sparsity_before": sparsity_report(oneshot).prunable_sparsity,
+            }
+            rows[theirs] = {
+                "target_sparsity": sparsity,
+                "accuracy_oneshot": accuracy(models[theirs], ctx),
+                "sparsity_before": prunable_sparsity(models[theirs]),
+                "same_mask_as_ours": masks_equal,
+            }
         for name, model in models.items():
             print(f"fine-tuning {name} ...", flush=True)
             rows[name] |= fine_tune(model, ctx, workdir / name, callbacks[name])

@@ -83,7 +83,7 @@ def time_ms(fns: Mapping[str, Callable[[], object]], repeats: int = 10, warmup: 
 
     The callables are timed interleaved (run ``i`` of each one back to back) after ``warmup`` untimed rounds, so a
     load change on a shared machine hits all of them alike. Runs under ``torch.inference_mode``, like
-    ``hf_compress.report.measure_latency``.
+    ``hf_compress.reporting.measure.measure_latency``.
 
     Example:
 

@@ -22,9 +22,9 @@ from common import machine_info, setup_threads, write_json
 from transformers import AutoTokenizer
 
 from hf_compress.cli import MODEL_STAGES, stage_reports
-from hf_compress.data import data_collator, load_text_dataset, resolve_model_path
 from hf_compress.loading import from_pretrained
-from hf_compress.report import format_table
+from hf_compress.recipes.data import data_collator, load_text_dataset, resolve_model_path
+from hf_compress.reporting.measure import format_table
 
 
 def matthews(pred: torch.Tensor, gold: torch.Tensor) -> float:
@@ -71,11 +71,21 @@ def main(argv: list[str] | None = None) -> dict:
     rows, results = [], {}
     for name, folder in folders.items():
         pred, gold = predict(folder, recipe["data"])
-        results[name] = {"accuracy": float((pred == gold).float().mean()), "mcc": matthews(pred, gold),
-                         "n": int(gold.numel()), "positive_rate": float(pred.float().mean())}
+        results[name] = {
+            "accuracy": float((pred == gold).float().mean()),
+            "mcc": matthews(pred, gold),
+            "n": int(gold.numel()),
+            "positive_rate": float(pred.float().mean()),
+        }
         result = results[name]
-        rows.append({"model": name, "accuracy": f"{100 * result['accuracy']:.2f}%", "MCC": f"{result['mcc']:.4f}",
-                     "predicted positive": f"{result['positive_rate']:.1%}"})
+        rows.append(
+            {
+                "model": name,
+                "accuracy": f"{100 * result['accuracy']:.2f}%",
+                "MCC": f"{result['mcc']:.4f}",
+                "predicted positive": f"{result['positive_rate']:.1%}",
+            }
+        )
     reference = next(iter(results.values()))
     for row, result in zip(rows, results.values()):
         row["MCC retention"] = f"{100 * result['mcc'] / reference['mcc']:.1f}%" if reference["mcc"] else "-"

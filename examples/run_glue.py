@@ -121,8 +121,10 @@ def main():
     logger.setLevel(log_level)
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
-    logger.warning(f"Process rank: {training_args.process_index}, device: {training_args.device}, "
-                   f"n_gpu: {training_args.n_gpu}, distributed: {training_args.parallel_mode.value == 'distributed'}")
+    logger.warning(
+        f"Process rank: {training_args.process_index}, device: {training_args.device}, "
+        f"n_gpu: {training_args.n_gpu}, distributed: {training_args.parallel_mode.value == 'distributed'}"
+    )
     set_seed(training_args.seed)
 
     raw_datasets = load_raw_datasets(data_args)
@@ -147,8 +149,12 @@ def main():
         return result
 
     with training_args.main_process_first(desc="dataset map pre-processing"):
-        raw_datasets = raw_datasets.map(preprocess_function, batched=True, desc="Running tokenizer on dataset",
-                                        remove_columns=reference.column_names)
+        raw_datasets = raw_datasets.map(
+            preprocess_function,
+            batched=True,
+            desc="Running tokenizer on dataset",
+            remove_columns=reference.column_names,
+        )
 
     train_dataset = eval_dataset = None
     if training_args.do_train:

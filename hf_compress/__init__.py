@@ -3,17 +3,17 @@
 >>> from hf_compress import DistillationTrainer, DistillationConfig, PruningCallback, PruningConfig
 """
 
-from .card_callback import ModelCardCallback, write_trainer_card
-from .distillation.cache import cache_teacher_outputs
-from .distillation.config import DistillationConfig
-from .distillation.losses import distillation_loss
-from .distillation.student import make_student
-from .distillation.trainer import DistillationTrainer
-from .loading import from_pretrained, save_pretrained
-from .pruning.callback import PruningCallback
-from .pruning.config import PruningConfig
-from .quantization import load_quantized, quantize_int8
-from .vocabulary import prune_vocabulary
+from hf_compress.distillation.cache import cache_teacher_outputs
+from hf_compress.distillation.config import DistillationConfig
+from hf_compress.distillation.losses import distillation_loss
+from hf_compress.distillation.student import make_student
+from hf_compress.distillation.trainer import DistillationTrainer
+from hf_compress.loading import from_pretrained, save_pretrained
+from hf_compress.pruning.callback import PruningCallback
+from hf_compress.pruning.config import PruningConfig
+from hf_compress.quantization.quantize import load_quantized, quantize_int8
+from hf_compress.reporting.card_callback import ModelCardCallback, write_trainer_card
+from hf_compress.vocabulary.prune import prune_vocabulary
 
 __version__ = "0.1.0"
 

@@ -10,7 +10,7 @@
 User errors (bad recipe, missing file, invalid value) print one ``error: ...`` line on stderr and exit with status 2,
 without a traceback (``--debug`` shows it). Under ``accelerate launch -m hf_compress.cli run recipe.yaml`` every
 process validates and trains; only the main process (accelerate's ``PartialState``) writes stage folders and
-reports (see ``hf_compress.pipeline``) and prints tables; the process group is destroyed before exit.
+reports (see ``hf_compress.recipes.pipeline``) and prints tables; the process group is destroyed before exit.
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hf_compress.plan import plan_recipe
-from hf_compress.recipe_checks import MODEL_STAGES
-from hf_compress.recipes import REPO_ROOT, RecipeError, dump_resolved, load_recipe
+from hf_compress.recipes.plan import plan_recipe
+from hf_compress.recipes.schema import RecipeError, dump_resolved, load_recipe
+from hf_compress.recipes.validate import MODEL_STAGES
+from hf_compress.shipped import shipped_path
 
 # `demo --quick`: the quick-start stages on a small slice of SST-2 (a couple of minutes on 2 CPU cores)
 QUICK_OVERRIDES = (
@@ -71,11 +72,8 @@ def _stage_logging():
 
 
 def packaged_recipe(name: str) -> Path:
-    """A recipe shipped inside the package (``hf_compress/recipes/<name>.yaml``), else the repository's copy."""
-    from importlib.resources import files
-
-    packaged = Path(str(files("hf_compress") / "recipes" / f"{name}.yaml"))
-    return packaged if packaged.is_file() else REPO_ROOT / "recipes" / f"{name}.yaml"
+    """The shipped recipe ``recipes/<name>.yaml`` (in the wheel, or in the source checkout)."""
+    return shipped_path("recipes", f"{name}.yaml")
 
 
 # ---------------------------------------------------------------------------------------------- stage folders
@@ -88,14 +86,18 @@ def stage_reports(out: str | Path) -> list[tuple[str, dict[str, Any]]]:
         raise FileNotFoundError(f"`DIR` {str(out)!r} does not exist; pass the --output-dir of `hf-compress run`.")
     found = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/report.json")}
     if not found:
-        raise FileNotFoundError(f"`DIR` {str(out)!r} has no stage folder with a report.json; run "
-                                f"`hf-compress run RECIPE --output-dir {out}` first.")
+        raise FileNotFoundError(
+            f"`DIR` {str(out)!r} has no stage folder with a report.json; run "
+            f"`hf-compress run RECIPE --output-dir {out}` first."
+        )
     order: list[str] = []
     if (out / "recipe.yaml").is_file():
         import yaml
 
-        order = [s.get("name") or s.get("type") for s in (yaml.safe_load((out / "recipe.yaml").read_text())
-                                                           or {}).get("stages", [])]
+        order = [
+            s.get("name") or s.get("type")
+            for s in (yaml.safe_load((out / "recipe.yaml").read_text()) or {}).get("stages", [])
+        ]
     rank = {name: i for i, name in enumerate(order)}
     names = sorted(found, key=lambda n: (rank.get(n, len(rank)), found[n].get("finished_at", ""), n))
     return [(name, found[name]) for name in names]
@@ -114,7 +116,7 @@ def _evaluation(out: str | Path, stages: list[tuple[str, dict]]) -> tuple[dict[s
 
 def report_rows(out: str | Path) -> list[dict[str, str]]:
     """One table row per model (teacher first): params, size, sparsity, metrics, latency and ratios to the teacher."""
-    from hf_compress.report import summary_row
+    from hf_compress.reporting.measure import summary_row
 
     stages = stage_reports(out)
     measured, reference_name = _evaluation(out, stages)
@@ -129,8 +131,9 @@ def report_rows(out: str | Path) -> list[dict[str, str]]:
     if not entries:
         raise FileNotFoundError(f"`DIR` {str(out)!r} has no finished model stage; run its recipe first.")
     reference = entries.get(reference_name)
-    return [summary_row(name, report, None if name == reference_name else reference)
-            for name, report in entries.items()]
+    return [
+        summary_row(name, report, None if name == reference_name else reference) for name, report in entries.items()
+    ]
 
 
 def final_model_folder(out: str | Path) -> Path:
@@ -148,8 +151,8 @@ def final_model_folder(out: str | Path) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from hf_compress.pipeline import run_recipe
-    from hf_compress.report import format_table
+    from hf_compress.recipes.pipeline import run_recipe
+    from hf_compress.reporting.measure import format_table
 
     recipe = load_recipe(args.recipe, args.set)
     out = Path(args.output_dir or Path("outputs") / recipe.name)
@@ -157,9 +160,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     with _stage_logging():
         reports = run_recipe(recipe, out, force=args.force)
     if is_main_process():
-        done = [{"stage": r.get("name"), "type": r.get("type"),
-                 "status": "reused" if r.get("skipped") else r.get("status", "?"),
-                 "elapsed": f"{r.get('elapsed_s', 0):.0f} s"} for r in reports]
+        done = [
+            {
+                "stage": r.get("name"),
+                "type": r.get("type"),
+                "status": "reused" if r.get("skipped") else r.get("status", "?"),
+                "elapsed": f"{r.get('elapsed_s', 0):.0f} s",
+            }
+            for r in reports
+        ]
         print("\n" + format_table(done))
         if any(r.get("type") in MODEL_STAGES for r in reports):
             print("\n" + format_table(report_rows(out)))
@@ -168,7 +177,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from hf_compress.report import format_table
+    from hf_compress.reporting.measure import format_table
 
     recipe = load_recipe(args.recipe, args.set)
     rows, matches = plan_recipe(recipe)
@@ -183,7 +192,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from hf_compress.report import format_table
+    from hf_compress.reporting.measure import format_table
 
     print(format_table(report_rows(args.dir), markdown=args.markdown))
     return 0
@@ -192,8 +201,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_card(args: argparse.Namespace) -> int:
     import yaml
 
-    from hf_compress.cards import write_card
-    from hf_compress.report_stages import card_metadata
+    from hf_compress.recipes.stages.report import card_metadata
+    from hf_compress.reporting.cards import write_card
 
     out = Path(args.dir)
     folder = final_model_folder(out)
@@ -204,15 +213,20 @@ def cmd_card(args: argparse.Namespace) -> int:
     evaluated, reference_name = _evaluation(out, stages)
     measured = evaluated.get(folder.name) or {**report.get("model", {}), "metrics": report.get("metrics") or {}}
     reference = evaluated.get(reference_name) if reference_name != folder.name else None
-    write_card(folder, model_name=f"{spec['name']}-{folder.name}" if spec.get("name") else folder.name,
-               report=measured if "params" in measured else None, reference_report=reference,
-               recipe=recipe_file.read_text() if recipe_file.is_file() else None, **card_metadata(spec))
+    write_card(
+        folder,
+        model_name=f"{spec['name']}-{folder.name}" if spec.get("name") else folder.name,
+        report=measured if "params" in measured else None,
+        reference_report=reference,
+        recipe=recipe_file.read_text() if recipe_file.is_file() else None,
+        **card_metadata(spec),
+    )
     print(f"Wrote {folder / 'README.md'}")
     return 0
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from hf_compress.hub import push_folder
+    from hf_compress.reporting.hub import push_folder
 
     folder = final_model_folder(args.dir)
     token = args.token or None
@@ -231,8 +245,9 @@ def demo_predictions(out: Path, sentences: Sequence[str] = DEMO_SENTENCES) -> li
     from hf_compress.loading import from_pretrained
 
     folder = Path(json.loads((out / "card" / "report.json").read_text())["model_dir"])
-    classify = pipeline("text-classification", model=from_pretrained(folder),
-                        tokenizer=AutoTokenizer.from_pretrained(folder))
+    classify = pipeline(
+        "text-classification", model=from_pretrained(folder), tokenizer=AutoTokenizer.from_pretrained(folder)
+    )
     predictions = classify(list(sentences))
     print(f"\npipeline('text-classification', model=hf_compress.from_pretrained({str(folder)!r})):")
     for sentence, prediction in zip(sentences, predictions):
@@ -242,8 +257,12 @@ def demo_predictions(out: Path, sentences: Sequence[str] = DEMO_SENTENCES) -> li
 
 def cmd_demo(args: argparse.Namespace) -> int:
     overrides = [*(QUICK_OVERRIDES if args.quick else ()), *args.set]
-    run = argparse.Namespace(recipe=str(packaged_recipe("quickstart")), set=overrides, force=args.force,
-                             output_dir=args.output_dir or str(Path("outputs") / "quickstart"))
+    run = argparse.Namespace(
+        recipe=str(packaged_recipe("quickstart")),
+        set=overrides,
+        force=args.force,
+        output_dir=args.output_dir or str(Path("outputs") / "quickstart"),
+    )
     code = cmd_run(run)
     if code == 0 and is_main_process() and (Path(run.output_dir) / "card" / "report.json").is_file():
         demo_predictions(Path(run.output_dir))
@@ -254,14 +273,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-compress", description="Pruning and knowledge distillation recipes "
-                                     "for Hugging Face models (see recipes/*.yaml).")
+    parser = argparse.ArgumentParser(
+        prog="hf-compress",
+        description="Pruning and knowledge distillation recipes for Hugging Face models (see recipes/*.yaml).",
+    )
     parser.add_argument("--debug", action="store_true", help="Show the traceback of errors.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def overrides(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                       help="Override a recipe value (YAML), e.g. stages.student.training.max_steps=50; repeatable.")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY.PATH=VALUE",
+            help="Override a recipe value (YAML), e.g. stages.student.training.max_steps=50; repeatable.",
+        )
 
     p = sub.add_parser("run", help="Validate a recipe, run its stages and print the report table.")
     p.add_argument("recipe", help="Recipe YAML file.")

@@ -19,8 +19,8 @@ import transformers
 from safetensors.torch import load_file
 from torch import nn
 
-from .pruning.architectures import get_family, unwrap
-from .pruning.surgery import layer_structure, prune_ffn_neurons, prune_heads, record_structure
+from hf_compress.models.families import get_family, unwrap
+from hf_compress.pruning.surgery import layer_structure, prune_ffn_neurons, prune_heads, record_structure
 
 _LOAD_KWARGS = ("dtype", "attn_implementation")  # what the structured path forwards to `_from_config`
 
@@ -109,7 +109,7 @@ def _slice_to(model: nn.Module, recorded: list[dict[str, int]]) -> None:
 
 def needs_loader(config: dict) -> bool:
     """Whether a ``config.json`` dict can only be loaded by :func:`from_pretrained` (recorded shapes or int8)."""
-    from .quantization import is_quantized
+    from hf_compress.quantization.quantize import is_quantized
 
     return is_quantized(config) or (config.get("hf_compress") or {}).get("layers") is not None
 
@@ -141,7 +141,7 @@ def from_pretrained(path: str | os.PathLike, trust_remote_code: bool = False, **
     >>> import hf_compress
     >>> model = hf_compress.from_pretrained("pruned-model")  # doctest: +SKIP
     """
-    from .quantization import is_quantized, load_quantized
+    from hf_compress.quantization.quantize import is_quantized, load_quantized
 
     path = os.fspath(path)
     config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)

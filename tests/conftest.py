@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+import yaml
 from transformers import PreTrainedTokenizerFast
+
+from hf_compress.models.families import block_module, get_family, head_counts, head_dim, kv_heads_for
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -28,22 +31,58 @@ def tiny_config(family: str, **overrides) -> transformers.PretrainedConfig:
     common = dict(vocab_size=VOCAB, num_labels=3, pad_token_id=0)
     if family in ("bert", "roberta"):
         cls = transformers.BertConfig if family == "bert" else transformers.RobertaConfig
-        kw = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
-                  max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        kw = dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
         if family == "roberta":
             kw.update(pad_token_id=1, bos_token_id=0, eos_token_id=2)
         cfg = cls(**{**common, **kw})
     elif family == "distilbert":
-        cfg = transformers.DistilBertConfig(**common, dim=16, hidden_dim=32, n_layers=4, n_heads=4,
-                                            max_position_embeddings=64, dropout=0.0, attention_dropout=0.0)
+        cfg = transformers.DistilBertConfig(
+            **common,
+            dim=16,
+            hidden_dim=32,
+            n_layers=4,
+            n_heads=4,
+            max_position_embeddings=64,
+            dropout=0.0,
+            attention_dropout=0.0,
+        )
     elif family == "gpt2":
-        cfg = transformers.GPT2Config(**common, n_embd=16, n_inner=32, n_layer=4, n_head=4, n_positions=64,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        cfg = transformers.GPT2Config(
+            **common,
+            n_embd=16,
+            n_inner=32,
+            n_layer=4,
+            n_head=4,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
     else:
-        cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-               "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
-        cfg = cls(**common, hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+        cls = {
+            "llama": transformers.LlamaConfig,
+            "mistral": transformers.MistralConfig,
+            "qwen2": transformers.Qwen2Config,
+            "qwen3": transformers.Qwen3Config,
+        }[family]
+        cfg = cls(
+            **common,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        )
         if family == "qwen3":
             cfg.head_dim = 4
     for key, value in overrides.items():
@@ -81,8 +120,14 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(VOCAB - 5)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
 
 
 def free_port() -> int:
@@ -104,8 +149,13 @@ def accelerate_launch(args: list[str], num_processes: int = 2, timeout: int = 12
     if num_processes > 1:
         command += ["--multi_gpu", "--main_process_port", str(free_port())]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "1",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+    }
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]  # a clean exit of every process included
     return result
@@ -114,3 +164,41 @@ def accelerate_launch(args: list[str], num_processes: int = 2, timeout: int = 12
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+def write_tsv(path: Path, rows: int = 30, quote: bool = True) -> Path:
+    lines = ["sentence\tlabel"]
+    for i in range(rows):
+        words = " ".join(f"w{(i + j) % 50}" for j in range(3 + i % 7))
+        if quote and i == 0:
+            words = '" w1 w2'  # a stray quote, as in SST-2 phrases
+        lines.append(f"{words}\t{i % 2}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_recipe(folder: Path, recipe: dict | str, name: str = "recipe.yaml") -> Path:
+    path = folder / name
+    path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def zero_slices(slices):
+    with torch.no_grad():
+        for module, name, dim, index in slices:
+            getattr(module, name).index_fill_(dim, index, 0.0)
+
+
+def value_slices(model, layer, heads):
+    """Only the value rows (and bias) of the KV heads serving ``heads``: the issue's definition of a pruned head."""
+    family = get_family(model)
+    dim = head_dim(model, layer)
+    kv = kv_heads_for(model, layer, heads)
+    index = torch.cat([torch.arange(h * dim, (h + 1) * dim) for h in kv])
+    if family.qkv is not None:
+        num_q, _ = head_counts(model, layer)
+        module, index = block_module(model, layer, "qkv"), index + 2 * num_q * dim
+        return [(module, "weight", 1, index), (module, "bias", 0, index)]
+    module = block_module(model, layer, "v")
+    out = [(module, "weight", 1 if family.conv1d else 0, index)]
+    return out + ([(module, "bias", 0, index)] if module.bias is not None else [])

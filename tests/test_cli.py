@@ -11,19 +11,25 @@ from pathlib import Path
 import pytest
 import yaml
 
-import hf_compress.hub
-import hf_compress.pipeline
+import hf_compress.recipes.pipeline
+import hf_compress.reporting.hub
 from hf_compress.cli import DEMO_SENTENCES, QUICK_OVERRIDES, demo_predictions, main, packaged_recipe
-from hf_compress.recipes import REPO_ROOT
+from hf_compress.recipes.schema import REPO_ROOT
 from tests.conftest import free_port, tiny_model, tiny_tokenizer
 
-TRAIN = {"max_steps": 2, "per_device_train_batch_size": 8, "use_cpu": True, "learning_rate": "1e-3",
-         "disable_tqdm": True}
+TRAIN = {
+    "max_steps": 2,
+    "per_device_train_batch_size": 8,
+    "use_cpu": True,
+    "learning_rate": "1e-3",
+    "disable_tqdm": True,
+}
 
 
 def write_rows(path: Path, rows: int = 20) -> Path:
-    lines = ["sentence\tlabel"] + [" ".join(f"w{(i + j) % 50}" for j in range(3 + i % 5)) + f"\t{i % 2}"
-                                   for i in range(rows)]
+    lines = ["sentence\tlabel"] + [
+        " ".join(f"w{(i + j) % 50}" for j in range(3 + i % 5)) + f"\t{i % 2}" for i in range(rows)
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -39,9 +45,13 @@ def inputs(tmp_path_factory) -> Path:
 
 
 def tiny_recipe(inputs: Path, stages: list[dict], name: str = "recipe.yaml") -> Path:
-    recipe = {"name": "tiny-cli", "seed": 0, "model": {"teacher": "teacher", "num_labels": 2},
-              "data": {"train": "rows.tsv", "eval": "rows.tsv", "text_column": "sentence", "max_length": 16},
-              "stages": stages}
+    recipe = {
+        "name": "tiny-cli",
+        "seed": 0,
+        "model": {"teacher": "teacher", "num_labels": 2},
+        "data": {"train": "rows.tsv", "eval": "rows.tsv", "text_column": "sentence", "max_length": 16},
+        "stages": stages,
+    }
     path = inputs / name
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
@@ -50,8 +60,12 @@ def tiny_recipe(inputs: Path, stages: list[dict], name: str = "recipe.yaml") -> 
 FULL = [
     {"name": "teacher", "type": "finetune_teacher", "training": TRAIN},
     {"name": "student", "type": "distill", "student": {"num_layers": 2}, "training": TRAIN},
-    {"name": "pruned", "type": "prune", "training": TRAIN,
-     "pruning": {"targets": {"heads": 0.5, "ffn_neurons": 0.5}, "schedule": "one_shot"}},
+    {
+        "name": "pruned",
+        "type": "prune",
+        "training": TRAIN,
+        "pruning": {"targets": {"heads": 0.5, "ffn_neurons": 0.5}, "schedule": "one_shot"},
+    },
     {"name": "int8", "type": "quantize"},
     {"type": "evaluate"},
     {"type": "card"},
@@ -80,8 +94,12 @@ def test_run_end_to_end_then_resume_report_and_card(inputs, tmp_path, capsys, mo
 
     assert main(["report", str(out)]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split()[0] == "model" and [line.split()[0] for line in table[2:]] == ["teacher", "student",
-                                                                                          "pruned", "int8"]
+    assert table[0].split()[0] == "model" and [line.split()[0] for line in table[2:]] == [
+        "teacher",
+        "student",
+        "pruned",
+        "int8",
+    ]
     (out / "int8" / "README.md").unlink()
     assert main(["card", str(out)]) == 0
     assert "Wrote" in capsys.readouterr().out
@@ -91,18 +109,29 @@ def test_run_end_to_end_then_resume_report_and_card(inputs, tmp_path, capsys, mo
 
 def fake_output(root: Path) -> Path:
     """An output folder as `run` leaves it: recipe.yaml and stage folders with report.json (no models)."""
-    stages = [("teacher", "finetune_teacher", 22_700_000, 90_900_000, 0.0, 0.889, 40.0),
-              ("student", "distill", 17_400_000, 69_600_000, 0.0, 0.875, 20.0),
-              ("int8", "quantize", 17_400_000, 17_500_000, 0.0, 0.871, 12.0)]
+    stages = [
+        ("teacher", "finetune_teacher", 22_700_000, 90_900_000, 0.0, 0.889, 40.0),
+        ("student", "distill", 17_400_000, 69_600_000, 0.0, 0.875, 20.0),
+        ("int8", "quantize", 17_400_000, 17_500_000, 0.0, 0.871, 12.0),
+    ]
     root.mkdir(parents=True, exist_ok=True)
-    (root / "recipe.yaml").write_text(yaml.safe_dump({"name": "fake", "stages": [
-        {"name": n, "type": t} for n, t, *_ in stages]}))
+    (root / "recipe.yaml").write_text(
+        yaml.safe_dump({"name": "fake", "stages": [{"name": n, "type": t} for n, t, *_ in stages]})
+    )
     for name, kind, params, size, sparsity, accuracy, ms in reversed(stages):
         (root / name).mkdir(parents=True)
-        model = {"params": {"total": params, "nonzero": params}, "sparsity": sparsity, "memory_bytes": size,
-                 "disk_bytes": size, "latency_ms": {"1": ms / 4, "32": ms}}
-        (root / name / "report.json").write_text(json.dumps({"name": name, "type": kind, "status": "done",
-                                                             "model": model, "metrics": {"accuracy": accuracy}}))
+        model = {
+            "params": {"total": params, "nonzero": params},
+            "sparsity": sparsity,
+            "memory_bytes": size,
+            "disk_bytes": size,
+            "latency_ms": {"1": ms / 4, "32": ms},
+        }
+        (root / name / "report.json").write_text(
+            json.dumps(
+                {"name": name, "type": kind, "status": "done", "model": model, "metrics": {"accuracy": accuracy}}
+            )
+        )
     (root / "evaluate").mkdir()
     (root / "evaluate" / "report.json").write_text(json.dumps({"name": "evaluate", "type": "evaluate"}))
     return root
@@ -113,8 +142,16 @@ def test_report_table_of_a_fake_output_dir(tmp_path, capsys):
     assert main(["report", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
     header = lines[0]
-    for column in ("model", "params (nonzero)", "size", "sparsity", "accuracy", "latency bs=32", "size x",
-                   "accuracy retention"):
+    for column in (
+        "model",
+        "params (nonzero)",
+        "size",
+        "sparsity",
+        "accuracy",
+        "latency bs=32",
+        "size x",
+        "accuracy retention",
+    ):
         assert column in header
     assert [line.split()[0] for line in lines[2:]] == ["teacher", "student", "int8"]  # recipe order, not mtime
     assert "17,400,000" in lines[4] and "5.19x" in lines[4] and "98.0%" in lines[4]
@@ -122,13 +159,16 @@ def test_report_table_of_a_fake_output_dir(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("| model |")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["run", "missing.yaml"], "error: `recipe` file 'missing.yaml' does not exist"),
-    (["check", "missing.yaml"], "error: `recipe` file 'missing.yaml' does not exist"),
-    (["report", "no_such_dir"], "error: `DIR` 'no_such_dir' does not exist"),
-    (["card", "no_such_dir"], "error: `DIR` 'no_such_dir' does not exist"),
-    (["run", "recipe.yaml", "--set", "nonsense"], "error: `--set nonsense` is not of the form key.path=value"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "missing.yaml"], "error: `recipe` file 'missing.yaml' does not exist"),
+        (["check", "missing.yaml"], "error: `recipe` file 'missing.yaml' does not exist"),
+        (["report", "no_such_dir"], "error: `DIR` 'no_such_dir' does not exist"),
+        (["card", "no_such_dir"], "error: `DIR` 'no_such_dir' does not exist"),
+        (["run", "recipe.yaml", "--set", "nonsense"], "error: `--set nonsense` is not of the form key.path=value"),
+    ],
+)
 def test_user_errors_exit_2_with_one_line_and_no_traceback(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "recipe.yaml").write_text("name: x\nmodel: {teacher: builtin:all-MiniLM-L6-v2, num_labels: 2}\n")
@@ -195,7 +235,7 @@ def test_push_goes_through_hub_without_network_and_never_prints_the_token(tmp_pa
     tiny_tokenizer().save_pretrained(folder)
     (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# card\n")
     (folder / "report.json").write_text(json.dumps({"name": "student", "type": "distill", "status": "done"}))
-    monkeypatch.setattr(hf_compress.hub, "HfApi", FakeApi)
+    monkeypatch.setattr(hf_compress.reporting.hub, "HfApi", FakeApi)
     FakeApi.calls = []
     secret = "hf_SECRETtoken123"
     assert main(["push", str(tmp_path / "out"), "me/tiny-student", "--private", "--token", secret]) == 0
@@ -221,7 +261,7 @@ def test_demo_runs_the_packaged_quickstart_with_quick_overrides(tmp_path, capsys
         fake_output(Path(output_dir))
         return [{"name": "teacher", "type": "finetune_teacher", "status": "done", "skipped": False, "elapsed_s": 1}]
 
-    monkeypatch.setattr(hf_compress.pipeline, "run_recipe", fake_run)
+    monkeypatch.setattr(hf_compress.recipes.pipeline, "run_recipe", fake_run)
     monkeypatch.chdir(tmp_path)
     assert main(["demo", "--quick"]) == 0
     assert seen["out"] == Path("outputs") / "quickstart"
@@ -231,12 +271,13 @@ def test_demo_runs_the_packaged_quickstart_with_quick_overrides(tmp_path, capsys
     assert recipe.stage("student").training["max_steps"] == 40
     assert "teacher" in capsys.readouterr().out
     assert len(QUICK_OVERRIDES) >= 4
-    assert packaged_recipe("quickstart").read_bytes() == (REPO_ROOT / "recipes" / "quickstart.yaml").read_bytes()
+    assert packaged_recipe("quickstart") == REPO_ROOT / "recipes" / "quickstart.yaml"  # the one copy
 
 
 def test_module_entry_point_runs():
-    result = subprocess.run([sys.executable, "-m", "hf_compress.cli", "check", "--help"], capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_compress.cli", "check", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and "--set KEY.PATH=VALUE" in result.stdout
 
 
@@ -245,11 +286,34 @@ def test_accelerate_launch_two_processes_prints_once(inputs, tmp_path):
     """`accelerate launch -m hf_compress.cli run`: both ranks train, only the main process writes and prints."""
     launcher = Path(sys.executable).parent / "accelerate"
     out = tmp_path / "out"
-    command = [str(launcher), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-               "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "hf_compress.cli", "run",
-               str(tiny_recipe(inputs, FULL[:2] + FULL[4:5], "dist.yaml")), "--output-dir", str(out)]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(REPO_ROOT)}
+    command = [
+        str(launcher),
+        "launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "hf_compress.cli",
+        "run",
+        str(tiny_recipe(inputs, FULL[:2] + FULL[4:5], "dist.yaml")),
+        "--output-dir",
+        str(out),
+    ]
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(REPO_ROOT),
+    }
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["evaluate", "recipe.yaml", "student", "teacher"]
@@ -260,10 +324,15 @@ def test_accelerate_launch_two_processes_prints_once(inputs, tmp_path):
 def test_demo_predictions_load_the_final_folder_into_a_pipeline(tmp_path, capsys):
     """The demo ends with `pipeline("text-classification")` on the final (int8, pruned) model of the run."""
     from hf_compress.pruning import prune_heads
-    from hf_compress.quantization import quantize_int8
+    from hf_compress.quantization.quantize import quantize_int8
 
-    model = tiny_model("bert", "seq_cls", num_labels=2, id2label={0: "negative", 1: "positive"},
-                       label2id={"negative": 0, "positive": 1})
+    model = tiny_model(
+        "bert",
+        "seq_cls",
+        num_labels=2,
+        id2label={0: "negative", 1: "positive"},
+        label2id={"negative": 0, "positive": 1},
+    )
     quantize_int8(prune_heads(model, {0: [1, 2]}))
     folder = tmp_path / "out" / "int8"
     model.save_pretrained(folder)

@@ -6,9 +6,8 @@ import pytest
 import yaml
 
 from hf_compress.loading import from_pretrained
-from hf_compress.pruning.architectures import get_layers, head_counts
-from tests.conftest import accelerate_launch, tiny_model, tiny_tokenizer
-from tests.test_data import write_tsv
+from hf_compress.models.families import get_layers, head_counts
+from tests.conftest import accelerate_launch, tiny_model, tiny_tokenizer, write_tsv
 
 ROWS, BATCH, STEPS = 32, 4, 3
 
@@ -20,12 +19,19 @@ def test_recipe_runs_on_two_processes(tmp_path):
     data = str(write_tsv(tmp_path / "train.tsv", rows=ROWS))
     train = {"max_steps": STEPS, "per_device_train_batch_size": BATCH, "learning_rate": 1e-3, "disable_tqdm": True}
     recipe = {
-        "name": "tiny", "seed": 0, "model": {"teacher": str(tmp_path / "teacher"), "num_labels": 2},
+        "name": "tiny",
+        "seed": 0,
+        "model": {"teacher": str(tmp_path / "teacher"), "num_labels": 2},
         "data": {"train": data, "eval": data, "text_column": "sentence", "max_length": 16},
         "stages": [
             {"name": "student", "type": "distill", "student": {"num_layers": 2}, "training": train},
-            {"name": "pruned", "type": "prune", "recovery": "distill", "training": train,
-             "pruning": {"targets": {"heads": 0.5, "ffn_neurons": 0.5}, "schedule": "one_shot"}},
+            {
+                "name": "pruned",
+                "type": "prune",
+                "recovery": "distill",
+                "training": train,
+                "pruning": {"targets": {"heads": 0.5, "ffn_neurons": 0.5}, "schedule": "one_shot"},
+            },
             {"name": "int8", "type": "quantize"},
         ],
     }

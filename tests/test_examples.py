@@ -9,20 +9,35 @@ import sys
 from pathlib import Path
 
 from hf_compress.loading import from_pretrained
-from hf_compress.pruning.architectures import head_counts
-from tests.conftest import tiny_model, tiny_tokenizer
-from tests.test_data import write_tsv
+from hf_compress.models.families import head_counts
+from tests.conftest import tiny_model, tiny_tokenizer, write_tsv
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "run_glue.py"
-COMMON = ["--do_train", "--do_eval", "--max_steps", "2", "--per_device_train_batch_size", "8", "--use_cpu",
-          "--report_to", "none", "--save_strategy", "no", "--max_seq_length", "16", "--disable_tqdm", "true"]
+COMMON = [
+    "--do_train",
+    "--do_eval",
+    "--max_steps",
+    "2",
+    "--per_device_train_batch_size",
+    "8",
+    "--use_cpu",
+    "--report_to",
+    "none",
+    "--save_strategy",
+    "no",
+    "--max_seq_length",
+    "16",
+    "--disable_tqdm",
+    "true",
+]
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -41,9 +56,24 @@ def test_run_glue_plain_then_distill_and_prune(tmp_path):
     assert from_pretrained(teacher).config.num_labels == 2
 
     student = tmp_path / "student"
-    run_script("--model_name_or_path", str(model_dir), "--teacher_name_or_path", str(teacher), *data, *COMMON,
-               "--output_dir", str(student), "--temperature", "2.0", "--alpha", "0.7",
-               "--prune_heads", "0.5", "--pruning_schedule", "one_shot")
+    run_script(
+        "--model_name_or_path",
+        str(model_dir),
+        "--teacher_name_or_path",
+        str(teacher),
+        *data,
+        *COMMON,
+        "--output_dir",
+        str(student),
+        "--temperature",
+        "2.0",
+        "--alpha",
+        "0.7",
+        "--prune_heads",
+        "0.5",
+        "--pruning_schedule",
+        "one_shot",
+    )
     train = json.loads((student / "train_results.json").read_text())
     assert train["sparsity/heads"] == 0.5  # the PruningCallback ran inside the DistillationTrainer
     pruned = from_pretrained(student)

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import hf_compress.loading as loading
-from hf_compress.pruning.architectures import head_counts
+from hf_compress.models.families import head_counts
 from hf_compress.pruning.surgery import drop_layers, prune_ffn_neurons, prune_heads
 from tests.conftest import DECODERS, FAMILIES, HEADS, tiny_inputs, tiny_model
 

@@ -40,8 +40,8 @@ from transformers import default_data_collator
 from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils import logging
 
-from .losses import TopKLogits
-from .teacher import LM_HEADS, detect_head
+from hf_compress.distillation.losses import TopKLogits
+from hf_compress.distillation.teacher import LM_HEADS, detect_head
 
 logger = logging.get_logger(__name__)
 

@@ -81,7 +81,7 @@ class DistillationConfig(TrainingArguments):
     layer_map: dict | str | None = field(
         default=None,
         metadata={
-            "help": "Student layer -> teacher layer map as JSON, e.g. '{\"0\": 1, \"1\": 3}'. Defaults to a uniform "
+            "help": 'Student layer -> teacher layer map as JSON, e.g. \'{"0": 1, "1": 3}\'. Defaults to a uniform '
             "spread with last layer mapped to last layer."
         },
     )
@@ -91,7 +91,7 @@ class DistillationConfig(TrainingArguments):
     teacher_model_init_kwargs: dict | str | None = field(
         default=None,
         metadata={
-            "help": "JSON kwargs for from_pretrained when the teacher is a path, e.g. '{\"dtype\": \"bfloat16\"}'."
+            "help": 'JSON kwargs for from_pretrained when the teacher is a path, e.g. \'{"dtype": "bfloat16"}\'.'
         },
     )
 

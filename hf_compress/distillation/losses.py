@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .chunked import IGNORE_INDEX, TopKLogits, _ChunkedKD
+from hf_compress.distillation.chunked import IGNORE_INDEX, TopKLogits, _ChunkedKD
 
 Divergence = Literal["kl", "reverse_kl", "jsd", "mse"]
 HiddenLoss = Literal["mse", "cosine"]

@@ -6,8 +6,8 @@ import copy
 
 from torch import nn
 
-from ..pruning.architectures import get_family, get_layers, unwrap
-from ..pruning.surgery import drop_layers
+from hf_compress.models.families import get_family, get_layers, unwrap
+from hf_compress.pruning.surgery import drop_layers
 
 
 def evenly_spaced_layers(num_teacher_layers: int, num_layers: int) -> list[int]:

@@ -18,11 +18,11 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, unwrap_peft_model
 from transformers.utils import logging
 
-from ..card_callback import model_card_callback, write_trainer_card
-from .cache import CACHE_COLUMNS, TeacherCacheCollator, has_teacher_cache, pop_teacher_outputs
-from .config import default_layer_map, distillation_options
-from .losses import attention_loss, distillation_loss, hidden_state_loss, soft_loss
-from .teacher import HEADS, LM_HEADS, build_teacher, check_compatible, detect_head
+from hf_compress.distillation.cache import CACHE_COLUMNS, TeacherCacheCollator, has_teacher_cache, pop_teacher_outputs
+from hf_compress.distillation.config import default_layer_map, distillation_options
+from hf_compress.distillation.losses import attention_loss, distillation_loss, hidden_state_loss, soft_loss
+from hf_compress.distillation.teacher import HEADS, LM_HEADS, build_teacher, check_compatible, detect_head
+from hf_compress.reporting.card_callback import model_card_callback, write_trainer_card
 
 # `HEADS`, `LM_HEADS` and `detect_head` live in `teacher.py`; they stay importable from here (cache.py, tests).
 __all__ = ["HEADS", "LM_HEADS", "DistillationTrainer", "detect_head"]
@@ -131,8 +131,14 @@ class DistillationTrainer(Trainer):
     def _build_teacher(self, teacher: PreTrainedModel | nn.Module | str | None) -> nn.Module:
         kd = self.distillation_args
         dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
-        return build_teacher(teacher, self._head, kd["teacher_model_init_kwargs"], kd["attention_loss_weight"] > 0,
-                             self.accelerator.device, dtype)
+        return build_teacher(
+            teacher,
+            self._head,
+            kd["teacher_model_init_kwargs"],
+            kd["attention_loss_weight"] > 0,
+            self.accelerator.device,
+            dtype,
+        )
 
     def _check_compatible(self, student: nn.Module, teacher: nn.Module) -> None:
         check_compatible(student, teacher, self._head, self.processing_class)
@@ -263,8 +269,12 @@ class DistillationTrainer(Trainer):
     def _logit_terms(self, outputs, teacher_outputs, inputs, targets, num_items_in_batch):
         """`alpha * soft + (1 - alpha) * hard` over the head's logits (start and end logits averaged for QA)."""
         kd = self.distillation_args
-        common = dict(temperature=kd["temperature"], divergence=kd["distillation_loss"], beta=kd["jsd_beta"],
-                      chunk_size=kd["loss_chunk_size"])
+        common = dict(
+            temperature=kd["temperature"],
+            divergence=kd["distillation_loss"],
+            beta=kd["jsd_beta"],
+            chunk_size=kd["loss_chunk_size"],
+        )
         pairs = TARGETS.get(self._head, {"logits": "labels"})
         total, soft, hard = 0.0, 0.0, 0.0
         for logits_key, target_key in pairs.items():
@@ -279,9 +289,15 @@ class DistillationTrainer(Trainer):
                 parts = {"soft": part, "hard": torch.zeros_like(part)}
             else:
                 part, parts = distillation_loss(
-                    student, teacher, labels, alpha=kd["alpha"], shift_labels=self._head == "causal_lm",
-                    num_items_in_batch=num_items_in_batch, label_smoothing=self.args.label_smoothing_factor,
-                    return_components=True, **common,
+                    student,
+                    teacher,
+                    labels,
+                    alpha=kd["alpha"],
+                    shift_labels=self._head == "causal_lm",
+                    num_items_in_batch=num_items_in_batch,
+                    label_smoothing=self.args.label_smoothing_factor,
+                    return_components=True,
+                    **common,
                 )
             total, soft, hard = total + part, soft + parts["soft"], hard + parts["hard"]
         n = len(pairs)
@@ -346,8 +362,10 @@ class DistillationTrainer(Trainer):
         path = Path(resume_from_checkpoint) / PROJECTION_FILE
         if self.hidden_projection is not None:
             if not path.is_file():
-                logger.warning(f"{resume_from_checkpoint} has no {PROJECTION_FILE}: the hidden-state projection "
-                               "restarts from its initialisation.")
+                logger.warning(
+                    f"{resume_from_checkpoint} has no {PROJECTION_FILE}: the hidden-state projection "
+                    "restarts from its initialisation."
+                )
                 return
             self.accelerator.unwrap_model(self.hidden_projection).load_state_dict(load_file(str(path)))
 
@@ -359,18 +377,35 @@ class DistillationTrainer(Trainer):
         if not _internal_call and self.args.should_save:
             write_trainer_card(self, output_dir or self.args.output_dir)
 
-    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
-                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None) -> None:
+    def create_model_card(
+        self,
+        language=None,
+        license=None,
+        tags=None,
+        model_name=None,
+        finetuned_from=None,
+        tasks=None,
+        dataset_tags=None,
+        dataset=None,
+        dataset_args=None,
+    ) -> None:
         """Write hf_compress's card to `args.output_dir/README.md` (`push_to_hub` uploads it); see
-        [`~hf_compress.card_callback.write_trainer_card`]. `tasks` and `dataset_args` are unused (`config.json` has
-        the task)."""
-        from hf_compress.card_callback import write_trainer_card
+        [`~hf_compress.reporting.card_callback.write_trainer_card`]. `tasks` and `dataset_args` are unused
+        (`config.json` has the task)."""
+        from hf_compress.reporting.card_callback import write_trainer_card
 
         if self.is_world_process_zero():
             datasets = dataset if dataset is not None else dataset_tags
-            write_trainer_card(self, self.args.output_dir, model_name=model_name, base_model=finetuned_from,
-                               datasets=[datasets] if isinstance(datasets, str) else datasets,
-                               methods=[tags] if isinstance(tags, str) else tags, language=language, license=license)
+            write_trainer_card(
+                self,
+                self.args.output_dir,
+                model_name=model_name,
+                base_model=finetuned_from,
+                datasets=[datasets] if isinstance(datasets, str) else datasets,
+                methods=[tags] if isinstance(tags, str) else tags,
+                language=language,
+                license=license,
+            )
 
 
 def _get(outputs, key: str, who: str) -> torch.Tensor:

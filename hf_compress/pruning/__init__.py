@@ -3,7 +3,7 @@
 >>> from hf_compress.pruning import magnitude_prune, prune_heads, prune_ffn_neurons, drop_layers, sparsity_report
 """
 
-from .surgery import drop_layers, prune_ffn_neurons, prune_heads
-from .unstructured import magnitude_prune, sparsity_report
+from hf_compress.pruning.surgery import drop_layers, prune_ffn_neurons, prune_heads
+from hf_compress.pruning.unstructured import magnitude_prune, sparsity_report
 
 __all__ = ["drop_layers", "magnitude_prune", "prune_ffn_neurons", "prune_heads", "sparsity_report"]

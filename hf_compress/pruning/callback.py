@@ -32,10 +32,17 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 
-from .architectures import unwrap
-from .config import PruningConfig
-from .importance import block_influence_scores, head_groups, layer_scores, layer_unit_scores, unit_layout, unit_scores
-from .masks import (
+from hf_compress.models.families import unwrap
+from hf_compress.pruning.config import PruningConfig
+from hf_compress.pruning.importance import (
+    block_influence_scores,
+    head_groups,
+    layer_scores,
+    layer_unit_scores,
+    unit_layout,
+    unit_scores,
+)
+from hf_compress.pruning.masks import (
     MASKS_NAME,
     PruningMasks,
     load_masks,
@@ -48,9 +55,9 @@ from .masks import (
     save_masks,
     select_units,
 )
-from .schedules import is_pruning_step, sparsity_at
-from .surgery import skip_layers
-from .unstructured import magnitude_masks, prunable_weights
+from hf_compress.pruning.schedules import is_pruning_step, sparsity_at
+from hf_compress.pruning.surgery import skip_layers
+from hf_compress.pruning.unstructured import magnitude_masks, prunable_weights
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +165,10 @@ class PruningCallback(TrainerCallback):
         self._layouts = {}
         self._end_step = self.config.end_step if self.config.end_step is not None else state.max_steps
         if self._end_step > state.max_steps:
-            logger.warning(f"`end_step`={self._end_step} is past the last step {state.max_steps}; the final "
-                           "sparsity will not be reached.")
+            logger.warning(
+                f"`end_step`={self._end_step} is past the last step {state.max_steps}; the final "
+                "sparsity will not be reached."
+            )
         if self.masks is None:
             names = list(prunable_weights(model)) if "unstructured" in self.config.targets else None
             self.masks = PruningMasks.full(model, list(self.config.targets), names)
@@ -203,8 +212,11 @@ class PruningCallback(TrainerCallback):
         if self.masks is None or not args.should_save or not os.path.isdir(folder):
             return
         save_masks(self.masks, os.path.join(folder, MASKS_NAME), extra=self._taylor)  # unit sums: resumable
-        info = {"global_step": state.global_step, "sparsity": self.masks.sparsity(),
-                "config": dataclasses.asdict(self.config)}
+        info = {
+            "global_step": state.global_step,
+            "sparsity": self.masks.sparsity(),
+            "config": dataclasses.asdict(self.config),
+        }
         with open(os.path.join(folder, STATE_NAME), "w") as f:
             json.dump(info, f, indent=2)
 
@@ -288,8 +300,11 @@ class PruningCallback(TrainerCallback):
         iterator still draws one base seed from the global RNG)."""
         if train_dataloader is None:
             raise ValueError("`importance`='block_influence' needs the Trainer's training data for calibration.")
-        loader = DataLoader(train_dataloader.dataset, batch_size=args.per_device_train_batch_size,
-                            collate_fn=train_dataloader.collate_fn)
+        loader = DataLoader(
+            train_dataloader.dataset,
+            batch_size=args.per_device_train_batch_size,
+            collate_fn=train_dataloader.collate_fn,
+        )
         for index, batch in enumerate(loader):
             if index >= self.config.calibration_batches:
                 return
@@ -363,7 +378,7 @@ class PruningCallback(TrainerCallback):
         targets = self.config.structured_targets
         if not targets:
             return
-        from . import surgery
+        from hf_compress.pruning import surgery
 
         dropped = self.masks.removed("layers") if "layers" in targets else []
         heads = {k: v for k, v in self.masks.removed("heads").items() if k not in dropped}

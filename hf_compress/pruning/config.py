@@ -75,7 +75,7 @@ class PruningConfig:
     )
     targets: dict[str, float] | str | None = field(
         default=None,
-        metadata={"help": 'Per-target final sparsities as a dict / JSON string, e.g. \'{"heads": 0.3}\'.'},
+        metadata={"help": "Per-target final sparsities as a dict / JSON string, e.g. '{\"heads\": 0.3}'."},
     )
     schedule: Literal["one_shot", "linear", "cubic"] = field(
         default="cubic", metadata={"help": "Sparsity schedule between start_step and end_step."}
@@ -92,9 +92,7 @@ class PruningConfig:
         default="global", metadata={"help": "Rank units across all layers (global) or within each layer (local)."}
     )
     min_heads_per_layer: int = field(default=1, metadata={"help": "Attention heads every layer keeps (>= 1)."})
-    calibration_batches: int = field(
-        default=8, metadata={"help": "Training batches used to compute block influence."}
-    )
+    calibration_batches: int = field(default=8, metadata={"help": "Training batches used to compute block influence."})
 
     def __post_init__(self):
         self.targets = self._resolve_targets()
@@ -120,9 +118,7 @@ class PruningConfig:
                 "use 'magnitude' or 'taylor' for the other targets."
             )
         if self.importance == "taylor" and "unstructured" in self.targets:
-            raise ValueError(
-                "`importance`='taylor' is not supported for the 'unstructured' target; use 'magnitude'."
-            )
+            raise ValueError("`importance`='taylor' is not supported for the 'unstructured' target; use 'magnitude'.")
         if self.importance == "taylor" and self.start_step == 0:
             raise ValueError(
                 "`start_step` must be >= 1 with `importance`='taylor' (gradients are needed before pruning), got 0."

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from .architectures import ffn_size, get_layers, head_counts, head_slices, neuron_slices
+from hf_compress.models.families import ffn_size, get_layers, head_counts, head_slices, neuron_slices
 
 
 def magnitude_score(tensors: Sequence[torch.Tensor], p: float = 2.0) -> torch.Tensor:
@@ -148,9 +148,7 @@ def unit_layout(model: nn.Module, target: str) -> UnitLayout:
     return layout
 
 
-def layer_unit_scores(
-    num_units: int, rows: list[UnitRows], method: str = "magnitude", p: float = 2.0
-) -> torch.Tensor:
+def layer_unit_scores(num_units: int, rows: list[UnitRows], method: str = "magnitude", p: float = 2.0) -> torch.Tensor:
     """Scores of the ``num_units`` units of one layer of a :data:`UnitLayout`, on the parameters' device.
 
     Each parameter is reduced to one value per position along its unit dimension (``sum |w|^p`` or

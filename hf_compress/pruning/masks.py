@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .architectures import ffn_size, get_layers, head_counts, head_slices, neuron_slices, unwrap
+from hf_compress.models.families import ffn_size, get_layers, head_counts, head_slices, neuron_slices, unwrap
 
 MASKS_NAME = "pruning_masks.safetensors"
 
@@ -108,8 +108,11 @@ class PruningMasks:
     def sparsity(self) -> dict[str, float]:
         """Fraction removed of each target present."""
         out = {}
-        for target, values in (("heads", self.heads.values()), ("ffn_neurons", self.ffn_neurons.values()),
-                               ("unstructured", self.weights.values())):
+        for target, values in (
+            ("heads", self.heads.values()),
+            ("ffn_neurons", self.ffn_neurons.values()),
+            ("unstructured", self.weights.values()),
+        ):
             values = list(values)
             if values:
                 total = sum(v.numel() for v in values)
@@ -334,8 +337,8 @@ def select_units(
     >>> select_units({0: torch.tensor([3.0, 1.0, 2.0])}, {0: torch.ones(3, dtype=torch.bool)}, 0.34)
     {0: tensor([ True, False,  True])}
     """
-    from .importance import normalize_per_layer
-    from .schedules import units_to_remove
+    from hf_compress.pruning.importance import normalize_per_layer
+    from hf_compress.pruning.schedules import units_to_remove
 
     layers = sorted(scores)
     if scope == "global":
@@ -381,7 +384,7 @@ def removes_more(keep: dict, sparsity: float, scope: str = "global") -> bool:
     >>> removes_more({0: torch.tensor([True, False, True, True])}, 0.25)
     False
     """
-    from .schedules import units_to_remove
+    from hf_compress.pruning.schedules import units_to_remove
 
     groups = [list(keep.values())] if scope == "global" else [[mask] for mask in keep.values()]
     for group in groups:

@@ -1,7 +1,7 @@
 """Physically remove attention heads, FFN neurons and whole blocks, keeping the config in step.
 
 Every function works in place on any supported head (base, classification, LM ...) and returns the model. Parameter
-slices come from :mod:`hf_compress.pruning.architectures`; here we keep their complement, fix the modules' shape
+slices come from :mod:`hf_compress.models.families`; here we keep their complement, fix the modules' shape
 attributes and update the config. Config fields the family can express (uniform FFN width, layer count,
 Llama-family head counts) are rewritten so that plain ``AutoModel.from_pretrained`` rebuilds the model. Anything else
 (per-layer differences, fewer heads where head width is ``hidden_size / num_heads``) is recorded per layer in
@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformers.pytorch_utils import Conv1D
 
-from .architectures import (
+from hf_compress.models.families import (
     Family,
     block_module,
     ffn_size,

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .architectures import unwrap
-from .schedules import units_to_remove
+from hf_compress.models.families import unwrap
+from hf_compress.pruning.schedules import units_to_remove
 
 DENSE_NOTE = (
     "Unstructured zeros are stored densely: size_bytes is the dense storage, and dense kernels get no speedup."
@@ -143,8 +143,11 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
     for name, weight in prunable_weights(model, include="*").items():
         total = weight.numel()
         zeros = total - int(torch.count_nonzero(weight.detach()))
-        report.modules[name.removesuffix(".weight")] = {"total": total, "nonzero": total - zeros,
-                                                        "sparsity": zeros / max(total, 1)}
+        report.modules[name.removesuffix(".weight")] = {
+            "total": total,
+            "nonzero": total - zeros,
+            "sparsity": zeros / max(total, 1),
+        }
         module_total += total
         module_zeros += zeros
     report.sparsity = 1 - report.nonzero_params / max(report.total_params, 1)

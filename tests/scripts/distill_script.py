@@ -28,8 +28,10 @@ def dataset(n: int, seq: int = 8) -> list[dict[str, torch.Tensor]]:
     ids = tiny_inputs(n, seq, seed=7)["input_ids"]
     labels = ids.clone()
     labels[::3, : seq // 2] = -100  # uneven label counts per sample
-    return [{"input_ids": ids[i], "attention_mask": torch.ones(seq, dtype=torch.long), "labels": labels[i]}
-            for i in range(n)]
+    return [
+        {"input_ids": ids[i], "attention_mask": torch.ones(seq, dtype=torch.long), "labels": labels[i]}
+        for i in range(n)
+    ]
 
 
 def main() -> None:
@@ -44,9 +46,21 @@ def main() -> None:
     calls = []
     teacher.register_forward_hook(lambda *_: calls.append(1))
     args = DistillationConfig(
-        output_dir=cli.output_dir, max_steps=cli.steps, per_device_train_batch_size=cli.batch_size,
-        learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
-        report_to="none", use_cpu=True, seed=0, temperature=2.0, alpha=0.5, hidden_loss_weight=0.5, disable_tqdm=True,
+        output_dir=cli.output_dir,
+        max_steps=cli.steps,
+        per_device_train_batch_size=cli.batch_size,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        temperature=2.0,
+        alpha=0.5,
+        hidden_loss_weight=0.5,
+        disable_tqdm=True,
         ddp_find_unused_parameters=False,
     )
     data = dataset(8 * cli.steps)
@@ -59,8 +73,14 @@ def main() -> None:
     if trainer.is_world_process_zero():
         history = [entry for entry in trainer.state.log_history if "loss" in entry]
         with open(os.path.join(cli.output_dir, "losses.json"), "w") as f:
-            json.dump({"loss": [h["loss"] for h in history], "loss_soft": [h["loss_soft"] for h in history],
-                       "loss_hidden": [h["loss_hidden"] for h in history]}, f)
+            json.dump(
+                {
+                    "loss": [h["loss"] for h in history],
+                    "loss_soft": [h["loss_soft"] for h in history],
+                    "loss_hidden": [h["loss_hidden"] for h in history],
+                },
+                f,
+            )
     shutdown_distributed(trainer)
 
 

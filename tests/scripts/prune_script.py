@@ -49,11 +49,20 @@ def main() -> None:
     ids = tiny_inputs(32, 8, seed=3)["input_ids"]
     data = [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i} for i in ids]
     args = TrainingArguments(
-        output_dir=cli.output_dir, max_steps=cli.steps, per_device_train_batch_size=2, learning_rate=5e-2,
-        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
+        output_dir=cli.output_dir,
+        max_steps=cli.steps,
+        per_device_train_batch_size=2,
+        learning_rate=5e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
     )
-    config = PruningConfig(targets={"heads": 0.5, "ffn_neurons": 0.5}, schedule="linear", start_step=1,
-                           end_step=4, importance="taylor")
+    config = PruningConfig(
+        targets={"heads": 0.5, "ffn_neurons": 0.5}, schedule="linear", start_step=1, end_step=4, importance="taylor"
+    )
     pruning = PruningCallback(config)
     model = tiny_model("llama", "causal_lm", seed=0).train()
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[pruning])
@@ -61,8 +70,10 @@ def main() -> None:
     trainer.add_callback(noise)
     trainer.train()
     rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
-    removed = {key: {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
-               for key, value in pruning.removed.items()}
+    removed = {
+        key: {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+        for key, value in pruning.removed.items()
+    }
     with open(os.path.join(cli.output_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"world_size": world, "fingerprints": noise.fingerprints, "removed": removed}, f)
     shutdown_distributed(trainer)

@@ -1,0 +1,166 @@
+"""Dry-run plan of a recipe (``hf-compress check``): expected shapes, parameter counts and sizes of every stage.
+
+Every model is built from its config on the meta device: no weight is read and nothing is written. Pruning stages
+apply the same fraction to every layer with the real surgery functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hf_compress.recipes.validate import MODEL_STAGES
+
+
+def _meta_model(path: str, task: str, num_labels: int | None):
+    """The model of folder ``path`` built from its config on the meta device: shapes only, no weights, no memory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from hf_compress.recipes.data import resolve_model_path
+
+    kwargs = {"num_labels": num_labels} if task == "sequence-classification" and num_labels else {}
+    config = AutoConfig.from_pretrained(resolve_model_path(path), **kwargs)
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    with torch.device("meta"):
+        return auto.from_config(config)
+
+
+def _where(model, target: str) -> str:
+    """Module names a pruning target acts on, e.g. ``bert.encoder.layer.{0-5}.attention.self.{query,key,value}``."""
+    from hf_compress.models.families import get_family, get_layers
+
+    family, layers = get_family(model), get_layers(model)
+    prefix = next(name for name, module in model.named_modules() if module is layers) + f".{{0-{len(layers) - 1}}}"
+    roles = {"heads": ("q", "k", "v", "qkv", "o"), "ffn_neurons": ("up", "gate", "down"), "layers": ()}[target]
+    paths = [getattr(family, role) for role in roles if getattr(family, role)]
+    return prefix + (f".{{{','.join(paths)}}}" if paths else "")
+
+
+def _prune_plan(model, name: str, pruning: dict[str, Any]) -> tuple[int, list[str]]:
+    """Apply the expected structured pruning to a meta ``model`` (uniform per layer); return zeroed weights, lines."""
+    from hf_compress.models.families import ffn_size, get_layers, head_counts
+    from hf_compress.pruning.config import PruningConfig
+    from hf_compress.pruning.importance import head_groups
+    from hf_compress.pruning.schedules import units_to_remove
+    from hf_compress.pruning.surgery import drop_layers, prune_ffn_neurons, prune_heads
+    from hf_compress.pruning.unstructured import prunable_weights
+
+    config, lines, zeroed = PruningConfig(**pruning), [], 0
+    for target, sparsity in config.targets.items():
+        total = len(get_layers(model))
+        if target == "unstructured":
+            weights = sum(w.numel() for w in prunable_weights(model).values())
+            zeroed = int(sparsity * weights)
+            lines.append(
+                f"  {name}: unstructured {sparsity:.0%} of {len(prunable_weights(model))} Linear weights "
+                f"({weights:,} values, output head excluded) -> {zeroed:,} zeros"
+            )
+            continue
+        where = _where(model, target)
+        if target == "layers":
+            k = units_to_remove(sparsity, total)
+            drop_layers(model, list(range(total - 1 - k, total - 1)))
+            lines.append(f"  {name}: layers {sparsity:.0%} of {where} -> {k} of {total} blocks dropped")
+        elif target == "heads":
+            heads = {}
+            for i in range(total):
+                groups, per = head_groups(model, i), head_counts(model, i)[0] // len(head_groups(model, i))
+                k = min(units_to_remove(sparsity, len(groups)), len(groups) - -(-config.min_heads_per_layer // per))
+                heads[i] = [h for group in groups[:k] for h in group]
+            before = sum(head_counts(model, i)[0] for i in range(total))
+            prune_heads(model, heads)
+            lines.append(
+                f"  {name}: heads {sparsity:.0%} of {where} -> {sum(map(len, heads.values()))} of "
+                f"{before} heads removed"
+            )
+        else:
+            neurons = {i: list(range(units_to_remove(sparsity, ffn_size(model, i)))) for i in range(total)}
+            before = sum(ffn_size(model, i) for i in range(total))
+            prune_ffn_neurons(model, neurons)
+            lines.append(
+                f"  {name}: ffn_neurons {sparsity:.0%} of {where} -> {sum(map(len, neurons.values())):,} of "
+                f"{before:,} neurons removed"
+            )
+    return zeroed, lines
+
+
+def _meta_counts(model) -> tuple[int, int]:
+    """``(parameters, bytes)`` of a meta-device model; int8 codes count as the weights they encode."""
+    from torch import nn
+
+    from hf_compress.quantization.quantize import Int8Embedding, Int8Linear
+
+    tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}
+    params = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        if isinstance(module, Int8Linear | Int8Embedding):
+            params += module.qweight.numel() * (2 if getattr(module, "bits", 8) == 4 else 1)
+            bias = getattr(module, "bias", None)
+            params += bias.numel() if bias is not None and not isinstance(bias, nn.Parameter) else 0
+    return params, sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _shape_row(name: str, kind: str, model, zeroed: int, reference_bytes: int | None) -> dict[str, str]:
+    from hf_compress.models.families import ffn_size, get_layers, head_counts
+    from hf_compress.reporting.measure import _human_bytes
+
+    def span(values: list[int]) -> str:
+        return "-" if not values else str(values[0]) if min(values) == max(values) else f"{min(values)}-{max(values)}"
+
+    try:
+        total = len(get_layers(model))
+    except ValueError:  # a family hf_compress cannot slice: sizes only
+        total = 0
+    params, size = _meta_counts(model)
+    return {
+        "stage": name,
+        "type": kind,
+        "layers": str(total or "-"),
+        "heads/layer": span([head_counts(model, i)[0] for i in range(total)]),
+        "ffn/layer": span([ffn_size(model, i) for i in range(total)]),
+        "params (nonzero)": f"{params - zeroed:,}",
+        "size (fp32 / int8)": _human_bytes(size),
+        "size x": f"{reference_bytes / size:.1f}x" if reference_bytes else "1.0x",
+    }
+
+
+def plan_recipe(recipe) -> tuple[list[dict[str, str]], list[str]]:
+    """Expected shape, parameter count and size after each model stage, and what each prune target matches.
+
+    Models are built from their configs on the meta device (no weights read, nothing written); pruning removes the
+    same fraction in every layer, so `scope: global` runs may distribute the removed units differently.
+    """
+    import copy
+
+    from hf_compress.distillation.student import make_student
+    from hf_compress.quantization.quantize import quantize_int8
+
+    teacher = _meta_model(recipe.model.teacher, recipe.model.task, recipe.model.num_labels)
+    reference = _meta_counts(teacher)[1]
+    rows, lines = [_shape_row("teacher (input)", "-", teacher, 0, None)], ["Pruning targets:"]
+    current, zeroed = teacher, 0
+    for stage in recipe.stages:
+        if stage.type == "distill":
+            model = stage.student.get("model")
+            current = (
+                _meta_model(model, recipe.model.task, recipe.model.num_labels)
+                if model
+                else make_student(teacher, **stage.student)
+            )
+            zeroed = 0
+        elif stage.type == "prune":
+            current = copy.deepcopy(current)
+            extra, found = _prune_plan(current, stage.name, stage.pruning)
+            zeroed, lines = zeroed + extra, lines + found
+        elif stage.type == "quantize":
+            current = quantize_int8(copy.deepcopy(current), **stage.quantization)
+        elif stage.type == "prune_vocabulary":
+            from hf_compress.recipes.stages.vocabulary import plan_vocabulary
+
+            on_teacher = current is teacher
+            current, vocab = plan_vocabulary(copy.deepcopy(current), recipe, stage)
+            teacher = current if on_teacher else teacher
+            lines.append(f"  {stage.name}: vocabulary {vocab.original_vocab_size:,} -> {vocab.kept_vocab_size:,} ids")
+        if stage.type in MODEL_STAGES or stage.type == "prune_vocabulary":
+            rows.append(_shape_row(stage.name, stage.type, current, zeroed, reference))
+    return rows, lines if len(lines) > 1 else []

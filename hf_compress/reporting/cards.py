@@ -1,0 +1,353 @@
+"""Model cards for compressed models, rendered offline with ``huggingface_hub.ModelCard`` from a Jinja template.
+
+The card's YAML metadata carries ``base_model``, ``datasets``, ``tags``, ``library_name`` and a ``model-index`` of
+the measured metrics; its body has the teacher-vs-result table (from :mod:`hf_compress.reporting.measure`), the exact
+loading code (plain ``AutoModel*.from_pretrained`` unless ``config.json`` records hf_compress structure or
+quantisation),
+the recipe and the limitations that apply. :func:`training_section` formats what a Trainer run knows when it saves
+(status, teacher, distillation and pruning settings, sparsity so far, last evaluation) as the card's "Training"
+section; :mod:`hf_compress.reporting.card_callback` gathers those facts from the Trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import transformers
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from hf_compress.quantization.quantize import is_quantized
+from hf_compress.reporting.measure import format_table, quality_metrics, summary_row
+from hf_compress.shipped import shipped_path
+
+TEMPLATE_PATH = shipped_path("model_cards", "default.md")
+BASE_TAGS = ["distillation", "pruning", "hf-compress"]
+# architecture-name suffix -> (Auto class, model-index task type)
+HEADS = {
+    "ForSequenceClassification": ("AutoModelForSequenceClassification", "text-classification"),
+    "ForTokenClassification": ("AutoModelForTokenClassification", "token-classification"),
+    "ForQuestionAnswering": ("AutoModelForQuestionAnswering", "question-answering"),
+    "ForMaskedLM": ("AutoModelForMaskedLM", "fill-mask"),
+    "ForCausalLM": ("AutoModelForCausalLM", "text-generation"),
+    "LMHeadModel": ("AutoModelForCausalLM", "text-generation"),
+}
+
+
+def _head(architectures: list[str] | None) -> tuple[str, str]:
+    for suffix, head in HEADS.items():
+        if architectures and architectures[0].endswith(suffix):
+            return head
+    return "AutoModel", "feature-extraction"
+
+
+def needs_hf_compress(config: Mapping) -> bool:
+    """Whether a ``config.json`` dict records per-layer shapes or int8 modules, which plain transformers can't load."""
+    from hf_compress.loading import needs_loader
+
+    return needs_loader(dict(config))
+
+
+def load_code(repo_id: str, config: Mapping | None = None) -> str:
+    """The exact Python that loads ``repo_id`` given its ``config.json`` dict."""
+    auto_class, _ = _head((config or {}).get("architectures"))
+    if config is not None and needs_hf_compress(config):
+        return (
+            "import hf_compress\n\n"
+            f'model = hf_compress.from_pretrained("{repo_id}")  # rebuilds the compressed layers from config.json'
+        )
+    return f'from transformers import {auto_class}\n\nmodel = {auto_class}.from_pretrained("{repo_id}")'
+
+
+def _limitations(config: Mapping | None, report: Mapping | None, reports: list) -> list[str]:
+    items = []
+    if report and report.get("linear_sparsity", report.get("sparsity", 0)) > 0.05:
+        items.append(
+            "Unstructured sparsity is stored as explicit zeros: dense kernels run no faster and the "
+            "safetensors file is no smaller; only structured pruning (removed heads, neurons, layers) "
+            "shrinks and speeds up the model."
+        )
+    if (config and is_quantized(config)) or (report and report.get("quantized")):
+        items.append(
+            "Int8 weights target CPU inference (fbgemm/x86 dynamic int8 kernels); on GPU they are "
+            "dequantised on the fly, and the folder needs `hf_compress` to load."
+        )
+    elif config and needs_hf_compress(config):
+        items.append("The layers have non-uniform shapes recorded in config.json, so loading needs `hf_compress`.")
+    items.append(
+        "A compressed student can lose more accuracy than the table shows on data unlike the evaluation "
+        "set; re-evaluate on your own data."
+    )
+    if any(r and r.get("latency_ms") for r in reports):
+        items.append(
+            "Latency depends on the CPU, thread count and sequence length; the figures above are one "
+            "machine's medians."
+        )
+    return items
+
+
+def _metric_name(key: str) -> str:
+    return re.sub(r"^(eval|test)_", "", key)
+
+
+def render_card(
+    model_name: str,
+    base_model: str | None = None,
+    datasets: list[str] | str | None = None,
+    report: Mapping | None = None,
+    reference_report: Mapping | None = None,
+    recipe: str | Mapping | None = None,
+    config: Mapping | None = None,
+    repo_id: str | None = None,
+    methods: list[str] | None = None,
+    language: str | list[str] | None = None,
+    license: str | None = None,
+    template_path: str | Path | None = None,
+    training: str | None = None,
+    reference_name: str | None = None,
+    tags: list[str] | None = None,
+) -> ModelCard:
+    """Render the model card of a compressed model (offline).
+
+    Args:
+        model_name (`str`): title of the card and ``model-index`` name.
+        base_model (`str`, *optional*): Hub id of the teacher / original model.
+        datasets (`list[str]`, *optional*): datasets used for distillation and evaluation (the first one names the
+            ``model-index`` results).
+        report (`dict`, *optional*): :func:`hf_compress.reporting.measure.model_report` of the compressed model.
+        reference_report (`dict`, *optional*): the same for the teacher; adds ratios and retention % to the table.
+        recipe (`str` or `dict`, *optional*): the recipe as YAML text (or a dict, dumped to YAML).
+        config (`dict`, *optional*): the saved ``config.json``; picks the loading code and the pipeline tag.
+        repo_id (`str`, *optional*): id used in the loading code; defaults to ``model_name``.
+        methods (`list[str]`, *optional*): extra tags, e.g. ``["quantization"]`` (added automatically for int8).
+        language, license (`str`, *optional*): card metadata.
+        template_path (`str` or `Path`, *optional*): a Jinja template; defaults to the packaged ``default.md``.
+        training (`str`, *optional*): Markdown of the "Training" section, e.g. from :func:`training_section`.
+        reference_name (`str`, *optional*): table label of ``reference_report``; defaults to
+            ``"<base_model> (reference)"``.
+        tags (`list[str]`, *optional*): the methods used, defaults to ``["distillation", "pruning"]``;
+            ``"hf-compress"`` is always added.
+
+    Example:
+
+    ```python
+    >>> from hf_compress.reporting.cards import render_card
+    >>> card = render_card("bert-tiny-sst2", base_model="bert-base-uncased", datasets=["glue"], report=report)
+    >>> card.save("out/README.md")
+    ```
+    """
+    if not isinstance(model_name, str) or not model_name.strip():
+        raise ValueError(f"`model_name` must be a non-empty string, got {model_name!r}.")
+    for name, value in (("report", report), ("reference_report", reference_report), ("config", config)):
+        if value is not None and not isinstance(value, Mapping):
+            raise TypeError(f"`{name}` must be a dict, got {type(value).__name__}.")
+    datasets = [datasets] if isinstance(datasets, str) else list(datasets or [])
+    quantized = bool((config and is_quantized(config)) or (report and report.get("quantized")))
+    tags = list(dict.fromkeys([*(BASE_TAGS if tags is None else tags), "hf-compress", *(methods or [])]))
+    if quantized and "quantization" not in tags:
+        tags.append("quantization")
+    auto_class, task_type = _head((config or {}).get("architectures"))
+    metrics = quality_metrics((report or {}).get("metrics"))
+    eval_results = None
+    if metrics and datasets:
+        eval_results = [
+            EvalResult(
+                task_type=task_type,
+                dataset_type=datasets[0],
+                dataset_name=datasets[0],
+                metric_type=_metric_name(key),
+                metric_name=_metric_name(key),
+                metric_value=round(value, 6),
+            )
+            for key, value in metrics.items()
+        ]
+    card_data = ModelCardData(
+        model_name=model_name,
+        base_model=base_model,
+        datasets=datasets or None,
+        tags=tags,
+        library_name="transformers",
+        pipeline_tag=task_type,
+        language=language,
+        license=license,
+        eval_results=eval_results,
+    )
+    rows = []
+    if reference_report is not None:
+        rows.append(summary_row(reference_name or f"{base_model or 'reference'} (reference)", reference_report))
+    if report is not None:
+        rows.append(summary_row(model_name, report, reference=reference_report))
+    setup = (report or reference_report or {}).get("latency_setup", {})
+    on_disk = any("disk_bytes" in r for r in (report, reference_report) if r)
+    note = (
+        "Sizes are bytes on disk (safetensors + config) when saved, else in memory. "
+        if on_disk
+        else "Sizes are the bytes of the weights in memory. "
+    )
+    if setup:
+        note += (
+            f"Latency: median of {setup.get('repeats')} runs on {setup.get('device')} "
+            f"({setup.get('cpu')}), threads: {setup.get('threads')}."
+        )
+    else:
+        note += "Latency was not measured."
+    if isinstance(recipe, Mapping):
+        import yaml
+
+        recipe = yaml.safe_dump(dict(recipe), sort_keys=False)
+    methods_text = ", ".join(t for t in tags if t != "hf-compress")
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path or TEMPLATE_PATH),
+        model_name=model_name,
+        summary=f"A compressed `{auto_class}` model made with hf_compress.",
+        methods=methods_text,
+        table=format_table(rows, markdown=True) if rows else "",
+        measurement_note=note,
+        load_code=load_code(repo_id or model_name, config),
+        recipe=(recipe or "").strip(),
+        training=(training or "").strip(),
+        limitations=_limitations(config, report, [report, reference_report]),
+        transformers_version=transformers.__version__,
+        torch_version=torch.__version__.split("+")[0],
+    )
+
+
+def write_card(folder: str | Path, model_name: str | None = None, **kwargs) -> ModelCard:
+    """Render the card for a saved model folder (reading its ``config.json``) and write ``folder/README.md``.
+
+    Args:
+        folder (`str` or `Path`): the saved model folder.
+        model_name (`str`, *optional*): defaults to the folder name.
+        kwargs: forwarded to :func:`render_card` (``base_model``, ``datasets``, ``report``, ...).
+
+    Example:
+
+    ```python
+    >>> from hf_compress.reporting.cards import write_card
+    >>> write_card("out/student", base_model="bert-base-uncased", datasets=["glue"], report=report)
+    ```
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"`folder` must be an existing model folder, got {str(folder)!r}.")
+    config_file = folder / "config.json"
+    if "config" not in kwargs and config_file.is_file():
+        kwargs["config"] = json.loads(config_file.read_text())
+    card = render_card(model_name or folder.resolve().name, **kwargs)
+    card.save(folder / "README.md")
+    return card
+
+
+def last_evaluation(
+    log_history: list[Mapping], up_to_step: int | None = None
+) -> tuple[int | None, dict[str, float]] | None:
+    """The step and quality metrics of the last ``eval_*`` entry of a Trainer ``log_history`` (at or before
+    ``up_to_step`` when given), or ``None``."""
+    for entry in reversed(log_history or []):
+        if up_to_step is not None and entry.get("step", 0) > up_to_step:
+            continue
+        metrics = {k: v for k, v in entry.items() if k.startswith("eval_") and isinstance(v, int | float)}
+        if quality_metrics(metrics):
+            return entry.get("step"), quality_metrics(metrics)
+    return None
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _settings(values: Mapping) -> str:
+    return ", ".join(f"{key} {value}" for key, value in values.items())
+
+
+def _pruning_lines(entry: Mapping) -> list[str]:
+    end = entry.get("end_step")
+    lines = [
+        f"**Pruning** ({entry['importance']} importance, {entry['schedule']} schedule, {entry['scope']} scope, "
+        f"steps {entry['start_step']} to {'the last step' if end is None else end}):",
+        "",
+        "| target | final target | reached in this model |",
+        "|---|---|---|",
+    ]
+    reached = entry.get("sparsity") or {}
+    lines += [f"| {t} | {_percent(goal)} | {_percent(reached.get(t))} |" for t, goal in entry["targets"].items()]
+    lines.append("")
+    state, structured = entry.get("state"), [t for t in entry["targets"] if t != "unstructured"]
+    if state == "masked" and structured:
+        lines.append(
+            f"Pruned {', '.join(structured)} are masked (zeroed in place) in these weights, which keep the "
+            "original shapes; they are removed physically at the end of training."
+        )
+    elif state == "removed":
+        counts = ", ".join(f"{n} {name}" for name, n in (entry.get("removed") or {}).items() if n)
+        lines.append(f"Training ended: {counts} were removed physically." if counts else "Training ended.")
+    elif state != "masked":
+        lines.append("No pruning step had run when this model was saved.")
+    if "unstructured" in entry["targets"] and state in ("masked", "removed"):
+        lines.append("Unstructured zeros stay in the dense weights.")
+    return lines
+
+
+def training_section(
+    step: int,
+    max_steps: int | None = None,
+    final: bool = True,
+    teacher: str | None = None,
+    distillation: Mapping | None = None,
+    pruning: list[Mapping] | None = None,
+    evaluation: tuple[int | None, Mapping] | None = None,
+    hyperparameters: Mapping | None = None,
+) -> str:
+    """Markdown of the card's "Training" section: what a Trainer run knows when it saves a folder.
+
+    Args:
+        step (`int`): the optimizer step of the saved weights.
+        max_steps (`int`, *optional*): the planned number of steps.
+        final (`bool`, *optional*, defaults to `True`): `False` for a checkpoint saved while training ran.
+        teacher (`str`, *optional*): name of the distillation teacher.
+        distillation (`dict`, *optional*): distillation settings, e.g. ``{"temperature": 2.0, "alpha": 0.5}``.
+        pruning (`list[dict]`, *optional*): one dict per pruning callback with ``targets``, ``schedule``,
+            ``importance``, ``scope``, ``start_step``, ``end_step``, ``sparsity`` (reached so far, per target),
+            ``state`` (``"masked"``, ``"removed"`` or ``"none"``) and ``removed`` (counts of removed structures).
+        evaluation (`tuple[int, dict]`, *optional*): ``(step, metrics)`` of the last evaluation, from
+            :func:`last_evaluation`; `None` means the model was not evaluated.
+        hyperparameters (`dict`, *optional*): training hyperparameters to list.
+
+    Example:
+
+    ```python
+    >>> from hf_compress.reporting.cards import training_section
+    >>> print(training_section(40, 100, final=False, teacher="org/teacher", distillation={"temperature": 2.0}))
+    ```
+    """
+    of = f" of {max_steps}" if max_steps else ""
+    if not final:
+        status = f"Checkpoint saved at step {step}{of}, while training was still running."
+    elif step == 0:
+        status = "Saved before any training step."
+    else:
+        status = f"Saved after step {step}{of}."
+    lines = [f"**Status:** {status}", ""]
+    if teacher or distillation:
+        lines += [f"**Distillation** from teacher `{teacher or 'unknown'}`: {_settings(distillation or {})}.", ""]
+    for entry in pruning or []:
+        lines += _pruning_lines(entry) + [""]
+    if evaluation is None:
+        lines.append("**Evaluation:** not evaluated before this save.")
+    else:
+        eval_step, metrics = evaluation
+        values = ", ".join(f"{_metric_name(k)} {v:.4g}" for k, v in metrics.items())
+        if eval_step == step:
+            lines.append(f"**Evaluation** at step {step}: {values}.")
+        else:
+            lines.append(
+                f"**Evaluation:** this model was not evaluated; the last evaluation, at step {eval_step}, "
+                f"gave {values}."
+            )
+    if hyperparameters:
+        lines += ["", f"**Training hyperparameters:** {_settings(hyperparameters)}."]
+    return "\n".join(lines)

@@ -1,0 +1,178 @@
+"""Push a saved, carded model folder to the Hugging Face Hub, after checking that it reloads.
+
+:func:`push_folder` only reads the folder: it checks the files (config, weights, ``README.md`` card), runs a reload
+check (:func:`reload_check` by default: load with transformers or the hf_compress loader and run a fixed dummy input,
+comparing logits with an in-memory ``reference_model`` when given), then calls ``HfApi.create_repo`` and
+``HfApi.upload_folder`` with the exact list of files. The token is passed to ``HfApi`` and never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+SKIPPED_DIRS = ("runs",)  # TensorBoard logs; checkpoint-* folders and hidden files are skipped too
+
+
+def files_to_upload(folder: str | Path) -> list[str]:
+    """The relative paths :func:`push_folder` uploads: all files but hidden ones, ``checkpoint-*/`` and ``runs/``."""
+    folder = Path(folder)
+    files = []
+    for file in sorted(folder.rglob("*")):
+        parts = file.relative_to(folder).parts
+        if not file.is_file() or any(p.startswith(".") for p in parts):
+            continue
+        if parts[0] in SKIPPED_DIRS or (len(parts) > 1 and parts[0].startswith("checkpoint-")):
+            continue
+        files.append("/".join(parts))
+    return files
+
+
+def check_folder(folder: str | Path) -> dict:
+    """Check that ``folder`` is a complete model folder (config.json, weights, README.md); returns its config."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"`folder` must be an existing model folder, got {str(folder)!r}.")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"`folder` {str(folder)!r} has no config.json; save the model with `save_pretrained`.")
+    if not any(any(folder.glob(p)) for p in WEIGHT_PATTERNS):
+        raise FileNotFoundError(f"`folder` {str(folder)!r} has no model weights (*.safetensors or pytorch_model.bin).")
+    if not (folder / "README.md").is_file():
+        raise FileNotFoundError(f"`folder` {str(folder)!r} has no README.md; write one with `cards.write_card`.")
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"`folder` {str(folder)!r} has an unreadable config.json ({err.msg}).") from err
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Raise a one-sentence ``ValueError`` unless ``repo_id`` is a valid ``name`` or ``namespace/name`` Hub id."""
+    if not isinstance(repo_id, str):
+        raise ValueError(f"`repo_id` must be a string like 'user/model-name', got {type(repo_id).__name__}.")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(
+            f"`repo_id` must look like 'user/model-name' (letters, digits, '-', '_', '.'), got {repo_id!r}."
+        ) from err
+
+
+def load_folder(folder: str | Path) -> nn.Module:
+    """Load a saved folder the way its card says, with :func:`hf_compress.loading.from_pretrained`."""
+    from hf_compress.loading import from_pretrained
+
+    return from_pretrained(folder).eval()
+
+
+def dummy_inputs(config: dict, batch: int = 2, seq_len: int = 8) -> dict[str, torch.Tensor]:
+    """Fixed token ids (seeded) for a config with ``vocab_size``."""
+    vocab = config.get("vocab_size")
+    if not vocab:
+        raise ValueError(
+            "`config.json` has no `vocab_size`, so the default reload check cannot build inputs; pass "
+            "`verify=` a callable or `verify=False`."
+        )
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(min(3, vocab - 1), vocab, (batch, seq_len), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _first_tensor(outputs) -> torch.Tensor:
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    return outputs[0]
+
+
+def reload_check(folder: str | Path, reference_model: nn.Module | None = None, atol: float = 1e-4) -> None:
+    """Reload ``folder`` and run a fixed dummy input; raise ``ValueError`` on non-finite outputs or, when
+    ``reference_model`` is given, on outputs further than ``atol`` from it."""
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    inputs = dummy_inputs(config)
+    model = load_folder(folder)
+    with torch.no_grad():
+        out = _first_tensor(model(**inputs)).float()
+        if not torch.isfinite(out).all():
+            raise ValueError(f"The model reloaded from {str(folder)!r} produces non-finite outputs.")
+        if reference_model is not None:
+            was_training = reference_model.training
+            ref = _first_tensor(reference_model.eval()(**inputs)).float()
+            reference_model.train(was_training)
+            diff = (out - ref).abs().max().item() if out.shape == ref.shape else float("inf")
+            if diff > atol:
+                raise ValueError(
+                    f"The model reloaded from {str(folder)!r} differs from `reference_model` (max abs "
+                    f"diff {diff:.3g} > `atol` {atol}); re-save the folder."
+                )
+
+
+def push_folder(
+    folder: str | Path,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "Upload model compressed with hf_compress",
+    verify: bool | Callable[[Path], object] = True,
+    reference_model: nn.Module | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+):
+    """Check ``folder`` and upload it to the Hub repo ``repo_id`` (created when missing); returns the commit info.
+
+    Args:
+        folder (`str` or `Path`): a saved model folder with config.json, weights and a README.md card.
+        repo_id (`str`): ``user/model-name`` (or ``model-name`` for the token's own namespace).
+        private (`bool`, *optional*, defaults to `False`): create the repo as private.
+        token (`str`, *optional*): Hub token; defaults to the locally saved login. Never logged.
+        commit_message (`str`, *optional*): message of the upload commit.
+        verify (`bool` or `Callable[[Path], object]`, *optional*, defaults to `True`): `True` runs
+            :func:`reload_check`; a callable is called with the folder and must raise (or return `False`) on a bad
+            folder; `False` skips the check.
+        reference_model (`nn.Module`, *optional*): the in-memory model whose outputs the reloaded folder must match.
+        revision (`str`, *optional*), create_pr (`bool`, *optional*): forwarded to ``upload_folder``.
+
+    Example:
+
+    ```python
+    >>> from hf_compress.reporting.hub import push_folder
+    >>> push_folder("out/student", "my-user/bert-tiny-sst2-int8", private=True)
+    ```
+    """
+    folder = Path(folder)
+    check_folder(folder)
+    check_repo_id(repo_id)
+    if not isinstance(commit_message, str) or not commit_message.strip():
+        raise ValueError(f"`commit_message` must be a non-empty string, got {commit_message!r}.")
+    if verify is True:
+        reload_check(folder, reference_model)
+    elif callable(verify):
+        if verify(folder) is False:
+            raise ValueError(f"`verify` returned False for {str(folder)!r}; the folder was not pushed.")
+    elif verify is not False:
+        raise ValueError(f"`verify` must be True, False or a callable taking the folder, got {verify!r}.")
+    files = files_to_upload(folder)
+    api = HfApi(token=token)
+    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    logger.info("Uploading %d files from %s to %s", len(files), folder, repo_id)
+    commit = api.upload_folder(
+        repo_id=getattr(url, "repo_id", None) or repo_id,
+        folder_path=str(folder),
+        repo_type="model",
+        commit_message=commit_message,
+        allow_patterns=files,
+        revision=revision,
+        create_pr=create_pr,
+    )
+    logger.info("Pushed %s to %s", folder, repo_id)
+    return commit

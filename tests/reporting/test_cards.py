@@ -1,0 +1,206 @@
+import json
+from pathlib import Path
+
+import pytest
+import transformers
+from huggingface_hub import ModelCard
+
+from hf_compress.quantization.quantize import quantize_int8
+from hf_compress.reporting.cards import (
+    last_evaluation,
+    load_code,
+    needs_hf_compress,
+    render_card,
+    training_section,
+    write_card,
+)
+from tests.conftest import tiny_model
+
+transformers.logging.set_verbosity_error()
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _report(nonzero, disk, ms, accuracy, quantized=False):
+    return {
+        "params": {"total": 1000, "nonzero": nonzero},
+        "sparsity": 1 - nonzero / 1000,
+        "linear_sparsity": 1 - nonzero / 1000,
+        "memory_bytes": disk,
+        "disk_bytes": disk,
+        "quantized": quantized,
+        "latency_ms": {"1": ms, "32": 10 * ms},
+        "metrics": {"eval_accuracy": accuracy, "eval_runtime": 1.0},
+        "latency_setup": {"device": "cpu", "threads": 2, "cpu": "x86_64", "repeats": 10},
+    }
+
+
+TEACHER = _report(1000, 4_000_000, 8.0, 0.90)
+STUDENT = _report(400, 1_000_000, 2.0, 0.88, quantized=True)
+
+
+def test_render_card_metadata_and_model_index():
+    card = render_card(
+        "tiny-student",
+        base_model="org/teacher",
+        datasets=["glue"],
+        report=STUDENT,
+        reference_report=TEACHER,
+        config={"architectures": ["BertForSequenceClassification"]},
+    )
+    data = card.data.to_dict()
+    assert data["base_model"] == "org/teacher" and data["datasets"] == ["glue"]
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-classification"
+    assert data["tags"] == ["distillation", "pruning", "hf-compress", "quantization"]
+    results = data["model-index"][0]["results"]
+    assert data["model-index"][0]["name"] == "tiny-student"
+    assert [(m["type"], m["value"]) for m in results[0]["metrics"]] == [("accuracy", 0.88)]  # no eval_runtime
+    assert results[0]["dataset"]["name"] == "glue" and results[0]["task"]["type"] == "text-classification"
+    reparsed = ModelCard(str(card))  # the YAML header parses back
+    assert reparsed.data.eval_results[0].metric_value == 0.88
+
+
+def test_render_card_body_table_recipe_limitations():
+    card = render_card(
+        "tiny-student",
+        base_model="org/teacher",
+        datasets="glue",
+        report=STUDENT,
+        reference_report=TEACHER,
+        recipe={"distill": {"temperature": 2.0}},
+    )
+    text = card.text
+    assert "# tiny-student" in text
+    assert "| org/teacher (reference) | 1,000 | 4.0 MB | 0.0% | 8.0 ms | 80.0 ms | 0.9 |" in text
+    assert "| tiny-student | 400 | 1.0 MB | 60.0% | 2.0 ms | 20.0 ms | 0.88 | 4.00x | 4.00x | 4.00x | 97.8% |" in text
+    assert "```yaml\ndistill:\n  temperature: 2.0\n```" in text
+    assert "Unstructured sparsity is stored as explicit zeros" in text
+    assert "Int8 weights target CPU inference" in text
+    assert "threads: 2" in text
+
+
+def test_plain_card_has_no_quantization_tag_and_uses_auto_class():
+    config = {"architectures": ["LlamaForCausalLM"]}
+    card = render_card("plain", report={**TEACHER, "quantized": False}, config=config, repo_id="me/plain")
+    assert "quantization" not in card.data.tags and card.data.pipeline_tag == "text-generation"
+    expected = (
+        'from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained("me/plain")'
+    )
+    assert expected in card.text
+    assert "Int8 weights" not in card.text and "Unstructured sparsity" not in card.text
+    assert card.data.eval_results is None  # no datasets: no model-index
+    assert "## Recipe" not in card.text
+
+
+def test_load_code_detects_hf_compress_records():
+    assert needs_hf_compress({"hf_compress": {"layers": []}})
+    assert needs_hf_compress({"hf_compress_quantization": {"method": "hf_compress_int8"}})
+    assert not needs_hf_compress({"architectures": ["BertModel"]})
+    code = load_code("me/m", {"architectures": ["BertModel"], "hf_compress": {"layers": []}})
+    assert code.startswith('import hf_compress\n\nmodel = hf_compress.from_pretrained("me/m")')
+    assert load_code("me/m", {"architectures": ["BertModel"]}).endswith('AutoModel.from_pretrained("me/m")')
+
+
+def test_write_card_reads_config_of_a_quantized_folder(tmp_path):
+    quantize_int8(tiny_model("bert", "seq_cls")).save_pretrained(tmp_path)
+    card = write_card(tmp_path, model_name="tiny-int8", datasets=["glue"], report=STUDENT, repo_id="me/tiny-int8")
+    written = (tmp_path / "README.md").read_text()
+    assert written == str(card)
+    assert 'hf_compress.from_pretrained("me/tiny-int8")' in written
+    assert "quantization" in ModelCard.load(tmp_path / "README.md").data.tags
+
+
+def test_card_errors(tmp_path):
+    with pytest.raises(ValueError, match="`model_name` must be a non-empty string"):
+        render_card("  ")
+    with pytest.raises(TypeError, match="`report` must be a dict, got list"):
+        render_card("m", report=[1])
+    with pytest.raises(FileNotFoundError, match="`folder` must be an existing model folder"):
+        write_card(tmp_path / "missing")
+
+
+def test_card_json_config_roundtrip_of_real_folder(tmp_path):
+    model = tiny_model("distilbert", "masked_lm")
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    card = render_card("m", config=config)
+    assert card.data.pipeline_tag == "fill-mask" and "AutoModelForMaskedLM" in card.text
+
+
+PRUNING = {
+    "targets": {"heads": 0.5, "unstructured": 0.3},
+    "schedule": "cubic",
+    "importance": "magnitude",
+    "scope": "global",
+    "start_step": 0,
+    "end_step": None,
+    "sparsity": {"heads": 0.25},
+    "state": "masked",
+}
+
+
+def test_last_evaluation_skips_bookkeeping_and_train_logs():
+    history = [
+        {"loss": 1.0, "step": 1},
+        {"eval_loss": 0.9, "eval_accuracy": 0.5, "eval_runtime": 0.1, "step": 2},
+        {"loss": 0.8, "step": 3},
+        {"eval_runtime": 0.2, "step": 4},
+    ]
+    assert last_evaluation(history) == (2, {"eval_loss": 0.9, "eval_accuracy": 0.5})
+    history.append({"eval_loss": 0.7, "step": 6})
+    assert last_evaluation(history, up_to_step=5) == (2, {"eval_loss": 0.9, "eval_accuracy": 0.5})  # best checkpoint
+    assert last_evaluation(history) == (6, {"eval_loss": 0.7})
+    assert last_evaluation([{"loss": 1.0, "step": 1}]) is None and last_evaluation([]) is None
+
+
+def test_training_section_checkpoint_states_what_is_known():
+    text = training_section(
+        4,
+        10,
+        final=False,
+        teacher="org/teacher",
+        distillation={"temperature": 2.0, "alpha": 0.5},
+        pruning=[PRUNING],
+        hyperparameters={"learning_rate": 0.01},
+    )
+    assert "**Status:** Checkpoint saved at step 4 of 10, while training was still running." in text
+    assert "**Distillation** from teacher `org/teacher`: temperature 2.0, alpha 0.5." in text
+    assert "(magnitude importance, cubic schedule, global scope, steps 0 to the last step)" in text
+    assert "| heads | 50.0% | 25.0% |\n| unstructured | 30.0% | - |" in text  # nothing known: "-", not 0%
+    assert "Pruned heads are masked (zeroed in place)" in text and "Unstructured zeros stay" in text
+    assert "**Evaluation:** not evaluated before this save." in text
+    assert text.endswith("**Training hyperparameters:** learning_rate 0.01.")
+
+
+def test_training_section_final_and_evaluations():
+    removed = {**PRUNING, "targets": {"heads": 0.5}, "state": "removed", "removed": {"heads": 4, "layers": 0}}
+    text = training_section(10, 10, pruning=[removed], evaluation=(10, {"eval_accuracy": 0.75}))
+    assert "**Status:** Saved after step 10 of 10." in text and "Training ended: 4 heads were removed" in text
+    assert "**Evaluation** at step 10: accuracy 0.75." in text and "Distillation" not in text
+    assert "masked" not in text and "Unstructured" not in text
+    stale = training_section(10, pruning=[{**removed, "state": "none"}], evaluation=(6, {"eval_loss": 1.5}))
+    assert "this model was not evaluated; the last evaluation, at step 6, gave loss 1.5." in stale
+    assert "No pruning step had run when this model was saved." in stale
+    assert "**Status:** Saved before any training step." in training_section(0)
+
+
+def test_render_card_training_section_tags_and_reference_name():
+    student = {key: value for key, value in STUDENT.items() if not key.startswith("latency")}
+    teacher = {key: value for key, value in TEACHER.items() if not key.startswith("latency")}
+    student, teacher = {**student, "quantized": False}, {**teacher, "quantized": False}
+    del student["disk_bytes"], teacher["disk_bytes"]
+    card = render_card(
+        "s",
+        base_model="org/t",
+        report=student,
+        reference_report=teacher,
+        tags=["pruning"],
+        reference_name="org/t (teacher)",
+        training=training_section(3, final=False),
+    )
+    assert card.data.tags == ["pruning", "hf-compress"] and "with pruning." in card.text
+    assert "| org/t (teacher) | 1,000 |" in card.text
+    assert "## Training\n\n**Status:** Checkpoint saved at step 3, while" in card.text
+    assert "Sizes are the bytes of the weights in memory. Latency was not measured." in card.text
+    assert "one machine's medians" not in card.text  # no latency column, no latency caveat
+    assert "\n\n\n" not in card.text
+    assert "## Training" not in render_card("s", report=student).text
