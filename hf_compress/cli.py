@@ -25,9 +25,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+from accelerate import PartialState
+from transformers import AutoTokenizer, pipeline
+
+from hf_compress.distributed import shutdown_distributed
+from hf_compress.loading import from_pretrained
+from hf_compress.recipes.pipeline import run_recipe
 from hf_compress.recipes.plan import plan_recipe
-from hf_compress.recipes.schema import RecipeError, dump_resolved, load_recipe
-from hf_compress.recipes.validate import MODEL_STAGES
+from hf_compress.recipes.schema import MODEL_STAGES, RecipeError, dump_resolved
+from hf_compress.recipes.stages.card import card_metadata
+from hf_compress.recipes.validate import load_recipe
+from hf_compress.reporting.cards import write_card
+from hf_compress.reporting.hub import push_folder
+from hf_compress.reporting.measure import format_table, summary_row
 from hf_compress.shipped import shipped_path
 
 # `demo --quick`: the quick-start stages on a small slice of SST-2 (a couple of minutes on 2 CPU cores)
@@ -43,8 +54,6 @@ QUICK_OVERRIDES = (
 
 def is_main_process() -> bool:
     """Whether this process prints: accelerate's main process once its state exists, else ``RANK`` 0."""
-    from accelerate import PartialState
-
     if PartialState._shared_state:
         return PartialState().is_main_process
     return int(os.environ.get("RANK", "0")) == 0
@@ -92,8 +101,6 @@ def stage_reports(out: str | Path) -> list[tuple[str, dict[str, Any]]]:
         )
     order: list[str] = []
     if (out / "recipe.yaml").is_file():
-        import yaml
-
         order = [
             s.get("name") or s.get("type")
             for s in (yaml.safe_load((out / "recipe.yaml").read_text()) or {}).get("stages", [])
@@ -116,8 +123,6 @@ def _evaluation(out: str | Path, stages: list[tuple[str, dict]]) -> tuple[dict[s
 
 def report_rows(out: str | Path) -> list[dict[str, str]]:
     """One table row per model (teacher first): params, size, sparsity, metrics, latency and ratios to the teacher."""
-    from hf_compress.reporting.measure import summary_row
-
     stages = stage_reports(out)
     measured, reference_name = _evaluation(out, stages)
     entries: dict[str, dict] = {}
@@ -151,9 +156,6 @@ def final_model_folder(out: str | Path) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from hf_compress.recipes.pipeline import run_recipe
-    from hf_compress.reporting.measure import format_table
-
     recipe = load_recipe(args.recipe, args.set)
     out = Path(args.output_dir or Path("outputs") / recipe.name)
     _say(f"Running recipe {recipe.name!r} ({len(recipe.stages)} stages) into {out}")
@@ -177,8 +179,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from hf_compress.reporting.measure import format_table
-
     recipe = load_recipe(args.recipe, args.set)
     rows, matches = plan_recipe(recipe)
 
@@ -192,18 +192,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from hf_compress.reporting.measure import format_table
-
     print(format_table(report_rows(args.dir), markdown=args.markdown))
     return 0
 
 
 def cmd_card(args: argparse.Namespace) -> int:
-    import yaml
-
-    from hf_compress.recipes.stages.report import card_metadata
-    from hf_compress.reporting.cards import write_card
-
     out = Path(args.dir)
     folder = final_model_folder(out)
     recipe_file = out / "recipe.yaml"
@@ -226,8 +219,6 @@ def cmd_card(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from hf_compress.reporting.hub import push_folder
-
     folder = final_model_folder(args.dir)
     token = args.token or None
     push_folder(folder, args.repo_id, private=args.private, token=token)
@@ -240,10 +231,6 @@ DEMO_SENTENCES = ("This new framework is fantastic!", "The plot was dull and the
 
 def demo_predictions(out: Path, sentences: Sequence[str] = DEMO_SENTENCES) -> list[dict[str, Any]]:
     """Run ``pipeline("text-classification")`` with the final model of a finished run on ``sentences``."""
-    from transformers import AutoTokenizer, pipeline
-
-    from hf_compress.loading import from_pretrained
-
     folder = Path(json.loads((out / "card" / "report.json").read_text())["model_dir"])
     classify = pipeline(
         "text-classification", model=from_pretrained(folder), tokenizer=AutoTokenizer.from_pretrained(folder)
@@ -335,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     >>> from hf_compress.cli import main
     >>> main(["check", "recipes/quickstart.yaml", "--set", "stages.student.student.num_layers=2"])  # doctest: +SKIP
     0
+
     ```
     """
     parser = build_parser()
@@ -357,8 +345,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: interrupted; finished stages are kept and a rerun resumes after them.", file=sys.stderr)
         return 130
     finally:
-        from hf_compress.distributed import shutdown_distributed
-
         shutdown_distributed()  # under accelerate launch: free the stages' DDP wrappers, end the process group
 
 

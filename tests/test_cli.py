@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import hf_compress.recipes.pipeline
+import hf_compress.cli
 import hf_compress.reporting.hub
 from hf_compress.cli import DEMO_SENTENCES, QUICK_OVERRIDES, demo_predictions, main, packaged_recipe
 from hf_compress.recipes.schema import REPO_ROOT
@@ -261,7 +261,7 @@ def test_demo_runs_the_packaged_quickstart_with_quick_overrides(tmp_path, capsys
         fake_output(Path(output_dir))
         return [{"name": "teacher", "type": "finetune_teacher", "status": "done", "skipped": False, "elapsed_s": 1}]
 
-    monkeypatch.setattr(hf_compress.recipes.pipeline, "run_recipe", fake_run)
+    monkeypatch.setattr(hf_compress.cli, "run_recipe", fake_run)
     monkeypatch.chdir(tmp_path)
     assert main(["demo", "--quick"]) == 0
     assert seen["out"] == Path("outputs") / "quickstart"

@@ -10,29 +10,32 @@ the stage, the model/data sections, the seed and every earlier stage). The stage
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from hf_compress.recipes.stages.context import STAGES, StageContext
+import torch
+from accelerate import PartialState
+from transformers.utils import logging
 
-logger = logging.getLogger(__name__)
+from hf_compress.recipes.schema import Recipe, Stage, dump_resolved, recipe_hash
+from hf_compress.recipes.stages import STAGES
+from hf_compress.recipes.stages.context import StageContext
+from hf_compress.recipes.validate import validate
+
+logger = logging.get_logger(__name__)
 
 REPORT = "report.json"
 
 
-def _process_state(recipe):
+def _process_state(recipe: Recipe) -> PartialState:
     """The accelerate ``PartialState``, created as the stages' ``TrainingArguments`` will expect it.
 
     Created before any ``TrainingArguments`` so that only the main process writes; ``cpu=True`` when a stage asks
     for ``use_cpu`` or when a multi-process launch has no GPU (else every CPU rank would believe it is alone).
     """
-    import torch
-    from accelerate import PartialState
-
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     cpu = any(stage.training.get("use_cpu") for stage in recipe.stages) or (
         distributed and not torch.cuda.is_available()
@@ -40,9 +43,7 @@ def _process_state(recipe):
     return PartialState(cpu=cpu)
 
 
-def _as_recipe(recipe: Any):
-    from hf_compress.recipes.schema import Recipe, validate
-
+def _as_recipe(recipe: Recipe | dict[str, Any]) -> Recipe:
     return recipe if isinstance(recipe, Recipe) else validate(recipe)
 
 
@@ -71,15 +72,15 @@ def _publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def _run_stage(stage: dict[str, Any], ctx: StageContext, out: Path, digest: str, state) -> dict[str, Any]:
-    name, kind = stage["name"], stage["type"]
+def _run_stage(stage: Stage, ctx: StageContext, out: Path, digest: str, state: PartialState) -> dict[str, Any]:
+    name, kind = stage.name, stage.type
     tmp, final = out / f".{name}.tmp", out / name
     if state.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     state.wait_for_everyone()
     started = time.time()
-    logger.info("Stage %r (%s): running into %s", name, kind, tmp)
+    logger.info(f"Stage {name!r} ({kind}): running into {tmp}")
     try:
         details = STAGES[kind](stage, ctx, tmp)
     except BaseException:
@@ -103,7 +104,9 @@ def _run_stage(stage: dict[str, Any], ctx: StageContext, out: Path, digest: str,
     return report
 
 
-def run_recipe(recipe: Any, output_dir: str | Path, *, force: bool = False) -> list[dict[str, Any]]:
+def run_recipe(
+    recipe: Recipe | dict[str, Any], output_dir: str | Path, *, force: bool = False
+) -> list[dict[str, Any]]:
     """Execute a recipe's stages in order into ``output_dir``, skipping stages already done with the same config.
 
     Args:
@@ -127,16 +130,14 @@ def run_recipe(recipe: Any, output_dir: str | Path, *, force: bool = False) -> l
     Example:
 
     ```python
-    >>> from hf_compress.recipes.schema import load_recipe
+    >>> from hf_compress.recipes.validate import load_recipe
     >>> reports = run_recipe(load_recipe("recipes/minilm-sst2.yaml"), "outputs/minilm-sst2")  # doctest: +SKIP
     >>> [(r["name"], r["skipped"]) for r in reports]  # doctest: +SKIP
     [('teacher', True), ('student', False), ...]
+
     ```
     """
-    from hf_compress.recipes.schema import dump_resolved, recipe_hash
-
     recipe = _as_recipe(recipe)
-    spec = recipe.to_dict()
     out = Path(output_dir)
     state = _process_state(recipe)
     if state.is_main_process:
@@ -145,17 +146,17 @@ def run_recipe(recipe: Any, output_dir: str | Path, *, force: bool = False) -> l
         os.replace(out / ".recipe.yaml.tmp", out / "recipe.yaml")
     state.wait_for_everyone()
 
-    ctx = StageContext.from_spec(spec, out, is_main_process=state.is_main_process)
+    ctx = StageContext.from_recipe(recipe, out, is_main_process=state.is_main_process)
     reports = []
-    for stage_obj, stage in zip(recipe.stages, spec["stages"]):
-        digest = recipe_hash(stage_obj, recipe)
-        final = out / stage["name"]
+    for stage in recipe.stages:
+        digest = recipe_hash(stage, recipe)
+        final = out / stage.name
         report = None if force else _finished(final, digest)
         skipped = report is not None
         if skipped:
-            logger.info("Stage %r (%s): done with the same config, skipping", stage["name"], stage["type"])
+            logger.info(f"Stage {stage.name!r} ({stage.type}): done with the same config, skipping")
         else:
             report = _run_stage(stage, ctx, out, digest, state)
-        ctx.add_finished(stage["name"], stage["type"], final, report)
+        ctx.add_finished(stage.name, stage.type, final, report)
         reports.append({**report, "skipped": skipped})
     return reports

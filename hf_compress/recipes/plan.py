@@ -6,29 +6,38 @@ apply the same fraction to every layer with the real surgery functions.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
-from hf_compress.recipes.validate import MODEL_STAGES
+import torch
+from torch import nn
+from transformers import AutoConfig
+
+from hf_compress.distillation.student import make_student
+from hf_compress.models.builtin import resolve_model_path
+from hf_compress.models.families import ffn_size, get_family, get_layers, head_counts
+from hf_compress.models.heads import auto_class_for_task
+from hf_compress.pruning.config import PruningConfig
+from hf_compress.pruning.importance import head_groups
+from hf_compress.pruning.schedules import units_to_remove
+from hf_compress.pruning.surgery import drop_layers, prune_ffn_neurons, prune_heads
+from hf_compress.pruning.unstructured import prunable_weights
+from hf_compress.quantization.quantize import Int8Embedding, Int8Linear, quantize_int8
+from hf_compress.recipes.schema import MODEL_STAGES, Recipe
+from hf_compress.recipes.stages.vocabulary import plan_vocabulary
+from hf_compress.reporting.measure import human_bytes
 
 
-def _meta_model(path: str, task: str, num_labels: int | None):
+def meta_model(path: str, task: str, num_labels: int | None):
     """The model of folder ``path`` built from its config on the meta device: shapes only, no weights, no memory."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from hf_compress.recipes.data import resolve_model_path
-
     kwargs = {"num_labels": num_labels} if task == "sequence-classification" and num_labels else {}
     config = AutoConfig.from_pretrained(resolve_model_path(path), **kwargs)
-    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     with torch.device("meta"):
-        return auto.from_config(config)
+        return auto_class_for_task(task).from_config(config)
 
 
 def _where(model, target: str) -> str:
     """Module names a pruning target acts on, e.g. ``bert.encoder.layer.{0-5}.attention.self.{query,key,value}``."""
-    from hf_compress.models.families import get_family, get_layers
-
     family, layers = get_family(model), get_layers(model)
     prefix = next(name for name, module in model.named_modules() if module is layers) + f".{{0-{len(layers) - 1}}}"
     roles = {"heads": ("q", "k", "v", "qkv", "o"), "ffn_neurons": ("up", "gate", "down"), "layers": ()}[target]
@@ -38,13 +47,6 @@ def _where(model, target: str) -> str:
 
 def _prune_plan(model, name: str, pruning: dict[str, Any]) -> tuple[int, list[str]]:
     """Apply the expected structured pruning to a meta ``model`` (uniform per layer); return zeroed weights, lines."""
-    from hf_compress.models.families import ffn_size, get_layers, head_counts
-    from hf_compress.pruning.config import PruningConfig
-    from hf_compress.pruning.importance import head_groups
-    from hf_compress.pruning.schedules import units_to_remove
-    from hf_compress.pruning.surgery import drop_layers, prune_ffn_neurons, prune_heads
-    from hf_compress.pruning.unstructured import prunable_weights
-
     config, lines, zeroed = PruningConfig(**pruning), [], 0
     for target, sparsity in config.targets.items():
         total = len(get_layers(model))
@@ -86,10 +88,6 @@ def _prune_plan(model, name: str, pruning: dict[str, Any]) -> tuple[int, list[st
 
 def _meta_counts(model) -> tuple[int, int]:
     """``(parameters, bytes)`` of a meta-device model; int8 codes count as the weights they encode."""
-    from torch import nn
-
-    from hf_compress.quantization.quantize import Int8Embedding, Int8Linear
-
     tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}
     params = sum(p.numel() for p in model.parameters())
     for module in model.modules():
@@ -101,9 +99,6 @@ def _meta_counts(model) -> tuple[int, int]:
 
 
 def _shape_row(name: str, kind: str, model, zeroed: int, reference_bytes: int | None) -> dict[str, str]:
-    from hf_compress.models.families import ffn_size, get_layers, head_counts
-    from hf_compress.reporting.measure import _human_bytes
-
     def span(values: list[int]) -> str:
         return "-" if not values else str(values[0]) if min(values) == max(values) else f"{min(values)}-{max(values)}"
 
@@ -119,31 +114,26 @@ def _shape_row(name: str, kind: str, model, zeroed: int, reference_bytes: int | 
         "heads/layer": span([head_counts(model, i)[0] for i in range(total)]),
         "ffn/layer": span([ffn_size(model, i) for i in range(total)]),
         "params (nonzero)": f"{params - zeroed:,}",
-        "size (fp32 / int8)": _human_bytes(size),
+        "size (fp32 / int8)": human_bytes(size),
         "size x": f"{reference_bytes / size:.1f}x" if reference_bytes else "1.0x",
     }
 
 
-def plan_recipe(recipe) -> tuple[list[dict[str, str]], list[str]]:
+def plan_recipe(recipe: Recipe) -> tuple[list[dict[str, str]], list[str]]:
     """Expected shape, parameter count and size after each model stage, and what each prune target matches.
 
     Models are built from their configs on the meta device (no weights read, nothing written); pruning removes the
     same fraction in every layer, so `scope: global` runs may distribute the removed units differently.
     """
-    import copy
-
-    from hf_compress.distillation.student import make_student
-    from hf_compress.quantization.quantize import quantize_int8
-
-    teacher = _meta_model(recipe.model.teacher, recipe.model.task, recipe.model.num_labels)
+    teacher = meta_model(recipe.model.teacher, recipe.model.task, recipe.model.num_labels)
     reference = _meta_counts(teacher)[1]
     rows, lines = [_shape_row("teacher (input)", "-", teacher, 0, None)], ["Pruning targets:"]
     current, zeroed = teacher, 0
     for stage in recipe.stages:
         if stage.type == "distill":
-            model = stage.student.get("model")
+            model = stage.student_model
             current = (
-                _meta_model(model, recipe.model.task, recipe.model.num_labels)
+                meta_model(model, recipe.model.task, recipe.model.num_labels)
                 if model
                 else make_student(teacher, **stage.student)
             )
@@ -155,8 +145,6 @@ def plan_recipe(recipe) -> tuple[list[dict[str, str]], list[str]]:
         elif stage.type == "quantize":
             current = quantize_int8(copy.deepcopy(current), **stage.quantization)
         elif stage.type == "prune_vocabulary":
-            from hf_compress.recipes.stages.vocabulary import plan_vocabulary
-
             on_teacher = current is teacher
             current, vocab = plan_vocabulary(copy.deepcopy(current), recipe, stage)
             teacher = current if on_teacher else teacher

@@ -22,12 +22,12 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-RESERVED_TRAINING_KEYS = ("output_dir",)  # the pipeline writes each stage into its own folder
+from transformers import TrainingArguments
 
-
-class RecipeError(ValueError):
-    """A recipe (or a ``--set`` override) is malformed; the message is one sentence naming the key and the fix."""
-
+from hf_compress.distillation.config import DistillationConfig
+from hf_compress.distillation.student import make_student
+from hf_compress.pruning.config import PruningConfig
+from hf_compress.recipes.schema import RESERVED_TRAINING_KEYS, RecipeError
 
 # ------------------------------------------------------------------------------------------- typed values
 
@@ -175,18 +175,10 @@ def _post_init_error(err: Exception, path: str) -> RecipeError:
 # --------------------------------------------------------------------------------------- stage sections
 
 
-def _config_class(kind: str, distills: bool):
+def _config_class(kind: str, distills: bool) -> type:
     if kind == "pruning":
-        from hf_compress.pruning.config import PruningConfig
-
         return PruningConfig
-    if distills:
-        from hf_compress.distillation.config import DistillationConfig
-
-        return DistillationConfig
-    from transformers import TrainingArguments
-
-    return TrainingArguments
+    return DistillationConfig if distills else TrainingArguments
 
 
 def placeholder_dir() -> str:
@@ -225,8 +217,7 @@ def function_kwargs(func, values: Any, path: str, skip: int = 1) -> dict[str, An
 
 
 def student_kwargs(values: Any, path: str) -> dict[str, Any]:
-    from hf_compress.distillation.student import make_student
-
+    """A ``student`` section: either ``{model: <folder>}`` or ``make_student`` arguments, never both."""
     if isinstance(values, dict) and "model" in values:
         if len(values) > 1:
             others = sorted(k for k in values if k != "model")

