@@ -5,7 +5,7 @@ import pytest
 import transformers
 from huggingface_hub import ModelCard
 
-from hf_compress.quantization.quantize import quantize_int8
+from hf_compress.quantization.quantize import quantize_model
 from hf_compress.reporting.cards import (
     last_evaluation,
     load_code,
@@ -101,7 +101,7 @@ def test_load_code_detects_hf_compress_records():
 
 
 def test_write_card_reads_config_of_a_quantized_folder(tmp_path):
-    quantize_int8(tiny_model("bert", "seq_cls")).save_pretrained(tmp_path)
+    quantize_model(tiny_model("bert", "seq_cls")).save_pretrained(tmp_path)
     card = write_card(tmp_path, model_name="tiny-int8", datasets=["glue"], report=STUDENT, repo_id="me/tiny-int8")
     written = (tmp_path / "README.md").read_text()
     assert written == str(card)

@@ -5,7 +5,7 @@ import torch
 import transformers
 from torch import nn
 
-from hf_compress.quantization.quantize import quantize_int8
+from hf_compress.quantization.quantize import quantize_model
 from hf_compress.reporting.measure import (
     compare,
     count_parameters,
@@ -34,7 +34,7 @@ def test_count_parameters_counts_zeros_and_linear_weights():
 
 def test_count_parameters_sees_through_int8_modules():
     float_counts = count_parameters(tiny_model("bert", "seq_cls"))
-    int8_counts = count_parameters(quantize_int8(tiny_model("bert", "seq_cls")))
+    int8_counts = count_parameters(quantize_model(tiny_model("bert", "seq_cls")))
     assert int8_counts["total"] == float_counts["total"]
     assert int8_counts["linear_total"] == float_counts["linear_total"]
 
