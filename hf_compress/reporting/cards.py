@@ -136,11 +136,15 @@ def render_card(
 
     Example:
 
-    ```python
+    >>> import torch
     >>> from hf_compress.reporting.cards import render_card
-    >>> card = render_card("bert-tiny-sst2", base_model="bert-base-uncased", datasets=["glue"], report=report)
-    >>> card.save("out/README.md")
-    ```
+    >>> from hf_compress.reporting.measure import model_report
+    >>> report = model_report(torch.nn.Linear(4, 2), batch_sizes=())
+    >>> card = render_card("bert-tiny-sst2", base_model="google-bert/bert-base-uncased", datasets=["glue"],
+    ...                    report=report)
+    >>> card.data.base_model, card.data.tags
+    ('google-bert/bert-base-uncased', ['distillation', 'pruning', 'hf-compress'])
+    >>> card.save("out/README.md")  # doctest: +SKIP
     """
     if not isinstance(model_name, str) or not model_name.strip():
         raise ValueError(f"`model_name` must be a non-empty string, got {model_name!r}.")
@@ -228,10 +232,8 @@ def write_card(folder: str | Path, model_name: str | None = None, **kwargs) -> M
 
     Example:
 
-    ```python
     >>> from hf_compress.reporting.cards import write_card
-    >>> write_card("out/student", base_model="bert-base-uncased", datasets=["glue"], report=report)
-    ```
+    >>> write_card("out/student", base_model="bert-base-uncased", datasets=["glue"])  # doctest: +SKIP
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -321,10 +323,13 @@ def training_section(
 
     Example:
 
-    ```python
     >>> from hf_compress.reporting.cards import training_section
     >>> print(training_section(40, 100, final=False, teacher="org/teacher", distillation={"temperature": 2.0}))
-    ```
+    **Status:** Checkpoint saved at step 40 of 100, while training was still running.
+    <BLANKLINE>
+    **Distillation** from teacher `org/teacher`: temperature 2.0.
+    <BLANKLINE>
+    **Evaluation:** not evaluated before this save.
     """
     of = f" of {max_steps}" if max_steps else ""
     if not final:

@@ -130,10 +130,8 @@ def push_folder(
 
     Example:
 
-    ```python
     >>> from hf_compress.reporting.hub import push_folder
-    >>> push_folder("out/student", "my-user/bert-tiny-sst2-int8", private=True)
-    ```
+    >>> push_folder("out/student", "my-user/bert-tiny-sst2-int8", private=True)  # doctest: +SKIP
     """
     folder = Path(folder)
     check_folder(folder)

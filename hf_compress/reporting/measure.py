@@ -104,9 +104,9 @@ def measure_latency(
 
     Example:
 
-    ```python
-    >>> measure_latency(model, {"input_ids": ids, "attention_mask": mask}, repeats=20)["median_ms"]
-    ```
+    >>> timing = measure_latency(nn.Linear(4, 2), {"input": torch.ones(8, 4)}, repeats=3)
+    >>> timing["repeats"], timing["min_ms"] <= timing["median_ms"] <= timing["max_ms"]
+    (3, True)
     """
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"`repeats` must be a positive integer, got {repeats!r}.")
@@ -179,10 +179,13 @@ def model_report(
 
     Example:
 
-    ```python
-    >>> from hf_compress.reporting.measure import model_report, compare
-    >>> ratios = compare(model_report(teacher, "out/teacher"), model_report(student, "out/student"))
-    ```
+    >>> from hf_compress.reporting.measure import compare, model_report
+    >>> teacher, student = nn.Linear(8, 8), nn.Linear(8, 2)
+    >>> report = model_report(student, batch_sizes=())
+    >>> report["params"], report["memory_bytes"]
+    ({'total': 18, 'nonzero': 18}, 72)
+    >>> compare(model_report(teacher, batch_sizes=()), report)["size_x"]
+    4.0
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch `nn.Module`, got {type(model).__name__}.")
@@ -316,9 +319,11 @@ def format_table(rows: Sequence[Mapping], markdown: bool = False) -> str:
 
     Example:
 
-    ```python
     >>> print(format_table([{"model": "teacher", "params": 22_000_000}, {"model": "student", "params": 11_000_000}]))
-    ```
+    model    params
+    -------  ----------
+    teacher  22,000,000
+    student  11,000,000
     """
     if isinstance(rows, Mapping) or not all(isinstance(r, Mapping) for r in rows):
         raise TypeError("`rows` must be a list of dicts, one per table row.")
