@@ -155,7 +155,7 @@ def quantize_model(
     return model
 
 
-@functools.wraps(quantize_model)
+@functools.wraps(quantize_model, assigned=("__module__",))  # its signature, its own name and docstring
 def quantize_int8(*args, **kwargs) -> nn.Module:
     """Deprecated alias of :func:`quantize_model` (which also makes 4-bit embeddings, hence the new name)."""
     warnings.warn(

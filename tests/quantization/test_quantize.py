@@ -256,3 +256,4 @@ def test_quantize_int8_is_a_deprecated_alias_of_quantize_model():
     assert torch.equal(_logits(old), _logits(new))
     assert getattr(old.config, QUANTIZATION_KEY) == getattr(new.config, QUANTIZATION_KEY)
     assert inspect.signature(quantize_int8) == inspect.signature(quantize_model)  # recipes validate keys with it
+    assert quantize_int8.__name__ == "quantize_int8" and "Deprecated" in quantize_int8.__doc__
