@@ -282,6 +282,9 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+_human_bytes = human_bytes  # transitional: recipes/plan.py imports this old name until it switches to `human_bytes`
+
+
 def summary_row(name: str, report: Mapping, reference: Mapping | None = None) -> dict[str, str]:
     """One human-readable table row for ``report`` (with ratios to ``reference`` when given)."""
     row = {
