@@ -16,7 +16,7 @@ from hf_compress.reporting.card_callback import ModelCardCallback, write_trainer
 from hf_compress.vocabulary.prune import prune_vocabulary
 
 # Every DistillationTrainer writes hf_compress's model card (checkpoints, `save_model`, `push_to_hub`); registered
-# here so that `distillation/` does not import `reporting/` (see `hf_compress.distillation.trainer.CardWriter`).
+# here so that `distillation/` does not import `reporting/` (see `hf_compress.distillation.callbacks.CardWriter`).
 DistillationTrainer.default_callbacks = (ModelCardCallback,)
 
 __version__ = "0.1.0"

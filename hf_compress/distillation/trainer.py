@@ -1,98 +1,35 @@
 """`DistillationTrainer`: a `Trainer` whose loss mixes a frozen teacher's soft targets with the labels.
 
 Overridden: `__init__` and `compute_loss`, plus `create_optimizer` (to train the hidden-state projection), `log` (to
-flush the loss components), `save_model` and `create_model_card` (to write the model card, see [`CardWriter`]) and
-one private method, `_set_signature_columns_if_needed` (to keep cached teacher columns: no public hook exists). The
-hidden-state projection is checkpointed and resumed by a callback ([`HiddenProjectionCheckpoint`]); the training
-loop, saving, evaluation and distribution are the Trainer's.
+flush the loss components), `save_model` and `create_model_card` (to write the model card, see
+[`~hf_compress.distillation.callbacks.CardWriter`]) and one private method, `_set_signature_columns_if_needed` (to
+keep cached teacher columns: no public hook exists). The hidden-state projection is checkpointed and resumed by a
+callback ([`~hf_compress.distillation.callbacks.HiddenProjectionCheckpoint`]); the training loop, saving,
+evaluation and distribution are the Trainer's.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, unwrap_peft_model
+from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils import logging
 
 from hf_compress.distillation.cache import CACHE_COLUMNS, TeacherCacheCollator, has_teacher_cache, pop_teacher_outputs
+from hf_compress.distillation.callbacks import CardWriter, HiddenProjection, HiddenProjectionCheckpoint
 from hf_compress.distillation.config import default_layer_map, distillation_options
 from hf_compress.distillation.losses import attention_loss, distillation_loss, hidden_state_loss, soft_loss
 from hf_compress.distillation.teacher import DISTILLED_HEADS, build_teacher, check_compatible, distilled_head
 
-__all__ = ["CardWriter", "DistillationTrainer", "HiddenProjectionCheckpoint"]
+__all__ = ["DistillationTrainer"]
 
 logger = logging.get_logger(__name__)
 
 # Output logits -> the input key holding their targets.
 TARGETS = {"qa": {"start_logits": "start_positions", "end_logits": "end_positions"}}
-
-
-class _HiddenProjection(nn.Module):
-    """Learned student-width -> teacher-width projections, one per mapped student layer."""
-
-    def __init__(self, num_layers: int, student_width: int, teacher_width: int):
-        super().__init__()
-        self.proj = nn.ModuleList(nn.Linear(student_width, teacher_width) for _ in range(num_layers))
-
-    def forward(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [p(h.to(p.weight.dtype)) for p, h in zip(self.proj, states)]
-
-
-PROJECTION_FILE = "hidden_projection.safetensors"  # in checkpoints only
-
-
-@runtime_checkable
-class CardWriter(Protocol):
-    """A trainer callback that writes the model card of the folders a trainer saves.
-
-    [`DistillationTrainer`] binds each of its callbacks that has these two methods (`set_trainer`, at the end of its
-    `__init__`) and calls `write` from `save_model` (no callback event fires there) and `create_model_card` (called
-    by `push_to_hub`); checkpoints are the callback's own business (`on_save`). The trainer gets one by default, so
-    that every save has a card without `distillation/` depending on `reporting/`: `hf_compress/__init__.py` sets
-    `DistillationTrainer.default_callbacks` to [`~hf_compress.reporting.card_callback.ModelCardCallback`].
-    """
-
-    def set_trainer(self, trainer: Trainer) -> None:
-        """Bind the trainer whose run the card describes."""
-
-    def write(self, folder: str, final: bool = True, **card_kwargs: Any) -> Any:
-        """Write the card into `folder` (`card_kwargs`: `model_name`, `base_model`, `datasets`, `methods`, ...)."""
-
-
-class HiddenProjectionCheckpoint(TrainerCallback):
-    """
-    Save the trained hidden-state projection (not part of the model) into every checkpoint folder (`on_save`), and
-    restore it when training resumes from a checkpoint of `args.output_dir` (`on_train_begin`, before the first step).
-
-    Args:
-        projection (`nn.Module`): The unwrapped projection module.
-    """
-
-    def __init__(self, projection: nn.Module):
-        self.projection = projection
-
-    def on_save(self, args, state, control, **kwargs):
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if args.should_save and os.path.isdir(folder):
-            state_dict = {k: v.detach().contiguous().cpu() for k, v in self.projection.state_dict().items()}
-            save_file(state_dict, os.path.join(folder, PROJECTION_FILE))
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.global_step == 0:  # not resuming
-            return
-        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        path = os.path.join(checkpoint, PROJECTION_FILE)
-        if not os.path.isfile(path):
-            logger.warning(
-                f"{checkpoint} has no {PROJECTION_FILE}: the hidden-state projection restarts from its initialisation."
-            )
-            return
-        self.projection.load_state_dict(load_file(path))
 
 
 class DistillationTrainer(Trainer):
@@ -246,7 +183,7 @@ class DistillationTrainer(Trainer):
         if kd["hidden_loss_weight"] > 0 and widths[0] != widths[1]:
             if self.optimizer is not None:
                 logger.warning("A custom optimizer was passed: add `trainer.hidden_projection` parameters to it.")
-            projection = _HiddenProjection(len(self.layer_map), *widths).to(self.accelerator.device)
+            projection = HiddenProjection(len(self.layer_map), *widths).to(self.accelerator.device)
             # DDP-synchronised; saved in checkpoints (PROJECTION_FILE) for resuming, never with the final model
             self.hidden_projection = self.accelerator.prepare_model(projection)
             self.add_callback(HiddenProjectionCheckpoint(projection))

@@ -3,7 +3,7 @@
 :class:`ModelCardCallback` writes the card into each ``checkpoint-<step>`` folder (``on_save``) and, when the Trainer
 pushes checkpoints to the Hub, into the folders it uploads (``on_push_begin``). :func:`write_trainer_card` renders the
 card of the trainer's current model into any folder. The callback implements
-:class:`hf_compress.distillation.trainer.CardWriter`, so ``DistillationTrainer`` (which gets it by default) calls it
+:class:`hf_compress.distillation.callbacks.CardWriter`, so ``DistillationTrainer`` (which gets it by default) calls it
 from ``save_model`` and ``create_model_card`` (called by ``trainer.push_to_hub()``). The card states what is known
 when the folder is written: the teacher, the student's and the teacher's parameter counts, the distillation settings,
 each :class:`PruningCallback`'s settings and the sparsity reached so far, and the last evaluation (or "not
@@ -171,7 +171,7 @@ class ModelCardCallback(TrainerCallback):
     reached so far, and the last evaluation (or "not evaluated"). When the Trainer pushes checkpoints to the Hub
     (`push_to_hub=True`, `hub_strategy` other than `"end"`), the pushed folders carry the card too.
     `DistillationTrainer` gets this callback by default and, through its
-    [`~hf_compress.distillation.trainer.CardWriter`] methods (`set_trainer`, `write`), writes the final card in
+    [`~hf_compress.distillation.callbacks.CardWriter`] methods (`set_trainer`, `write`), writes the final card in
     `save_model` and `push_to_hub`; with a plain `Trainer`, add it with [`model_card_callback`] and write the final
     card with [`write_trainer_card`].
 

@@ -7,8 +7,9 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 import hf_compress
+from hf_compress.distillation.callbacks import PROJECTION_FILE, CardWriter
 from hf_compress.distillation.config import DistillationConfig
-from hf_compress.distillation.trainer import PROJECTION_FILE, CardWriter, DistillationTrainer
+from hf_compress.distillation.trainer import DistillationTrainer
 from hf_compress.reporting.card_callback import ModelCardCallback
 from tests.conftest import tiny_inputs, tiny_model
 
