@@ -1,6 +1,7 @@
 """DistillationTrainer's few overrides and its callback interfaces: card writers and the projection checkpoint."""
 
 import ast
+import shutil
 from pathlib import Path
 
 import torch
@@ -137,3 +138,23 @@ def test_projection_is_saved_into_every_checkpoint_and_not_the_final_model(tmp_p
     trainer.save_model()
     saved = sorted(p.relative_to(args.output_dir).as_posix() for p in Path(args.output_dir).rglob(PROJECTION_FILE))
     assert saved == [f"checkpoint-1/{PROJECTION_FILE}", f"checkpoint-2/{PROJECTION_FILE}"]
+
+
+def test_projection_resumes_from_args_resume_from_checkpoint_outside_output_dir(tmp_path):
+    student, teacher = (
+        tiny_model("llama", "causal_lm", seed=0),
+        tiny_model("llama", "causal_lm", seed=1, hidden_size=32),
+    )
+    args = _args(tmp_path, hidden_loss_weight=1.0, save_strategy="steps", save_steps=2)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=_data())
+    trainer.train()
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(Path(args.output_dir) / "checkpoint-2", elsewhere)
+    shutil.rmtree(args.output_dir)
+    resumed_args = _args(tmp_path, hidden_loss_weight=1.0, resume_from_checkpoint=str(elsewhere))
+    fresh = DistillationTrainer(
+        model=tiny_model("llama", "causal_lm", seed=0), teacher_model=teacher, args=resumed_args, train_dataset=_data()
+    )
+    fresh.train(resume_from_checkpoint=resumed_args.resume_from_checkpoint)
+    trained = trainer.hidden_projection.state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in fresh.hidden_projection.state_dict().items())
