@@ -47,8 +47,7 @@ from hf_compress.pruning.config import PruningConfig
 from hf_compress.pruning.importance import head_groups, unit_scores
 from hf_compress.pruning.schedules import is_pruning_step
 from hf_compress.pruning.surgery import layer_structure, prune_ffn_neurons, prune_heads
-from hf_compress.quantization.quantize import model_size_bytes
-from hf_compress.reporting.measure import count_parameters, folder_size_bytes, format_table
+from hf_compress.reporting.measure import count_parameters, folder_size_bytes, format_table, model_size_bytes
 
 BERT = dict(num_hidden_layers=6, hidden_size=384, num_attention_heads=12, intermediate_size=1536, vocab_size=30522)
 LLAMA = dict(

@@ -1,4 +1,4 @@
-"""Save and reload structurally pruned models.
+"""Save and reload compressed models: structurally pruned, int8 / 4-bit quantised, or both.
 
 Surgery records each layer's shape in ``config.hf_compress["layers"]``. When every layer is alike and the family's
 config can express it (layer count, FFN width, Llama-family head counts), plain ``AutoModel*.from_pretrained`` already
@@ -6,23 +6,39 @@ rebuilds the model. Otherwise (per-layer differences, fewer heads in BERT / RoBE
 width is ``hidden_size / num_heads``) the config keeps its original sizes, so plain loading stops with a size-mismatch
 error, and :func:`from_pretrained` here builds the model from its config, slices each layer to the recorded shape and
 loads the weights strictly.
+
+Quantised folders (:func:`hf_compress.quantization.quantize.quantize_model`) carry a ``hf_compress_quantization``
+record; :func:`from_pretrained` rebuilds their int8 / int4 modules (on top of the recorded per-layer shapes when the
+model was also pruned) before loading the weights, so it is the one loader for every folder hf_compress writes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from huggingface_hub import snapshot_download
 from safetensors.torch import load_file
 from torch import nn
 
 from hf_compress.models.families import get_family, unwrap
+from hf_compress.models.hub_ids import hub_id
 from hf_compress.pruning.surgery import layer_structure, prune_ffn_neurons, prune_heads, record_structure
+from hf_compress.quantization.quantize import (
+    QUANTIZATION_KEY,
+    Compute,
+    check_compute,
+    is_quantized,
+    prepare_quantized_skeleton,
+)
 
 _LOAD_KWARGS = ("dtype", "attn_implementation")  # what the structured path forwards to `_from_config`
+HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download")  # for Hub repo ids
 
 
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, **kwargs: Any) -> None:
@@ -66,6 +82,7 @@ def _model_class(config: transformers.PretrainedConfig, trust_remote_code: bool)
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder's ``model.safetensors`` (or of the shards its index names)."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
@@ -78,6 +95,19 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     for name in files:
         state.update(load_file(os.path.join(path, name)))
     return state
+
+
+def local_folder(path: str | os.PathLike, **hub_kwargs: Any) -> str:
+    """``path`` when it is a local folder (or names a local path), else a Hub snapshot of the repo id ``path``.
+
+    Args:
+        path (`str` or `os.PathLike`): A folder, or a Hub repo id (downloaded with ``snapshot_download``).
+        hub_kwargs: Forwarded to ``snapshot_download`` (`revision`, `token`, ...).
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path) or hub_id(path) is None:
+        return path
+    return snapshot_download(path, **hub_kwargs)
 
 
 def _slice_to(model: nn.Module, recorded: list[dict[str, int]]) -> None:
@@ -109,16 +139,14 @@ def _slice_to(model: nn.Module, recorded: list[dict[str, int]]) -> None:
 
 def needs_loader(config: dict) -> bool:
     """Whether a ``config.json`` dict can only be loaded by :func:`from_pretrained` (recorded shapes or int8)."""
-    from hf_compress.quantization.quantize import is_quantized
-
     return is_quantized(config) or (config.get("hf_compress") or {}).get("layers") is not None
 
 
 def from_pretrained(path: str | os.PathLike, trust_remote_code: bool = False, **kwargs: Any) -> nn.Module:
-    """Load any folder hf_compress saved (pruned, layer-dropped, int8, or plain), with identical logits.
+    """Load any folder hf_compress saved (pruned, layer-dropped, quantised, or plain), with identical logits.
 
-    Int8 folders (:func:`hf_compress.quantization.quantize_int8`) are rebuilt with their quantised modules, on top of
-    the recorded per-layer shapes when the model was also structurally pruned.
+    Quantised folders (:func:`hf_compress.quantization.quantize.quantize_model`) are rebuilt with their int8 / int4
+    modules, on top of the recorded per-layer shapes when the model was also structurally pruned.
 
     Folders whose config has no recorded structure (never pruned, or pruned without surgery) are handed to
     transformers' ``from_pretrained`` of the class in ``config.architectures``. Otherwise the model is built from its
@@ -127,11 +155,14 @@ def from_pretrained(path: str | os.PathLike, trust_remote_code: bool = False, **
 
     Args:
         path (`str` or `os.PathLike`):
-            A local folder written by `save_pretrained`.
+            A local folder written by `save_pretrained`, or a Hub repo id of one.
         trust_remote_code (`bool`, *optional*, defaults to `False`):
             Allow modeling code shipped in the folder (`config.auto_map`).
         kwargs:
-            For recorded folders only `dtype` and `attn_implementation`; otherwise forwarded to transformers.
+            For quantised folders only `compute` (`"dynamic"` or `"weight_only"`, overriding the saved kernel; others
+            are ignored); for
+            recorded folders only `dtype` and `attn_implementation`; otherwise forwarded to transformers. Hub options
+            (`revision`, `token`, `cache_dir`, `local_files_only`, `force_download`) apply to every kind.
 
     Returns:
         The model in eval mode.
@@ -141,22 +172,20 @@ def from_pretrained(path: str | os.PathLike, trust_remote_code: bool = False, **
     >>> import hf_compress
     >>> model = hf_compress.from_pretrained("pruned-model")  # doctest: +SKIP
     """
-    from hf_compress.quantization.quantize import is_quantized, load_quantized
-
     path = os.fspath(path)
-    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    hub = {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
+    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
     cls = _model_class(config, trust_remote_code)
     recorded = (getattr(config, "hf_compress", None) or {}).get("layers")
     if is_quantized(config.to_dict()):
-        skeleton = None
+        skeleton = (cls.from_config if cls.__name__.startswith("Auto") else cls._from_config)(config)
         if recorded is not None:
-            skeleton = (cls.from_config if cls.__name__.startswith("Auto") else cls._from_config)(config)
             _slice_to(skeleton, recorded)
-        return load_quantized(path, model=skeleton, **{k: v for k, v in kwargs.items() if k == "compute"})
+        return load_quantized_weights(skeleton, local_folder(path, **hub), kwargs.get("compute"))
     if recorded is None:
         if trust_remote_code:
             kwargs["trust_remote_code"] = True
-        return cls.from_pretrained(path, **kwargs)
+        return cls.from_pretrained(path, **hub, **kwargs)
     unknown = sorted(set(kwargs) - set(_LOAD_KWARGS))
     if unknown:
         raise ValueError(f"`kwargs` has {unknown}, unsupported for a pruned folder; supported: {list(_LOAD_KWARGS)}.")
@@ -166,8 +195,71 @@ def from_pretrained(path: str | os.PathLike, trust_remote_code: bool = False, **
     model = build(config, **kwargs)
     get_family(model)  # recorded structure is only written for supported families
     _slice_to(model, recorded)
-    _load_strict(model, _read_state_dict(path), path)
+    folder = local_folder(path, **hub)
+    _load_strict(model, _read_state_dict(folder), folder)
     return model.eval()
+
+
+def _quantized_config(folder: str) -> dict:
+    """The ``config.json`` dict of a quantised folder; a one-sentence error for anything else."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"`path` must be an existing model folder, got {folder!r}.")
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"`path` {folder!r} has no config.json; save the model with `save_pretrained`.")
+    raw = json.loads(config_file.read_text())
+    if not is_quantized(raw):
+        raise ValueError(f"`path` {folder!r} holds no `{QUANTIZATION_KEY}` record; load it with `from_pretrained`.")
+    return raw
+
+
+def load_quantized_weights(model: nn.Module, folder: str | os.PathLike, compute: Compute | None = None) -> nn.Module:
+    """Swap the float modules of ``model`` named in ``folder``'s quantisation record for int8 / int4 ones, load the
+    folder's weights into them, and return the model in eval mode.
+
+    Args:
+        model (`nn.Module`): A float skeleton of the saved model (built from its config, sliced when it was pruned).
+        folder (`str` or `os.PathLike`): A local folder saved after `quantize_model`.
+        compute (`Literal["dynamic", "weight_only"]`, *optional*): Override the kernel recorded at save time.
+    """
+    folder = os.fspath(folder)
+    raw = _quantized_config(folder)
+    record = dict(raw[QUANTIZATION_KEY])
+    if compute is not None:
+        check_compute(compute)
+        record["compute"] = compute
+    prepare_quantized_skeleton(model, record)
+    missing, unexpected = model.load_state_dict(_read_state_dict(folder), strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"Weights in {folder!r} do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}."
+        )
+    if getattr(model, "config", None) is not None:
+        setattr(model.config, QUANTIZATION_KEY, record)
+    return model.eval()
+
+
+def load_quantized(
+    path: str | os.PathLike, model: nn.Module | None = None, compute: Compute | None = None, **hub_kwargs: Any
+) -> nn.Module:
+    """Deprecated: use :func:`from_pretrained`, which loads quantised folders (and Hub repos of them) itself.
+
+    Args:
+        path (`str` or `os.PathLike`): A folder saved after `quantize_model`, or a Hub repo id of one.
+        model (`nn.Module`, *optional*): A float skeleton to fill instead of the one built from ``config.json``.
+        compute (`Literal["dynamic", "weight_only"]`, *optional*): Override the kernel recorded at save time.
+        hub_kwargs: Forwarded to ``snapshot_download`` for a Hub repo id (`revision`, `token`, ...).
+    """
+    warnings.warn(
+        "`load_quantized` is deprecated; use `hf_compress.from_pretrained`, which loads quantised folders.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    folder = local_folder(path, **hub_kwargs)
+    _quantized_config(folder)
+    if model is None:
+        return from_pretrained(folder, **({} if compute is None else {"compute": compute}))
+    return load_quantized_weights(model, folder, compute)
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:

@@ -226,7 +226,8 @@ class FakeApi:
         return type("Url", (), {"repo_id": repo_id})()
 
     def upload_folder(self, repo_id, folder_path, **kwargs):
-        FakeApi.calls.append(("upload_folder", repo_id, Path(folder_path).name, sorted(kwargs["allow_patterns"])))
+        sent = hf_compress.reporting.hub.files_to_upload(folder_path) if kwargs["ignore_patterns"] else []
+        FakeApi.calls.append(("upload_folder", repo_id, Path(folder_path).name, sent))
 
 
 def test_push_goes_through_hub_without_network_and_never_prints_the_token(tmp_path, capsys, monkeypatch):

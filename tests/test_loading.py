@@ -7,6 +7,8 @@ from safetensors.torch import load_file, save_file
 import hf_compress.loading as loading
 from hf_compress.models.families import head_counts
 from hf_compress.pruning.surgery import drop_layers, prune_ffn_neurons, prune_heads
+from hf_compress.quantization.quantize import Int8Linear, quantize_model
+from hf_compress.reporting.measure import model_size_bytes
 from tests.conftest import DECODERS, FAMILIES, HEADS, tiny_inputs, tiny_model
 
 GQA = DECODERS[:4]
@@ -143,3 +145,53 @@ def test_unknown_architecture_is_an_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="'MyBertModel'.*trust_remote_code=True"):
         loading.from_pretrained(tmp_path)
+
+
+def _quantized_folder(tmp_path, pruned: bool = False):
+    model = tiny_model("bert", "seq_cls")
+    if pruned:
+        prune_heads(model, {0: [1, 2]})
+    model = quantize_model(model, embedding_bits=4)
+    loading.save_pretrained(model, tmp_path)
+    return model
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_from_pretrained_rebuilds_quantised_and_pruned_quantised_folders(tmp_path, pruned):
+    model = _quantized_folder(tmp_path, pruned)
+    reloaded = loading.from_pretrained(tmp_path)
+    assert isinstance(reloaded.bert.encoder.layer[0].attention.self.query, Int8Linear) and not reloaded.training
+    assert head_counts(reloaded, 0) == head_counts(model, 0) == ((2, 2) if pruned else (4, 4))
+    torch.testing.assert_close(_logits(reloaded), _logits(model), atol=0, rtol=0)
+    assert model_size_bytes(reloaded) == model_size_bytes(model)
+
+
+def test_load_quantized_is_a_deprecated_alias_that_downloads_hub_repo_ids(tmp_path, monkeypatch):
+    model = _quantized_folder(tmp_path)
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(tmp_path)
+
+    monkeypatch.setattr(loading, "snapshot_download", fake_snapshot_download)
+    with pytest.warns(DeprecationWarning, match="use `hf_compress.from_pretrained`"):
+        reloaded = loading.load_quantized("me/tiny-int8", revision="v1", compute="weight_only")
+    assert calls == [("me/tiny-int8", {"revision": "v1"})]
+    assert reloaded.bert.encoder.layer[0].output.dense.compute == "weight_only"
+    with pytest.warns(DeprecationWarning):
+        filled = loading.load_quantized(tmp_path, model=tiny_model("bert", "seq_cls", seed=3))
+    torch.testing.assert_close(_logits(filled), _logits(model), atol=0, rtol=0)
+    assert loading.local_folder(tmp_path) == str(tmp_path) and calls == [("me/tiny-int8", {"revision": "v1"})]
+
+
+def test_load_quantized_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="must be an existing model folder"):
+        loading.load_quantized(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        loading.load_quantized(tmp_path)
+    tiny_model("bert").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="holds no `hf_compress_quantization` record"):
+        loading.load_quantized(tmp_path)
+    with pytest.raises(ValueError, match="holds no `hf_compress_quantization` record"):
+        loading.load_quantized_weights(tiny_model("bert"), tmp_path)

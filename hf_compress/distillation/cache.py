@@ -41,7 +41,8 @@ from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils import logging
 
 from hf_compress.distillation.losses import TopKLogits
-from hf_compress.distillation.teacher import LM_HEADS, detect_head
+from hf_compress.distillation.teacher import distilled_head
+from hf_compress.models.heads import LM_HEADS
 
 logger = logging.get_logger(__name__)
 
@@ -198,7 +199,7 @@ def cache_teacher_outputs(
     >>> cached = cache_teacher_outputs(teacher, tokenized, DataCollatorWithPadding(tok), top_k=64)  # doctest: +SKIP
     >>> trainer = DistillationTrainer(model=student, teacher_model=None, train_dataset=cached)  # doctest: +SKIP
     """
-    head = detect_head(type(unwrap_peft_model(teacher)).__name__)
+    head = distilled_head(teacher)
     if head is None or head == "seq2seq_lm":
         raise ValueError(
             f"`teacher` of class {type(teacher).__name__} cannot be cached; use a classification, QA, causal LM or "

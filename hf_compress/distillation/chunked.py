@@ -1,6 +1,6 @@
 """The chunked kernel behind the soft and hard distillation losses of [`~hf_compress.distillation.losses`].
 
-[`_ChunkedKD`] walks a `[N, V]` student one block of rows at a time: the soft (teacher) and hard (label) terms are read
+[`ChunkedKD`] walks a `[N, V]` student one block of rows at a time: the soft (teacher) and hard (label) terms are read
 from the same block, forward KL, reverse KL, JSD and cross-entropy get their closed-form gradients written straight
 into one `[N, V]` buffer, and the logit MSE runs autograd on the block only. So no autograd graph over the full
 vocabulary is ever held. The teacher is dense logits or a [`TopKLogits`] sparse row.
@@ -172,7 +172,7 @@ def _densify(values: torch.Tensor, indices: torch.Tensor, width: int) -> torch.T
     return values.float().new_empty(values.shape[0], width).scatter_(1, indices, values.float())
 
 
-class _ChunkedKD(torch.autograd.Function):
+class ChunkedKD(torch.autograd.Function):
     """`ws * sum(soft rows) + wh * sum(hard rows)` over selected rows of a `[N, V]` student, one chunk at a time.
 
     Forward KL, reverse KL, JSD and cross-entropy use their closed-form gradients (e.g. `T * (p_s - p_t)` and

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from hf_compress.distillation.chunked import IGNORE_INDEX, TopKLogits, _ChunkedKD
+from hf_compress.distillation.chunked import IGNORE_INDEX, ChunkedKD, TopKLogits
 
 Divergence = Literal["kl", "reverse_kl", "jsd", "mse"]
 HiddenLoss = Literal["mse", "cosine"]
@@ -176,7 +176,7 @@ def _kd_terms(student, teacher, labels, mask, alpha, normalizer, options):
     opts["ws"] = _divide(soft_weight, soft_norm) if soft_weight else 0.0
     if y is not None and hard_weight:
         opts["wh"] = _divide(hard_weight, hard_norm)
-    total, soft_sum, hard_sum = _ChunkedKD.apply(s_rows, t_vals, t_idx, y, rows, keep, opts)
+    total, soft_sum, hard_sum = ChunkedKD.apply(s_rows, t_vals, t_idx, y, rows, keep, opts)
     hard = _divide(hard_sum, hard_norm) if y is not None else torch.zeros_like(soft_sum)
     return total, _divide(soft_sum, soft_norm), hard
 

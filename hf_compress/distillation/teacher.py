@@ -1,6 +1,7 @@
 """The teacher of [`DistillationTrainer`]: head detection, loading and placement, and the checks against the student.
 
-Plain functions, so that the trainer keeps only the Trainer glue: [`build_teacher`] loads a path with the student's
+Plain functions, so that the trainer keeps only the Trainer glue: [`distilled_head`] names the head of a student or
+teacher (from the one head table, [`hf_compress.models.heads`]), [`build_teacher`] loads a path with the student's
 Auto class (or takes a model), freezes it and places it on the device in the training dtype; [`check_compatible`]
 rejects a teacher whose head, label set or vocabulary cannot teach the student (extra teacher vocabulary rows are
 accepted as padding, and sliced off by the losses).
@@ -12,40 +13,28 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoModelForQuestionAnswering,
-    AutoModelForSeq2SeqLM,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-    PreTrainedModel,
-)
-from transformers.models.auto import modeling_auto
+from transformers import PreTrainedModel
 from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils import logging
 
+from hf_compress.models.heads import HEADS, LM_HEADS, detect_head
+
 logger = logging.get_logger(__name__)
 
-# Head -> (Auto class, class names). Checked in this order: BART is both seq2seq and masked LM.
-HEADS: dict[str, tuple[type, Any]] = {
-    "seq2seq_lm": (AutoModelForSeq2SeqLM, modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES),
-    "causal_lm": (AutoModelForCausalLM, modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
-    "masked_lm": (AutoModelForMaskedLM, modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES),
-    "qa": (AutoModelForQuestionAnswering, modeling_auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES),
-    "token_cls": (AutoModelForTokenClassification, modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES),
-    "seq_cls": (AutoModelForSequenceClassification, modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),
-}
-LM_HEADS = ("seq2seq_lm", "causal_lm", "masked_lm")
+# The heads that can be distilled: the keys of `hf_compress.models.heads.HEADS` but image classification.
+DISTILLED_HEADS = ("seq2seq_lm", "causal_lm", "masked_lm", "qa", "token_cls", "seq_cls")
 
 
-def detect_head(class_name: str) -> str | None:
-    """The head type (a key of `HEADS`) of a model class name such as `"BertForMaskedLM"`, or `None`."""
-    for head, (_, mapping) in HEADS.items():
-        for names in mapping.values():
-            if class_name == names or (isinstance(names, (list, tuple)) and class_name in names):
-                return head
-    return None
+def distilled_head(model: nn.Module) -> str | None:
+    """The head of `model` (PEFT-unwrapped), one of `DISTILLED_HEADS`, or `None` when it cannot be distilled.
+
+    >>> from transformers import BertConfig, BertForMaskedLM
+    >>> distilled_head(BertForMaskedLM(BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1,
+    ...                                           num_attention_heads=2, intermediate_size=8)))
+    'masked_lm'
+    """
+    head = detect_head(type(unwrap_peft_model(model)).__name__)
+    return head if head in DISTILLED_HEADS else None
 
 
 def build_teacher(
@@ -62,7 +51,7 @@ def build_teacher(
 
     Args:
         teacher (`PreTrainedModel`, `nn.Module` or `str`): The teacher or a checkpoint path / Hub id.
-        head (`str`): The student's head type, a key of `HEADS`.
+        head (`str`): The student's head type, one of `DISTILLED_HEADS`.
         init_kwargs (`dict`): `from_pretrained` keyword arguments for a path (`trust_remote_code` defaults to False).
         eager_attention (`bool`): Load with `attn_implementation="eager"` (attention maps) unless set otherwise.
         device (`torch.device`): Where the teacher runs.
@@ -72,8 +61,7 @@ def build_teacher(
         init_kwargs = {"trust_remote_code": False, **init_kwargs}
         if eager_attention:
             init_kwargs.setdefault("attn_implementation", "eager")
-        auto_class = HEADS[head][0]
-        teacher = auto_class.from_pretrained(teacher, **init_kwargs)
+        teacher = HEADS[head].auto().from_pretrained(teacher, **init_kwargs)
         saved = (getattr(teacher.config, "architectures", None) or [None])[0]
         if saved is not None and detect_head(saved) not in (None, head):
             raise ValueError(

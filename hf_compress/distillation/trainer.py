@@ -1,50 +1,35 @@
 """`DistillationTrainer`: a `Trainer` whose loss mixes a frozen teacher's soft targets with the labels.
 
-Only `__init__` and `compute_loss` are overridden (plus `create_optimizer`, to train the hidden-state projection,
-`log`, to flush the loss components, `_set_signature_columns_if_needed`, to keep cached teacher columns, and
-`_save_checkpoint` / `_load_from_checkpoint`, to resume the projection); the training loop, saving, evaluation and
-distribution are the Trainer's.
+Overridden: `__init__` and `compute_loss`, plus `create_optimizer` (to train the hidden-state projection), `log` (to
+flush the loss components), `save_model` and `create_model_card` (to write the model card, see
+[`~hf_compress.distillation.callbacks.CardWriter`]) and one private method, `_set_signature_columns_if_needed` (to
+keep cached teacher columns: no public hook exists). The hidden-state projection is checkpointed and resumed by a
+callback ([`~hf_compress.distillation.callbacks.HiddenProjectionCheckpoint`]); the training loop, saving,
+evaluation and distribution are the Trainer's.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import PreTrainedModel, Trainer, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, unwrap_peft_model
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils import logging
 
 from hf_compress.distillation.cache import CACHE_COLUMNS, TeacherCacheCollator, has_teacher_cache, pop_teacher_outputs
+from hf_compress.distillation.callbacks import CardWriter, HiddenProjection, HiddenProjectionCheckpoint
 from hf_compress.distillation.config import default_layer_map, distillation_options
 from hf_compress.distillation.losses import attention_loss, distillation_loss, hidden_state_loss, soft_loss
-from hf_compress.distillation.teacher import HEADS, LM_HEADS, build_teacher, check_compatible, detect_head
-from hf_compress.reporting.card_callback import model_card_callback, write_trainer_card
+from hf_compress.distillation.teacher import DISTILLED_HEADS, build_teacher, check_compatible, distilled_head
 
-# `HEADS`, `LM_HEADS` and `detect_head` live in `teacher.py`; they stay importable from here (cache.py, tests).
-__all__ = ["HEADS", "LM_HEADS", "DistillationTrainer", "detect_head"]
+__all__ = ["DistillationTrainer"]
 
 logger = logging.get_logger(__name__)
 
 # Output logits -> the input key holding their targets.
 TARGETS = {"qa": {"start_logits": "start_positions", "end_logits": "end_positions"}}
-
-
-class _HiddenProjection(nn.Module):
-    """Learned student-width -> teacher-width projections, one per mapped student layer."""
-
-    def __init__(self, num_layers: int, student_width: int, teacher_width: int):
-        super().__init__()
-        self.proj = nn.ModuleList(nn.Linear(student_width, teacher_width) for _ in range(num_layers))
-
-    def forward(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [p(h.to(p.weight.dtype)) for p, h in zip(self.proj, states)]
-
-
-PROJECTION_FILE = "hidden_projection.safetensors"  # in checkpoints only
 
 
 class DistillationTrainer(Trainer):
@@ -71,12 +56,18 @@ class DistillationTrainer(Trainer):
         args (`TrainingArguments`, *optional*): Usually a [`DistillationConfig`].
         **kwargs: Every other [`~transformers.Trainer`] argument (`train_dataset`, `data_collator`, ...).
 
+    Attributes:
+        default_callbacks (`tuple[type[TrainerCallback], ...]`): Callback classes every instance gets (once each, on
+            top of `callbacks`); `hf_compress` sets it to its model-card callback.
+
     >>> trainer = DistillationTrainer(  # doctest: +SKIP
     ...     model=student, teacher_model="path/to/teacher", args=DistillationConfig("out", alpha=0.9),
     ...     train_dataset=dataset,
     ... )
     >>> trainer.train()  # doctest: +SKIP
     """
+
+    default_callbacks: tuple[type[TrainerCallback], ...] = ()
 
     def __init__(
         self,
@@ -92,10 +83,11 @@ class DistillationTrainer(Trainer):
             raise ValueError("`model` (the student) is required, got None; `model_init` is not supported.")
         super().__init__(model=model, args=args, **kwargs)
         student = unwrap_peft_model(self.accelerator.unwrap_model(self.model))
-        self._head = detect_head(type(student).__name__)
+        self._head = distilled_head(student)
         if self._head is None:
             raise ValueError(
-                f"`model` of class {type(student).__name__} is not a supported head; use one of {list(HEADS)}."
+                f"`model` of class {type(student).__name__} is not a supported head; use one of "
+                f"{list(DISTILLED_HEADS)}."
             )
         datasets = [self.train_dataset]
         datasets += list(self.eval_dataset.values()) if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
@@ -124,7 +116,16 @@ class DistillationTrainer(Trainer):
         self._kd_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         self._kd_calls = {"train": 0, "eval": 0}
         self._kd_window_start = 0
-        model_card_callback(self)  # our model card in every checkpoint
+        for callback_class in self.default_callbacks:
+            if not any(isinstance(callback, callback_class) for callback in self.callback_handler.callbacks):
+                self.add_callback(callback_class())
+        for writer in self.card_writers:
+            writer.set_trainer(self)
+
+    @property
+    def card_writers(self) -> list[CardWriter]:
+        """The callbacks that write this trainer's model cards (see [`CardWriter`])."""
+        return [callback for callback in self.callback_handler.callbacks if isinstance(callback, CardWriter)]
 
     # ---- teacher -----------------------------------------------------------------------------------------------
 
@@ -182,11 +183,13 @@ class DistillationTrainer(Trainer):
         if kd["hidden_loss_weight"] > 0 and widths[0] != widths[1]:
             if self.optimizer is not None:
                 logger.warning("A custom optimizer was passed: add `trainer.hidden_projection` parameters to it.")
-            projection = _HiddenProjection(len(self.layer_map), *widths).to(self.accelerator.device)
+            projection = HiddenProjection(len(self.layer_map), *widths).to(self.accelerator.device)
             # DDP-synchronised; saved in checkpoints (PROJECTION_FILE) for resuming, never with the final model
             self.hidden_projection = self.accelerator.prepare_model(projection)
+            self.add_callback(HiddenProjectionCheckpoint(projection))
 
     def create_optimizer(self, model=None):
+        # Public hook: the projection is trained with the student but is not one of its parameters.
         optimizer = super().create_optimizer(model)
         if self.hidden_projection is not None:
             params = list(self.hidden_projection.parameters())
@@ -196,6 +199,7 @@ class DistillationTrainer(Trainer):
         return optimizer
 
     def _set_signature_columns_if_needed(self) -> None:
+        # Private, no public hook: the Trainer drops dataset columns the student's `forward` does not accept.
         """The Trainer keeps the columns of the model's `forward`; cached teacher columns must survive too."""
         super()._set_signature_columns_if_needed()
         self._signature_columns += [c for c in CACHE_COLUMNS if c not in self._signature_columns]
@@ -332,6 +336,7 @@ class DistillationTrainer(Trainer):
         self._kd_calls[mode] += 1
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Public hook: the loss components are gathered across processes exactly when the Trainer logs its loss.
         mode = "train" if "loss" in logs else "eval" if "eval_loss" in logs else None
         if mode is not None and self._kd_sums[mode]:
             keys = sorted(self._kd_sums[mode])
@@ -346,36 +351,15 @@ class DistillationTrainer(Trainer):
             self._kd_sums[mode], self._kd_calls[mode] = {}, 0
         super().log(logs, start_time)
 
-    # ---- checkpoints ---------------------------------------------------------------------------------------------
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """Save the checkpoint as `Trainer` does, plus the hidden-state projection (trained, not part of the model)."""
-        super()._save_checkpoint(model, trial)
-        if self.hidden_projection is not None and self.args.should_save:
-            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            state = self.accelerator.unwrap_model(self.hidden_projection).state_dict()
-            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / PROJECTION_FILE))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """Resume the student as `Trainer` does, and the hidden-state projection when the checkpoint has one."""
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = Path(resume_from_checkpoint) / PROJECTION_FILE
-        if self.hidden_projection is not None:
-            if not path.is_file():
-                logger.warning(
-                    f"{resume_from_checkpoint} has no {PROJECTION_FILE}: the hidden-state projection "
-                    "restarts from its initialisation."
-                )
-                return
-            self.accelerator.unwrap_model(self.hidden_projection).load_state_dict(load_file(str(path)))
-
     # ---- model card --------------------------------------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the student as `Trainer` does, plus our model card (no callback event fires on `save_model`)."""
+        """Save the student as `Trainer` does, plus the model card of each [`CardWriter`] callback."""
+        # Public hook: no callback event fires on `save_model`.
         super().save_model(output_dir, _internal_call)
         if not _internal_call and self.args.should_save:
-            write_trainer_card(self, output_dir or self.args.output_dir)
+            for writer in self.card_writers:
+                writer.write(output_dir or self.args.output_dir)
 
     def create_model_card(
         self,
@@ -389,23 +373,26 @@ class DistillationTrainer(Trainer):
         dataset=None,
         dataset_args=None,
     ) -> None:
-        """Write hf_compress's card to `args.output_dir/README.md` (`push_to_hub` uploads it); see
-        [`~hf_compress.reporting.card_callback.write_trainer_card`]. `tasks` and `dataset_args` are unused
-        (`config.json` has the task)."""
-        from hf_compress.reporting.card_callback import write_trainer_card
-
+        """Write the [`CardWriter`] callbacks' card to `args.output_dir/README.md` (`push_to_hub` uploads it), or
+        transformers' card when there is none. `tasks` and `dataset_args` are unused (`config.json` has the task)."""
+        # Public hook: `push_to_hub` calls it to write the card it uploads.
+        writers = self.card_writers
+        if not writers:
+            return super().create_model_card(
+                language, license, tags, model_name, finetuned_from, tasks, dataset_tags, dataset, dataset_args
+            )
         if self.is_world_process_zero():
             datasets = dataset if dataset is not None else dataset_tags
-            write_trainer_card(
-                self,
-                self.args.output_dir,
-                model_name=model_name,
-                base_model=finetuned_from,
-                datasets=[datasets] if isinstance(datasets, str) else datasets,
-                methods=[tags] if isinstance(tags, str) else tags,
-                language=language,
-                license=license,
-            )
+            for writer in writers:
+                writer.write(
+                    self.args.output_dir,
+                    model_name=model_name,
+                    base_model=finetuned_from,
+                    datasets=[datasets] if isinstance(datasets, str) else datasets,
+                    methods=[tags] if isinstance(tags, str) else tags,
+                    language=language,
+                    license=license,
+                )
 
 
 def _get(outputs, key: str, who: str) -> torch.Tensor:

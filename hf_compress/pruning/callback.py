@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast, reduce
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
 
 from hf_compress.models.families import unwrap
 from hf_compress.pruning.config import PruningConfig
@@ -56,16 +59,16 @@ from hf_compress.pruning.masks import (
     select_units,
 )
 from hf_compress.pruning.schedules import is_pruning_step, sparsity_at
-from hf_compress.pruning.surgery import skip_layers
+from hf_compress.pruning.surgery import drop_layers, prune_ffn_neurons, prune_heads, skip_layers
 from hf_compress.pruning.unstructured import magnitude_masks, prunable_weights
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 STATE_NAME = "pruning_state.json"
 
 
 def _check_not_peft(model: torch.nn.Module) -> None:
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer  # here, not at the top: peft takes seconds to import
 
     if any(isinstance(module, BaseTunerLayer) for module in model.modules()):
         raise ValueError(
@@ -74,27 +77,20 @@ def _check_not_peft(model: torch.nn.Module) -> None:
         )
 
 
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _mean_over_ranks(scores: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if _world_size() == 1:
+    """`scores` averaged over the processes (accelerate's `reduce`), on the CPU."""
+    if PartialState().num_processes == 1:
         return scores.cpu()
-    value = scores.to(device, torch.float32)
-    torch.distributed.all_reduce(value)
-    return (value / _world_size()).cpu()
+    return reduce(scores.to(device, torch.float32), reduction="mean").cpu()
 
 
 def _broadcast(masks: PruningMasks, device: torch.device) -> PruningMasks:
-    if _world_size() == 1:
+    """Rank 0's `masks` on every process (accelerate's `broadcast`), so that all ranks prune the same units."""
+    if PartialState().num_processes == 1:
         return masks
-    state = {}
-    for key, value in sorted(masks.state_dict().items()):
-        value = value.to(device, torch.uint8)
-        torch.distributed.broadcast(value, src=0)
-        state[key] = value.cpu().bool()
+    state = {
+        key: broadcast(value.to(device, torch.uint8)).cpu().bool() for key, value in sorted(masks.state_dict().items())
+    }
     return PruningMasks.from_state_dict(state)
 
 
@@ -173,7 +169,7 @@ class PruningCallback(TrainerCallback):
             names = list(prunable_weights(model)) if "unstructured" in self.config.targets else None
             self.masks = PruningMasks.full(model, list(self.config.targets), names)
         if state.global_step > 0:
-            self._restore(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), model)
+            self._restore(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"), model)
         elif self._is_pruning_step(0):
             self._prune(0, args, model, optimizer, train_dataloader)
         self._apply(model, optimizer)
@@ -208,7 +204,7 @@ class PruningCallback(TrainerCallback):
             state.log_history[-1].update(values)
 
     def on_save(self, args, state, control, **kwargs):
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if self.masks is None or not args.should_save or not os.path.isdir(folder):
             return
         save_masks(self.masks, os.path.join(folder, MASKS_NAME), extra=self._taylor)  # unit sums: resumable
@@ -333,7 +329,7 @@ class PruningCallback(TrainerCallback):
                 masks.heads = self._select_heads(model, scores, sparsity)
         self.masks = _broadcast(masks, args.device)
         self._taylor = {}
-        if logger.isEnabledFor(logging.INFO):
+        if logger.isEnabledFor(logging.INFO):  # `sparsity()` counts every mask
             logger.info(f"Pruning step {step}: sparsity {self.masks.sparsity()}")
 
     def _removes_more(self, model, target: str, sparsity: float) -> bool:
@@ -378,15 +374,13 @@ class PruningCallback(TrainerCallback):
         targets = self.config.structured_targets
         if not targets:
             return
-        from hf_compress.pruning import surgery
-
         dropped = self.masks.removed("layers") if "layers" in targets else []
         heads = {k: v for k, v in self.masks.removed("heads").items() if k not in dropped}
         neurons = {k: v for k, v in self.masks.removed("ffn_neurons").items() if k not in dropped}
         if heads:
-            surgery.prune_heads(model, heads)
+            prune_heads(model, heads)
         if neurons:
-            surgery.prune_ffn_neurons(model, neurons)
+            prune_ffn_neurons(model, neurons)
         if dropped:
-            surgery.drop_layers(model, dropped)
+            drop_layers(model, dropped)
         self.removed = {"heads": heads, "ffn_neurons": neurons, "layers": dropped}

@@ -1,5 +1,5 @@
 """Int8 / int4 layers for CPU inference: the quantisation math and the :class:`Int8Linear` / :class:`Int8Embedding`
-modules that :func:`hf_compress.quantization.quantize_int8` swaps in.
+modules that :func:`hf_compress.quantization.quantize.quantize_model` swaps in.
 
 Linear weights are int8 with one fp32 scale per output channel (symmetric, no zero point). Embedding tables are int8
 with one fp32 scale per row, or 4-bit: two codes a byte, either symmetric per row (files written before group
@@ -25,13 +25,15 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 COMPUTE_MODES = ("dynamic", "weight_only")
 Compute = Literal["dynamic", "weight_only"]
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether `module` is transformers' `Conv1D` (GPT-2's Linear with a transposed `[in, out]` weight)."""
+    return isinstance(module, Conv1D)
 
 
 def quantize_rows(weight: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +128,7 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_float(cls, module: nn.Module, compute: Compute = "dynamic") -> Int8Linear:
         """Quantise an ``nn.Linear`` or a transformers ``Conv1D`` (weights stored ``[in, out]``)."""
-        weight = module.weight.t() if _is_conv1d(module) else module.weight
+        weight = module.weight.t() if is_conv1d(module) else module.weight
         out_features, in_features = weight.shape
         new = cls(in_features, out_features, bias=module.bias is not None, compute=compute)
         new.qweight, new.scale = quantize_rows(weight)

@@ -1,18 +1,18 @@
-"""Post-training int8 quantisation of Linear and Embedding layers for CPU inference, saved as plain safetensors.
+"""Post-training quantisation for CPU inference: int8 Linear layers, int8 or 4-bit embeddings, plain safetensors.
 
-:func:`quantize_int8` swaps ``nn.Linear`` / ``nn.Embedding`` modules for the int8 / int4 layers of
+:func:`quantize_model` swaps ``nn.Linear`` / ``nn.Embedding`` modules for the int8 / int4 layers of
 :mod:`hf_compress.quantization.layers` (which explains the formats and why they are our own). The codes and scales are
 ordinary buffers, so ``model.save_pretrained(folder)`` writes a normal ``model.safetensors`` plus a
-``hf_compress_quantization`` record in ``config.json``, and :func:`load_quantized` rebuilds the same modules from
-that record.
+``hf_compress_quantization`` record in ``config.json``; :func:`hf_compress.from_pretrained` reads that record and
+rebuilds the same modules with :func:`prepare_quantized_skeleton` before loading the weights.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import json
+import functools
 import math
-from pathlib import Path
+import warnings
 
 from torch import nn
 
@@ -22,15 +22,15 @@ from hf_compress.quantization.layers import (
     Compute,
     Int8Embedding,
     Int8Linear,
-    _is_conv1d,
+    is_conv1d,
     quantize_groups,
     quantize_rows,
     unpack_int4,
 )
 
 __all__ = [
-    "CLIP_RATIOS", "COMPUTE_MODES", "QUANTIZATION_KEY", "Int8Embedding", "Int8Linear", "is_quantized",
-    "load_quantized", "model_size_bytes", "prepare_quantized_skeleton", "quantize_groups", "quantize_int8",
+    "CLIP_RATIOS", "COMPUTE_MODES", "QUANTIZATION_KEY", "Int8Embedding", "Int8Linear", "check_compute",
+    "is_quantized", "prepare_quantized_skeleton", "quantize_groups", "quantize_int8", "quantize_model",
     "quantize_rows", "set_compute", "unpack_int4",
 ]  # fmt: skip
 
@@ -39,24 +39,20 @@ FORMAT_VERSION = 1
 
 
 def _kind(module: nn.Module) -> str | None:
-    if type(module) is nn.Linear or _is_conv1d(module):
+    if type(module) is nn.Linear or is_conv1d(module):
         return "linear"
     if type(module) is nn.Embedding:  # exact type: subclasses (e.g. scaled embeddings) change forward
         return "embedding"
     return None
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-def _check_compute(compute: str) -> None:
+def check_compute(compute: str) -> None:
+    """Raise a `ValueError` unless `compute` is one of `COMPUTE_MODES`."""
     if compute not in COMPUTE_MODES:
         raise ValueError(f"`compute` must be one of {COMPUTE_MODES}, got {compute!r}.")
 
 
-def quantize_int8(
+def quantize_model(
     model: nn.Module,
     include_embeddings: bool = True,
     modules: list[str] | None = None,
@@ -65,17 +61,18 @@ def quantize_int8(
     embedding_bits: int = 8,
     embedding_group_size: int | None = None,
 ) -> nn.Module:
-    """Quantise ``model``'s Linear (and Embedding) layers to int8 in place, for CPU inference.
+    """Quantise ``model`` in place for CPU inference: Linear layers to int8, Embedding tables to int8 (or the word
+    embeddings to 4 bits).
 
     Args:
         model (`nn.Module`): typically a `PreTrainedModel`; its config gets a ``hf_compress_quantization`` record so
-            ``model.save_pretrained(folder)`` followed by :func:`load_quantized` restores it.
+            ``model.save_pretrained(folder)`` followed by :func:`hf_compress.from_pretrained` restores it.
         include_embeddings (`bool`, *optional*, defaults to `True`): also quantise ``nn.Embedding`` tables per row.
         modules (`list[str]`, *optional*): ``fnmatch`` patterns of qualified module names to quantise; all eligible
             modules when `None`. Output layers tied to a quantised embedding are always quantised with it.
         exclude (`list[str]`, *optional*): ``fnmatch`` patterns of module names to leave in floating point.
-        compute (`Literal["dynamic", "weight_only"]`, *optional*, defaults to `"dynamic"`): Linear kernel, see module
-            docstring.
+        compute (`Literal["dynamic", "weight_only"]`, *optional*, defaults to `"dynamic"`): Linear kernel, see
+            :mod:`hf_compress.quantization.layers`.
         embedding_bits (`int`, *optional*, defaults to 8): bits of the word-embedding table (the model's input
             embeddings, else its largest table): 8, or 4 for nibble-packed rows. Other tables (positions, token types:
             small and sensitive) stay int8.
@@ -84,15 +81,21 @@ def quantize_int8(
 
     Example:
 
-    ```python
-    >>> from hf_compress.quantization.quantize import quantize_int8, model_size_bytes
+    >>> from transformers import BertConfig, BertForSequenceClassification
+    >>> from hf_compress.quantization.quantize import quantize_model
+    >>> from hf_compress.reporting.measure import model_size_bytes
+    >>> config = BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+    ...                     intermediate_size=32)
+    >>> model = BertForSequenceClassification(config)
     >>> before = model_size_bytes(model)
-    >>> quantize_int8(model).save_pretrained("out/int8")
-    ```
+    >>> quantize_model(model, embedding_bits=4, embedding_group_size=16).bert.embeddings.word_embeddings.bits
+    4
+    >>> model_size_bytes(model) < before / 3
+    True
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch `nn.Module`, got {type(model).__name__}.")
-    _check_compute(compute)
+    check_compute(compute)
     if embedding_bits not in (4, 8):
         raise ValueError(f"`embedding_bits` must be 4 or 8, got {embedding_bits}.")
     if embedding_group_size is not None and (not isinstance(embedding_group_size, int) or embedding_group_size < 2
@@ -128,10 +131,10 @@ def quantize_int8(
     for name in sorted(chosen):
         module, kind = candidates[name]
         if kind == "linear":
-            _set_module(model, name, Int8Linear.from_float(module, compute=compute))
+            model.set_submodule(name, Int8Linear.from_float(module, compute=compute))
         else:
             layout = {"bits": 4, "group_size": embedding_group_size} if name == word else {"bits": 8}
-            _set_module(model, name, Int8Embedding.from_float(module, **layout))
+            model.set_submodule(name, Int8Embedding.from_float(module, **layout))
             layouts[name] = layout
         record[name] = kind
     config = getattr(model, "config", None)
@@ -150,6 +153,18 @@ def quantize_int8(
             },
         )
     return model
+
+
+@functools.wraps(quantize_model, assigned=("__module__",))  # its signature, its own name and docstring
+def quantize_int8(*args, **kwargs) -> nn.Module:
+    """Deprecated alias of :func:`quantize_model` (which also makes 4-bit embeddings, hence the new name)."""
+    warnings.warn(
+        "`quantize_int8` is deprecated; use `quantize_model`, the same function under a name that covers its 4-bit "
+        "embeddings.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return quantize_model(*args, **kwargs)
 
 
 def _word_embedding(model: nn.Module, tables: dict[str, nn.Embedding]) -> str | None:
@@ -173,7 +188,7 @@ def is_quantized(config) -> bool:
 
 def set_compute(model: nn.Module, compute: Compute) -> nn.Module:
     """Switch every :class:`Int8Linear` of ``model`` (and its config record) to another kernel."""
-    _check_compute(compute)
+    check_compute(compute)
     for module in model.modules():
         if isinstance(module, Int8Linear):
             module.compute = compute
@@ -193,7 +208,7 @@ def prepare_quantized_skeleton(model: nn.Module, record: dict) -> nn.Module:
         except AttributeError as err:
             raise ValueError(f"Quantised module `{name}` from the record does not exist in the model.") from err
         if kind == "linear":
-            out_f, in_f = module.weight.t().shape if _is_conv1d(module) else module.weight.shape
+            out_f, in_f = module.weight.t().shape if is_conv1d(module) else module.weight.shape
             new = Int8Linear(in_f, out_f, bias=module.bias is not None, compute=record.get("compute", "dynamic"))
         elif kind == "embedding":
             layout = layouts.get(name, {"bits": bits})
@@ -201,96 +216,5 @@ def prepare_quantized_skeleton(model: nn.Module, record: dict) -> nn.Module:
                                 bits=layout["bits"], group_size=layout.get("group_size"))  # fmt: skip
         else:
             raise ValueError(f"Module kind for `{name}` must be 'linear' or 'embedding', got {kind!r}.")
-        _set_module(model, name, new)
+        model.set_submodule(name, new)
     return model
-
-
-def _read_config(path: Path) -> dict:
-    if not path.is_dir():
-        raise FileNotFoundError(f"`path` must be an existing model folder, got {str(path)!r}.")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"`path` {str(path)!r} has no config.json; save the model with `save_pretrained`.")
-    return json.loads((path / "config.json").read_text())
-
-
-def _local_folder(path: str | Path, **hub_kwargs) -> Path:
-    """``path`` itself when it is a folder (or clearly a local path), else a Hub snapshot of the repo ``path``."""
-    local = Path(path)
-    if local.is_dir() or local.is_absolute() or str(path).startswith((".", "~")):
-        return local
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(str(path))
-    except HFValidationError:
-        return local
-    return Path(snapshot_download(str(path), **hub_kwargs))
-
-
-def load_quantized(
-    path: str | Path, model: nn.Module | None = None, compute: Compute | None = None, **hub_kwargs
-) -> nn.Module:
-    """Reload a folder saved after :func:`quantize_int8`, in eval mode, with the same predictions as before saving.
-
-    Args:
-        path (`str` or `Path`): folder written by ``model.save_pretrained``, or a Hub repo id (downloaded with
-            ``snapshot_download``, which gets ``hub_kwargs`` such as ``revision`` or ``token``).
-        model (`nn.Module`, *optional*): a float skeleton to fill (e.g. a structurally pruned model built by
-            ``hf_compress.loading``); by default ``config.architectures[0]`` is built from ``config.json``.
-        compute (`Literal["dynamic", "weight_only"]`, *optional*): override the kernel recorded at save time.
-
-    Example:
-
-    ```python
-    >>> from hf_compress.quantization.quantize import load_quantized
-    >>> model = load_quantized("out/int8")
-    ```
-    """
-    import transformers
-    from safetensors.torch import load_file
-
-    path = _local_folder(path, **hub_kwargs)
-    raw = _read_config(path)
-    if not is_quantized(raw):
-        raise ValueError(f"`path` {str(path)!r} holds no `{QUANTIZATION_KEY}` record; load it with `from_pretrained`.")
-    record = dict(raw[QUANTIZATION_KEY])
-    if compute is not None:
-        _check_compute(compute)
-        record["compute"] = compute
-    if model is None:
-        config = transformers.AutoConfig.from_pretrained(path)
-        architectures = config.architectures or []
-        cls = getattr(transformers, architectures[0], None) if architectures else None
-        if cls is None:
-            raise ValueError(f"config.json `architectures` must name a transformers model class, got {architectures}.")
-        model = cls(config)
-    prepare_quantized_skeleton(model, record)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"`path` {str(path)!r} has no *.safetensors weights.")
-    state = {}
-    for file in files:
-        state.update(load_file(file))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"Weights in {str(path)!r} do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}."
-        )
-    if getattr(model, "config", None) is not None:
-        setattr(model.config, QUANTIZATION_KEY, record)
-    return model.eval()
-
-
-def model_size_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and persistent buffers of ``model``, counting shared tensors once."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be a torch `nn.Module`, got {type(model).__name__}.")
-    seen, total = set(), 0
-    for tensor in model.state_dict(keep_vars=True).values():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
-        if key not in seen:
-            seen.add(key)
-            total += tensor.numel() * tensor.element_size()
-    return total

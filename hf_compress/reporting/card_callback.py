@@ -2,10 +2,12 @@
 
 :class:`ModelCardCallback` writes the card into each ``checkpoint-<step>`` folder (``on_save``) and, when the Trainer
 pushes checkpoints to the Hub, into the folders it uploads (``on_push_begin``). :func:`write_trainer_card` renders the
-card of the trainer's current model into any folder; ``DistillationTrainer.create_model_card`` (called by
-``trainer.push_to_hub()``) uses it. The card states what is known when the folder is written: the teacher, the
-student's and the teacher's parameter counts, the distillation settings, each :class:`PruningCallback`'s settings and
-the sparsity reached so far, and the last evaluation (or "not evaluated"). Tokens are never read.
+card of the trainer's current model into any folder. The callback implements
+:class:`hf_compress.distillation.callbacks.CardWriter`, so ``DistillationTrainer`` (which gets it by default) calls it
+from ``save_model`` and ``create_model_card`` (called by ``trainer.push_to_hub()``). The card states what is known
+when the folder is written: the teacher, the student's and the teacher's parameter counts, the distillation settings,
+each :class:`PruningCallback`'s settings and the sparsity reached so far, and the last evaluation (or "not
+evaluated"). Tokens are never read.
 """
 
 from __future__ import annotations
@@ -15,30 +17,18 @@ import shutil
 from pathlib import Path
 
 from huggingface_hub import ModelCard
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 from torch import nn
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import unwrap_peft_model
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, unwrap_peft_model
 
+from hf_compress.models.hub_ids import hub_id
 from hf_compress.pruning.callback import PruningCallback
-from hf_compress.reporting.cards import last_evaluation, training_section, write_card
+from hf_compress.reporting.cards import card_base_model, last_evaluation, training_section, write_card
 from hf_compress.reporting.measure import model_report
 
 CARD_NAME = "README.md"
 CARD_KEYS = ("model_name", "base_model", "teacher", "datasets", "recipe", "methods", "language", "license")
 HYPERPARAMETERS = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "seed")
-
-
-def hub_id(name: str | None) -> str | None:
-    """``name`` when it looks like a Hub id (``org/name``) and is not a local path, else ``None``."""
-    if not name or Path(name).exists():
-        return None
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return None
-    return name
 
 
 def _name_of(model: nn.Module) -> str:
@@ -119,12 +109,10 @@ def write_trainer_card(trainer: Trainer, folder: str | Path, final: bool = True,
 
     Example:
 
-    ```python
     >>> from hf_compress.reporting.card_callback import write_trainer_card
-    >>> trainer.train()
-    >>> trainer.save_model("out/final")
-    >>> write_trainer_card(trainer, "out/final", datasets=["glue"])
-    ```
+    >>> trainer.train()  # doctest: +SKIP
+    >>> trainer.save_model("out/final")  # doctest: +SKIP
+    >>> write_trainer_card(trainer, "out/final", datasets=["glue"])  # doctest: +SKIP
     """
     callback = find_card_callback(trainer)
     settings = {**(callback.card_kwargs if callback else {}), **_check_card_kwargs(card_kwargs)}
@@ -132,7 +120,7 @@ def write_trainer_card(trainer: Trainer, folder: str | Path, final: bool = True,
     model = trainer.accelerator.unwrap_model(trainer.model)
     teacher = getattr(trainer, "teacher_model", None)
     teacher_name = settings.pop("teacher", None) or (_name_of(teacher) if teacher is not None else None)
-    base_model = settings.pop("base_model", None) or hub_id(teacher_name) or hub_id(_name_of(model))
+    base_model = settings.pop("base_model", None) or card_base_model(teacher_name, _name_of(model))
     run_name = (args.hub_model_id or "").split("/")[-1] or Path(args.output_dir).resolve().name
     model_name = settings.pop("model_name", None) or run_name
     step = state.global_step
@@ -182,8 +170,10 @@ class ModelCardCallback(TrainerCallback):
     run when there is no teacher), the distillation settings, each [`PruningCallback`]'s settings with the sparsity
     reached so far, and the last evaluation (or "not evaluated"). When the Trainer pushes checkpoints to the Hub
     (`push_to_hub=True`, `hub_strategy` other than `"end"`), the pushed folders carry the card too.
-    `DistillationTrainer` adds this callback itself and writes the final card in `save_model` and `push_to_hub`; with
-    a plain `Trainer`, add it with [`model_card_callback`] and write the final card with [`write_trainer_card`].
+    `DistillationTrainer` gets this callback by default and, through its
+    [`~hf_compress.distillation.callbacks.CardWriter`] methods (`set_trainer`, `write`), writes the final card in
+    `save_model` and `push_to_hub`; with a plain `Trainer`, add it with [`model_card_callback`] and write the final
+    card with [`write_trainer_card`].
 
     Args:
         trainer (`Trainer`, *optional*): the trainer whose run is described; bind it later with `set_trainer`.
@@ -227,10 +217,11 @@ class ModelCardCallback(TrainerCallback):
         """Change card settings (``datasets``, ``base_model`` ...); `None` values are ignored."""
         self.card_kwargs.update(_check_card_kwargs(card_kwargs))
 
-    def write(self, folder: str | Path, final: bool = True) -> ModelCard:
-        """Write the card of the bound trainer's current model into ``folder``."""
+    def write(self, folder: str | Path, final: bool = True, **card_kwargs) -> ModelCard:
+        """Write the card of the bound trainer's current model into ``folder`` (``card_kwargs`` override the
+        callback's settings for this card only, see [`write_trainer_card`])."""
         self._require_trainer()
-        return write_trainer_card(self.trainer, folder, final=final)
+        return write_trainer_card(self.trainer, folder, final=final, **card_kwargs)
 
     def _require_trainer(self) -> None:
         if self.trainer is None:
@@ -247,14 +238,14 @@ class ModelCardCallback(TrainerCallback):
         self._training = False
 
     def on_save(self, args, state, control, **kwargs):
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if args.should_save and os.path.isdir(folder):
             self.write(folder, final=False)
 
     def on_push_begin(self, args, state, control, **kwargs):
         # During training this is `_push_from_checkpoint`, before `on_save`: card the checkpoint now, and the output
         # folder, which receives that checkpoint's weights and is uploaded. After training, `push_to_hub` follows.
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if self._training and args.should_save and os.path.isdir(folder):
             self.write(folder, final=False)
             shutil.copyfile(os.path.join(folder, CARD_NAME), os.path.join(args.output_dir, CARD_NAME))
@@ -265,10 +256,8 @@ def model_card_callback(trainer: Trainer, **card_kwargs) -> ModelCardCallback:
 
     Example:
 
-    ```python
     >>> from hf_compress.reporting.card_callback import model_card_callback
-    >>> model_card_callback(trainer, datasets=["glue"], license="apache-2.0")
-    ```
+    >>> model_card_callback(trainer, datasets=["glue"], license="apache-2.0")  # doctest: +SKIP
     """
     callback = find_card_callback(trainer)
     if callback is None:

@@ -18,42 +18,45 @@ from pathlib import Path
 
 import torch
 import transformers
+import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from hf_compress.loading import needs_loader
+from hf_compress.models.heads import head_of
+from hf_compress.models.hub_ids import hub_id
 from hf_compress.quantization.quantize import is_quantized
 from hf_compress.reporting.measure import format_table, quality_metrics, summary_row
 from hf_compress.shipped import shipped_path
 
 TEMPLATE_PATH = shipped_path("model_cards", "default.md")
 BASE_TAGS = ["distillation", "pruning", "hf-compress"]
-# architecture-name suffix -> (Auto class, model-index task type)
-HEADS = {
-    "ForSequenceClassification": ("AutoModelForSequenceClassification", "text-classification"),
-    "ForTokenClassification": ("AutoModelForTokenClassification", "token-classification"),
-    "ForQuestionAnswering": ("AutoModelForQuestionAnswering", "question-answering"),
-    "ForMaskedLM": ("AutoModelForMaskedLM", "fill-mask"),
-    "ForCausalLM": ("AutoModelForCausalLM", "text-generation"),
-    "LMHeadModel": ("AutoModelForCausalLM", "text-generation"),
-}
-
-
-def _head(architectures: list[str] | None) -> tuple[str, str]:
-    for suffix, head in HEADS.items():
-        if architectures and architectures[0].endswith(suffix):
-            return head
-    return "AutoModel", "feature-extraction"
 
 
 def needs_hf_compress(config: Mapping) -> bool:
     """Whether a ``config.json`` dict records per-layer shapes or int8 modules, which plain transformers can't load."""
-    from hf_compress.loading import needs_loader
-
     return needs_loader(dict(config))
 
 
+def card_base_model(*names: str | None) -> str | None:
+    """The card's ``base_model``: the first of ``names`` that is a Hub repo id (a local folder has no page to link).
+
+    Trainer cards pass the teacher's name then the student's; recipe cards pass the teacher's Hub id.
+
+    >>> card_base_model("/no/such/teacher", None, "google-bert/bert-base-uncased")
+    'google-bert/bert-base-uncased'
+    """
+    return next((name for name in names if hub_id(name)), None)
+
+
 def load_code(repo_id: str, config: Mapping | None = None) -> str:
-    """The exact Python that loads ``repo_id`` given its ``config.json`` dict."""
-    auto_class, _ = _head((config or {}).get("architectures"))
+    """The exact Python that loads ``repo_id`` given its ``config.json`` dict.
+
+    >>> print(load_code("me/tiny", {"architectures": ["BertForMaskedLM"]}))
+    from transformers import AutoModelForMaskedLM
+    <BLANKLINE>
+    model = AutoModelForMaskedLM.from_pretrained("me/tiny")
+    """
+    auto_class = head_of((config or {}).get("architectures")).auto_class
     if config is not None and needs_hf_compress(config):
         return (
             "import hf_compress\n\n"
@@ -133,11 +136,15 @@ def render_card(
 
     Example:
 
-    ```python
+    >>> import torch
     >>> from hf_compress.reporting.cards import render_card
-    >>> card = render_card("bert-tiny-sst2", base_model="bert-base-uncased", datasets=["glue"], report=report)
-    >>> card.save("out/README.md")
-    ```
+    >>> from hf_compress.reporting.measure import model_report
+    >>> report = model_report(torch.nn.Linear(4, 2), batch_sizes=())
+    >>> card = render_card("bert-tiny-sst2", base_model="google-bert/bert-base-uncased", datasets=["glue"],
+    ...                    report=report)
+    >>> card.data.base_model, card.data.tags
+    ('google-bert/bert-base-uncased', ['distillation', 'pruning', 'hf-compress'])
+    >>> card.save("out/README.md")  # doctest: +SKIP
     """
     if not isinstance(model_name, str) or not model_name.strip():
         raise ValueError(f"`model_name` must be a non-empty string, got {model_name!r}.")
@@ -149,7 +156,8 @@ def render_card(
     tags = list(dict.fromkeys([*(BASE_TAGS if tags is None else tags), "hf-compress", *(methods or [])]))
     if quantized and "quantization" not in tags:
         tags.append("quantization")
-    auto_class, task_type = _head((config or {}).get("architectures"))
+    head = head_of((config or {}).get("architectures"))
+    auto_class, task_type = head.auto_class, head.pipeline_task
     metrics = quality_metrics((report or {}).get("metrics"))
     eval_results = None
     if metrics and datasets:
@@ -195,8 +203,6 @@ def render_card(
     else:
         note += "Latency was not measured."
     if isinstance(recipe, Mapping):
-        import yaml
-
         recipe = yaml.safe_dump(dict(recipe), sort_keys=False)
     methods_text = ", ".join(t for t in tags if t != "hf-compress")
     return ModelCard.from_template(
@@ -226,10 +232,8 @@ def write_card(folder: str | Path, model_name: str | None = None, **kwargs) -> M
 
     Example:
 
-    ```python
     >>> from hf_compress.reporting.cards import write_card
-    >>> write_card("out/student", base_model="bert-base-uncased", datasets=["glue"], report=report)
-    ```
+    >>> write_card("out/student", base_model="bert-base-uncased", datasets=["glue"])  # doctest: +SKIP
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -319,10 +323,13 @@ def training_section(
 
     Example:
 
-    ```python
     >>> from hf_compress.reporting.cards import training_section
     >>> print(training_section(40, 100, final=False, teacher="org/teacher", distillation={"temperature": 2.0}))
-    ```
+    **Status:** Checkpoint saved at step 40 of 100, while training was still running.
+    <BLANKLINE>
+    **Distillation** from teacher `org/teacher`: temperature 2.0.
+    <BLANKLINE>
+    **Evaluation:** not evaluated before this save.
     """
     of = f" of {max_steps}" if max_steps else ""
     if not final:

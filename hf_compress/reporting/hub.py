@@ -3,40 +3,38 @@
 :func:`push_folder` only reads the folder: it checks the files (config, weights, ``README.md`` card), runs a reload
 check (:func:`reload_check` by default: load with transformers or the hf_compress loader and run a fixed dummy input,
 comparing logits with an in-memory ``reference_model`` when given), then calls ``HfApi.create_repo`` and
-``HfApi.upload_folder`` with the exact list of files. The token is passed to ``HfApi`` and never logged.
+``HfApi.upload_folder`` with :data:`IGNORE_PATTERNS` (hidden files, ``checkpoint-*/``, ``runs/``), the patterns
+:func:`files_to_upload` lists the files with. The token is passed to ``HfApi`` and never logged.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from huggingface_hub import HfApi
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils import filter_repo_objects
 from torch import nn
+from transformers.utils import logging
 
-logger = logging.getLogger(__name__)
+from hf_compress.loading import from_pretrained
+from hf_compress.models.hub_ids import is_repo_id
+from hf_compress.reporting.measure import dummy_inputs
+
+logger = logging.get_logger(__name__)
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
-SKIPPED_DIRS = ("runs",)  # TensorBoard logs; checkpoint-* folders and hidden files are skipped too
+# `upload_folder` patterns (fnmatch, `*` crosses `/`): hidden files and folders, Trainer checkpoints, TensorBoard logs
+IGNORE_PATTERNS = [".*", "*/.*", "checkpoint-*/", "runs/"]
 
 
 def files_to_upload(folder: str | Path) -> list[str]:
     """The relative paths :func:`push_folder` uploads: all files but hidden ones, ``checkpoint-*/`` and ``runs/``."""
     folder = Path(folder)
-    files = []
-    for file in sorted(folder.rglob("*")):
-        parts = file.relative_to(folder).parts
-        if not file.is_file() or any(p.startswith(".") for p in parts):
-            continue
-        if parts[0] in SKIPPED_DIRS or (len(parts) > 1 and parts[0].startswith("checkpoint-")):
-            continue
-        files.append("/".join(parts))
-    return files
+    files = sorted(file.relative_to(folder).as_posix() for file in folder.rglob("*") if file.is_file())
+    return list(filter_repo_objects(files, ignore_patterns=IGNORE_PATTERNS))
 
 
 def check_folder(folder: str | Path) -> dict:
@@ -60,32 +58,15 @@ def check_repo_id(repo_id: str) -> None:
     """Raise a one-sentence ``ValueError`` unless ``repo_id`` is a valid ``name`` or ``namespace/name`` Hub id."""
     if not isinstance(repo_id, str):
         raise ValueError(f"`repo_id` must be a string like 'user/model-name', got {type(repo_id).__name__}.")
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as err:
+    if not is_repo_id(repo_id):
         raise ValueError(
             f"`repo_id` must look like 'user/model-name' (letters, digits, '-', '_', '.'), got {repo_id!r}."
-        ) from err
+        )
 
 
 def load_folder(folder: str | Path) -> nn.Module:
     """Load a saved folder the way its card says, with :func:`hf_compress.loading.from_pretrained`."""
-    from hf_compress.loading import from_pretrained
-
     return from_pretrained(folder).eval()
-
-
-def dummy_inputs(config: dict, batch: int = 2, seq_len: int = 8) -> dict[str, torch.Tensor]:
-    """Fixed token ids (seeded) for a config with ``vocab_size``."""
-    vocab = config.get("vocab_size")
-    if not vocab:
-        raise ValueError(
-            "`config.json` has no `vocab_size`, so the default reload check cannot build inputs; pass "
-            "`verify=` a callable or `verify=False`."
-        )
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(min(3, vocab - 1), vocab, (batch, seq_len), generator=generator)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def _first_tensor(outputs) -> torch.Tensor:
@@ -98,8 +79,13 @@ def reload_check(folder: str | Path, reference_model: nn.Module | None = None, a
     """Reload ``folder`` and run a fixed dummy input; raise ``ValueError`` on non-finite outputs or, when
     ``reference_model`` is given, on outputs further than ``atol`` from it."""
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
-    inputs = dummy_inputs(config)
+    vocab = json.loads((folder / "config.json").read_text()).get("vocab_size")
+    if not vocab:
+        raise ValueError(
+            "`config.json` has no `vocab_size`, so the default reload check cannot build inputs; pass "
+            "`verify=` a callable or `verify=False`."
+        )
+    inputs = dummy_inputs(vocab, batch_size=2)
     model = load_folder(folder)
     with torch.no_grad():
         out = _first_tensor(model(**inputs)).float()
@@ -144,10 +130,8 @@ def push_folder(
 
     Example:
 
-    ```python
     >>> from hf_compress.reporting.hub import push_folder
-    >>> push_folder("out/student", "my-user/bert-tiny-sst2-int8", private=True)
-    ```
+    >>> push_folder("out/student", "my-user/bert-tiny-sst2-int8", private=True)  # doctest: +SKIP
     """
     folder = Path(folder)
     check_folder(folder)
@@ -164,15 +148,15 @@ def push_folder(
     files = files_to_upload(folder)
     api = HfApi(token=token)
     url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    logger.info("Uploading %d files from %s to %s", len(files), folder, repo_id)
+    logger.info(f"Uploading {len(files)} files from {folder} to {repo_id}")
     commit = api.upload_folder(
         repo_id=getattr(url, "repo_id", None) or repo_id,
         folder_path=str(folder),
         repo_type="model",
         commit_message=commit_message,
-        allow_patterns=files,
+        ignore_patterns=IGNORE_PATTERNS,
         revision=revision,
         create_pr=create_pr,
     )
-    logger.info("Pushed %s to %s", folder, repo_id)
+    logger.info(f"Pushed {folder} to {repo_id}")
     return commit

@@ -1,7 +1,9 @@
 """Measure a (compressed) model: parameters, sparsity, bytes, CPU latency and eval metrics, as plain JSON dicts.
 
 Pure functions, no Trainer: :func:`model_report` measures one model, :func:`compare` turns a reference report and a
-compressed one into ratios, :func:`summary_row` and :func:`format_table` print them.
+compressed one into ratios, :func:`summary_row` and :func:`format_table` print them. The library's one byte counter
+(:func:`model_size_bytes`), one dummy-input builder (:func:`dummy_inputs`) and one byte formatter (:func:`human_bytes`)
+live here.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hf_compress.quantization.quantize import Int8Embedding, Int8Linear, model_size_bytes, unpack_int4
+from hf_compress.quantization.layers import Int8Embedding, Int8Linear, is_conv1d, unpack_int4
 
 LOWER_IS_BETTER = ("loss", "perplexity", "ppl", "error", "wer", "cer")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -49,7 +51,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
             own.append(("weight", codes))
             if isinstance(module, Int8Linear) and module.bias is not None:
                 own.append(("bias", module.bias))
-        is_linear = isinstance(module, nn.Linear | Int8Linear) or type(module).__name__ == "Conv1D"
+        is_linear = isinstance(module, nn.Linear | Int8Linear) or is_conv1d(module)
         for name, tensor in own:
             if id(tensor) in seen:
                 continue
@@ -61,6 +63,23 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
                 counts["linear_total"] += total
                 counts["linear_nonzero"] += nonzero
     return counts
+
+
+def model_size_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and persistent buffers of ``model``, counting shared tensors once.
+
+    >>> model_size_bytes(nn.Linear(4, 2))  # 8 weights + 2 biases, 4 bytes each
+    40
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch `nn.Module`, got {type(model).__name__}.")
+    seen, total = set(), 0
+    for tensor in model.state_dict(keep_vars=True).values():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def folder_size_bytes(path: str | Path, weights_only: bool = False) -> int:
@@ -85,9 +104,9 @@ def measure_latency(
 
     Example:
 
-    ```python
-    >>> measure_latency(model, {"input_ids": ids, "attention_mask": mask}, repeats=20)["median_ms"]
-    ```
+    >>> timing = measure_latency(nn.Linear(4, 2), {"input": torch.ones(8, 4)}, repeats=3)
+    >>> timing["repeats"], timing["min_ms"] <= timing["median_ms"] <= timing["max_ms"]
+    (3, True)
     """
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"`repeats` must be a positive integer, got {repeats!r}.")
@@ -122,12 +141,17 @@ def _batch_of(inputs: Mapping[str, torch.Tensor], batch_size: int) -> dict[str, 
     return out
 
 
-def _dummy_inputs(model: nn.Module, seq_len: int) -> dict[str, torch.Tensor]:
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if not vocab:
-        raise ValueError("`latency_inputs` must be given for a model without `config.vocab_size`.")
+def dummy_inputs(vocab_size: int, batch_size: int = 1, seq_len: int = 8) -> dict[str, torch.Tensor]:
+    """Fixed (seeded) random token ids and an all-ones attention mask, avoiding the first ids (usually special).
+
+    >>> inputs = dummy_inputs(100, batch_size=2, seq_len=4)
+    >>> inputs["input_ids"].shape, bool(inputs["attention_mask"].all())
+    (torch.Size([2, 4]), True)
+    """
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"`vocab_size` must be a positive integer, got {vocab_size!r}.")
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(min(5, vocab - 1), vocab, (1, seq_len), generator=generator)
+    ids = torch.randint(min(5, vocab_size - 1), vocab_size, (batch_size, seq_len), generator=generator)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
@@ -155,10 +179,13 @@ def model_report(
 
     Example:
 
-    ```python
-    >>> from hf_compress.reporting.measure import model_report, compare
-    >>> ratios = compare(model_report(teacher, "out/teacher"), model_report(student, "out/student"))
-    ```
+    >>> from hf_compress.reporting.measure import compare, model_report
+    >>> teacher, student = nn.Linear(8, 8), nn.Linear(8, 2)
+    >>> report = model_report(student, batch_sizes=())
+    >>> report["params"], report["memory_bytes"]
+    ({'total': 18, 'nonzero': 18}, 72)
+    >>> compare(model_report(teacher, batch_sizes=()), report)["size_x"]
+    4.0
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch `nn.Module`, got {type(model).__name__}.")
@@ -176,7 +203,12 @@ def model_report(
         report["disk_bytes"] = folder_size_bytes(path)
         report["weights_disk_bytes"] = folder_size_bytes(path, weights_only=True)
     if batch_sizes:
-        inputs = latency_inputs if latency_inputs is not None else _dummy_inputs(model, seq_len)
+        inputs = latency_inputs
+        if inputs is None:
+            vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+            if not vocab:
+                raise ValueError("`latency_inputs` must be given for a model without `config.vocab_size`.")
+            inputs = dummy_inputs(vocab, seq_len=seq_len)
         report["latency_ms"] = {
             str(b): measure_latency(model, _batch_of(inputs, b), repeats=repeats)["median_ms"] for b in batch_sizes
         }
@@ -238,11 +270,18 @@ def compare(reference_report: Mapping, report: Mapping) -> dict:
 
 
 def human_bytes(n: float) -> str:
+    """``n`` bytes in decimal units.
+
+    >>> human_bytes(512), human_bytes(1_234_567), human_bytes(3e12)
+    ('512 B', '1.2 MB', '3000.0 GB')
+    """
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} GB"
+
+
 
 
 def summary_row(name: str, report: Mapping, reference: Mapping | None = None) -> dict[str, str]:
@@ -282,9 +321,11 @@ def format_table(rows: Sequence[Mapping], markdown: bool = False) -> str:
 
     Example:
 
-    ```python
     >>> print(format_table([{"model": "teacher", "params": 22_000_000}, {"model": "student", "params": 11_000_000}]))
-    ```
+    model    params
+    -------  ----------
+    teacher  22,000,000
+    student  11,000,000
     """
     if isinstance(rows, Mapping) or not all(isinstance(r, Mapping) for r in rows):
         raise TypeError("`rows` must be a list of dicts, one per table row.")

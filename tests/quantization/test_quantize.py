@@ -1,3 +1,4 @@
+import inspect
 import json
 import os
 
@@ -6,19 +7,20 @@ import torch
 import transformers
 from torch import nn
 
+from hf_compress.loading import from_pretrained
 from hf_compress.quantization.quantize import (
     QUANTIZATION_KEY,
     Int8Embedding,
     Int8Linear,
     is_quantized,
-    load_quantized,
-    model_size_bytes,
     quantize_groups,
     quantize_int8,
+    quantize_model,
     quantize_rows,
     set_compute,
     unpack_int4,
 )
+from hf_compress.reporting.measure import model_size_bytes
 from tests.conftest import tiny_inputs, tiny_model
 
 transformers.logging.set_verbosity_error()
@@ -72,16 +74,16 @@ def test_quantize_groups_error_bounded_and_beats_per_row_int4():
 
 
 def test_int4_applies_to_the_word_table_only_and_legacy_files_still_load(tmp_path):
-    model = quantize_int8(tiny_model("bert", "seq_cls"), embedding_bits=4)
+    model = quantize_model(tiny_model("bert", "seq_cls"), embedding_bits=4)
     embeddings = model.bert.embeddings
     assert (embeddings.word_embeddings.bits, embeddings.word_embeddings.group_size) == (4, 16)  # gcd(width 16, 64)
     assert embeddings.position_embeddings.bits == 8 and embeddings.position_embeddings.group_size is None
     record = getattr(model.config, QUANTIZATION_KEY)
     assert record["embeddings"]["bert.embeddings.word_embeddings"] == {"bits": 4, "group_size": 16}
     with pytest.raises(ValueError, match="`embedding_group_size` 6 does not evenly divide the width 16"):
-        quantize_int8(tiny_model("bert", "seq_cls"), embedding_bits=4, embedding_group_size=6)
+        quantize_model(tiny_model("bert", "seq_cls"), embedding_bits=4, embedding_group_size=6)
     # A file written before per-table layouts: every table per-row int4, no "embeddings" entry in the record.
-    legacy = quantize_int8(tiny_model("bert", "seq_cls"))
+    legacy = quantize_model(tiny_model("bert", "seq_cls"))
     for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
         setattr(
             legacy.bert.embeddings,
@@ -93,7 +95,7 @@ def test_int4_applies_to_the_word_table_only_and_legacy_files_still_load(tmp_pat
     old["embedding_bits"] = 4
     before = _logits(legacy)
     legacy.save_pretrained(tmp_path)
-    reloaded = load_quantized(tmp_path)
+    reloaded = from_pretrained(tmp_path)
     assert reloaded.bert.embeddings.position_embeddings.bits == 4
     assert torch.equal(_logits(reloaded), before)
 
@@ -132,9 +134,9 @@ def test_int8_embedding_looks_up_dequantised_rows(bits, group_size):
 
 
 @pytest.mark.parametrize("compute", ["dynamic", "weight_only"])
-def test_quantize_int8_replaces_modules_shrinks_and_keeps_logits_close(compute):
+def test_quantize_model_replaces_modules_shrinks_and_keeps_logits_close(compute):
     ref_model = tiny_model("bert", "seq_cls")
-    model = quantize_int8(tiny_model("bert", "seq_cls"), compute=compute)
+    model = quantize_model(tiny_model("bert", "seq_cls"), compute=compute)
     assert not any(type(m) in (nn.Linear, nn.Embedding) for m in model.modules())
     assert isinstance(model.bert.embeddings.word_embeddings, Int8Embedding)
     assert model_size_bytes(model) < 0.4 * model_size_bytes(ref_model)
@@ -156,20 +158,20 @@ def test_quantize_int8_replaces_modules_shrinks_and_keeps_logits_close(compute):
     ],
 )
 def test_save_and_load_quantized_gives_identical_logits(tmp_path, family, head, compute):
-    model = quantize_int8(tiny_model(family, head), compute=compute)
+    model = quantize_model(tiny_model(family, head), compute=compute)
     before = _logits(model)
     model.save_pretrained(tmp_path)
     assert {"config.json", "model.safetensors"} <= set(os.listdir(tmp_path))
     saved = json.loads((tmp_path / "config.json").read_text())
     assert is_quantized(saved) and saved[QUANTIZATION_KEY]["compute"] == compute
-    reloaded = load_quantized(tmp_path)
+    reloaded = from_pretrained(tmp_path)
     assert not reloaded.training
     assert torch.equal(_logits(reloaded), before)
     assert model_size_bytes(reloaded) == model_size_bytes(model)
 
 
 def test_tied_output_layer_is_quantised_with_the_embedding():
-    model = quantize_int8(tiny_model("gpt2", "causal_lm"), modules=["transformer.wte"])
+    model = quantize_model(tiny_model("gpt2", "causal_lm"), modules=["transformer.wte"])
     assert isinstance(model.transformer.wte, Int8Embedding)
     assert isinstance(model.lm_head, Int8Linear)
     assert torch.equal(model.lm_head.qweight, model.transformer.wte.qweight)
@@ -177,56 +179,46 @@ def test_tied_output_layer_is_quantised_with_the_embedding():
 
 
 def test_include_embeddings_false_and_exclude_patterns():
-    model = quantize_int8(tiny_model("bert", "seq_cls"), include_embeddings=False, exclude=["classifier"])
+    model = quantize_model(tiny_model("bert", "seq_cls"), include_embeddings=False, exclude=["classifier"])
     assert type(model.bert.embeddings.word_embeddings) is nn.Embedding
     assert type(model.classifier) is nn.Linear
     assert isinstance(model.bert.encoder.layer[0].attention.self.query, Int8Linear)
 
 
 def test_int4_embeddings_are_smaller_and_reload_identically(tmp_path):
-    int8 = quantize_int8(tiny_model("bert", "seq_cls"))
-    int4 = quantize_int8(tiny_model("bert", "seq_cls"), embedding_bits=4)
+    int8 = quantize_model(tiny_model("bert", "seq_cls"))
+    int4 = quantize_model(tiny_model("bert", "seq_cls"), embedding_bits=4)
     assert model_size_bytes(int4) < model_size_bytes(int8)
     before = _logits(int4)
     int4.save_pretrained(tmp_path)
-    assert torch.equal(_logits(load_quantized(tmp_path)), before)
+    assert torch.equal(_logits(from_pretrained(tmp_path)), before)
 
 
-def test_load_quantized_compute_override_and_set_compute(tmp_path):
-    model = quantize_int8(tiny_model("bert", "seq_cls"), compute="dynamic")
+def test_from_pretrained_compute_override_and_set_compute(tmp_path):
+    model = quantize_model(tiny_model("bert", "seq_cls"), compute="dynamic")
     model.save_pretrained(tmp_path)
-    weight_only = load_quantized(tmp_path, compute="weight_only")
+    weight_only = from_pretrained(tmp_path, compute="weight_only")
     assert weight_only.bert.encoder.layer[0].output.dense.compute == "weight_only"
     assert torch.equal(_logits(set_compute(model, "weight_only")), _logits(weight_only))
 
 
 def test_quantized_causal_lm_generates():
-    model = quantize_int8(tiny_model("llama", "causal_lm"))
+    model = quantize_model(tiny_model("llama", "causal_lm"))
     out = model.generate(tiny_inputs(batch=1)["input_ids"], max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 11)
 
 
-def test_quantize_int8_errors():
+def test_quantize_model_errors():
     with pytest.raises(ValueError, match="`compute` must be one of"):
-        quantize_int8(tiny_model("bert"), compute="fast")
+        quantize_model(tiny_model("bert"), compute="fast")
     with pytest.raises(ValueError, match="`embedding_bits` must be 4 or 8, got 2"):
-        quantize_int8(tiny_model("bert"), embedding_bits=2)
+        quantize_model(tiny_model("bert"), embedding_bits=2)
     with pytest.raises(ValueError, match="select no Linear or Embedding layer"):
-        quantize_int8(tiny_model("bert"), modules=["nothing.*"])
+        quantize_model(tiny_model("bert"), modules=["nothing.*"])
     with pytest.raises(TypeError, match="`modules` must be a list of name patterns"):
-        quantize_int8(tiny_model("bert"), modules="bert.*")
+        quantize_model(tiny_model("bert"), modules="bert.*")
     with pytest.raises(TypeError, match="`model` must be a torch `nn.Module`"):
-        quantize_int8("bert-base-uncased")
-
-
-def test_load_quantized_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="must be an existing model folder"):
-        load_quantized(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="has no config.json"):
-        load_quantized(tmp_path)
-    tiny_model("bert").save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="holds no `hf_compress_quantization` record"):
-        load_quantized(tmp_path)
+        quantize_model("bert-base-uncased")
 
 
 @pytest.mark.slow
@@ -250,25 +242,18 @@ def test_all_minilm_l6_v2_int8_is_4x_smaller_and_keeps_sentence_embeddings(tmp_p
         return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
 
     reference = embed(fp32)
-    int8 = quantize_int8(transformers.AutoModel.from_pretrained(path).eval())
+    int8 = quantize_model(transformers.AutoModel.from_pretrained(path).eval())
     assert model_size_bytes(fp32) / model_size_bytes(int8) > 3.8
     assert (embed(int8) * reference).sum(-1).min() > 0.98
     int8.save_pretrained(tmp_path)
-    assert torch.equal(embed(load_quantized(tmp_path)), embed(int8))
+    assert torch.equal(embed(from_pretrained(tmp_path)), embed(int8))
 
 
-def test_load_quantized_downloads_a_hub_repo_id(tmp_path, monkeypatch):
-    import huggingface_hub
-
-    model = quantize_int8(tiny_model("bert", "seq_cls"))
-    model.save_pretrained(tmp_path)
-    calls = []
-
-    def fake_snapshot_download(repo_id, **kwargs):
-        calls.append((repo_id, kwargs))
-        return str(tmp_path)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    reloaded = load_quantized("me/tiny-int8", revision="v1")
-    assert calls == [("me/tiny-int8", {"revision": "v1"})]
-    assert torch.equal(_logits(reloaded), _logits(model))
+def test_quantize_int8_is_a_deprecated_alias_of_quantize_model():
+    with pytest.warns(DeprecationWarning, match="use `quantize_model`"):
+        old = quantize_int8(tiny_model("bert", "seq_cls"), embedding_bits=4)
+    new = quantize_model(tiny_model("bert", "seq_cls"), embedding_bits=4)
+    assert torch.equal(_logits(old), _logits(new))
+    assert getattr(old.config, QUANTIZATION_KEY) == getattr(new.config, QUANTIZATION_KEY)
+    assert inspect.signature(quantize_int8) == inspect.signature(quantize_model)  # recipes validate keys with it
+    assert quantize_int8.__name__ == "quantize_int8" and "Deprecated" in quantize_int8.__doc__

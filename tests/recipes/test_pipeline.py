@@ -245,10 +245,11 @@ def vocab_recipe(files, data, stages):
 def test_vocabulary_stage_then_int4_embeddings_evaluate_and_card(files, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-    from hf_compress.quantization.quantize import Int8Embedding, model_size_bytes
+    from hf_compress.quantization.quantize import Int8Embedding
     from hf_compress.recipes.plan import meta_model
     from hf_compress.recipes.stages.vocabulary import plan_vocabulary
     from hf_compress.recipes.validate import validate
+    from hf_compress.reporting.measure import model_size_bytes
 
     data = vocab_files(tmp_path / "data")
     stages = [

@@ -5,8 +5,9 @@ import pytest
 import transformers
 from huggingface_hub import ModelCard
 
-from hf_compress.quantization.quantize import quantize_int8
+from hf_compress.quantization.quantize import quantize_model
 from hf_compress.reporting.cards import (
+    card_base_model,
     last_evaluation,
     load_code,
     needs_hf_compress,
@@ -101,7 +102,7 @@ def test_load_code_detects_hf_compress_records():
 
 
 def test_write_card_reads_config_of_a_quantized_folder(tmp_path):
-    quantize_int8(tiny_model("bert", "seq_cls")).save_pretrained(tmp_path)
+    quantize_model(tiny_model("bert", "seq_cls")).save_pretrained(tmp_path)
     card = write_card(tmp_path, model_name="tiny-int8", datasets=["glue"], report=STUDENT, repo_id="me/tiny-int8")
     written = (tmp_path / "README.md").read_text()
     assert written == str(card)
@@ -204,3 +205,11 @@ def test_render_card_training_section_tags_and_reference_name():
     assert "one machine's medians" not in card.text  # no latency column, no latency caveat
     assert "\n\n\n" not in card.text
     assert "## Training" not in render_card("s", report=student).text
+
+
+def test_card_base_model_is_the_first_hub_id(tmp_path):
+    local = tmp_path / "teacher"
+    local.mkdir()
+    assert card_base_model(str(local), "org/student") == "org/student"  # a local folder has no Hub page
+    assert card_base_model("org/teacher", "org/student") == "org/teacher"
+    assert card_base_model(None, "./student", "not a/valid/id") is None

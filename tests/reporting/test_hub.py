@@ -6,8 +6,9 @@ import pytest
 import torch
 import transformers
 from huggingface_hub import HfApi
+from huggingface_hub.utils import filter_repo_objects
 
-from hf_compress.quantization.quantize import quantize_int8
+from hf_compress.quantization.quantize import quantize_model
 from hf_compress.reporting.cards import write_card
 from hf_compress.reporting.hub import check_repo_id, files_to_upload, push_folder, reload_check
 from tests.conftest import tiny_model
@@ -28,7 +29,7 @@ def _folder_hash(folder: Path) -> str:
 @pytest.fixture
 def saved(tmp_path):
     """A quantised tiny model saved with its card, plus the in-memory model."""
-    model = quantize_int8(tiny_model("bert", "seq_cls"))
+    model = quantize_model(tiny_model("bert", "seq_cls"))
     folder = tmp_path / "student"
     model.save_pretrained(folder)
     write_card(folder, model_name="tiny-int8", base_model="org/teacher", repo_id="me/tiny-int8")
@@ -48,11 +49,16 @@ class FakeHub:
             hub.calls.append(("create_repo", repo_id, kwargs, api.token))
             return repo_id
 
-        def upload_folder(api, *, repo_id, folder_path, allow_patterns=None, **kwargs):
+        def upload_folder(api, *, repo_id, folder_path, ignore_patterns=None, **kwargs):
             hub.calls.append(("upload_folder", repo_id, kwargs, api.token))
             if hub.fail_upload:
                 raise RuntimeError("simulated network failure")
-            hub.sent = {name: (Path(folder_path) / name).read_bytes() for name in allow_patterns}
+            folder = Path(folder_path)  # what upload_folder selects: every file but those `ignore_patterns` match
+            files = [f.relative_to(folder).as_posix() for f in folder.rglob("*") if f.is_file()]
+            hub.sent = {
+                name: (folder / name).read_bytes()
+                for name in filter_repo_objects(files, ignore_patterns=ignore_patterns)
+            }
             return "https://hub.example/commit/abc"
 
         monkeypatch.setattr(HfApi, "create_repo", create_repo)
@@ -100,7 +106,7 @@ def test_failed_push_leaves_folder_untouched_and_hides_token(saved, monkeypatch,
 def test_verification_failure_stops_before_any_hub_call(saved, monkeypatch):
     folder, _ = saved
     fake = FakeHub().install(monkeypatch)
-    other = quantize_int8(tiny_model("bert", "seq_cls", seed=7))
+    other = quantize_model(tiny_model("bert", "seq_cls", seed=7))
     before = _folder_hash(folder)
     with pytest.raises(ValueError, match="differs from `reference_model`"):
         push_folder(folder, "me/tiny-int8", token=TOKEN, reference_model=other)

@@ -5,14 +5,17 @@ import torch
 import transformers
 from torch import nn
 
-from hf_compress.quantization.quantize import quantize_int8
+from hf_compress.quantization.quantize import quantize_model
 from hf_compress.reporting.measure import (
     compare,
     count_parameters,
+    dummy_inputs,
     folder_size_bytes,
     format_table,
+    human_bytes,
     measure_latency,
     model_report,
+    model_size_bytes,
     quality_metrics,
     summary_row,
 )
@@ -34,7 +37,7 @@ def test_count_parameters_counts_zeros_and_linear_weights():
 
 def test_count_parameters_sees_through_int8_modules():
     float_counts = count_parameters(tiny_model("bert", "seq_cls"))
-    int8_counts = count_parameters(quantize_int8(tiny_model("bert", "seq_cls")))
+    int8_counts = count_parameters(quantize_model(tiny_model("bert", "seq_cls")))
     assert int8_counts["total"] == float_counts["total"]
     assert int8_counts["linear_total"] == float_counts["linear_total"]
 
@@ -147,3 +150,37 @@ def test_summary_row_and_format_table():
     assert markdown == ["| a | b |", "|---|---|", "| 1,000 | 0.1235 |", "| - |  |"]
     with pytest.raises(TypeError, match="`rows` must be a list of dicts"):
         format_table({"a": 1})
+
+
+def test_model_size_bytes_counts_shared_tensors_once_and_persistent_buffers():
+    model = tiny_model("gpt2", "causal_lm")  # lm_head is tied to the word embeddings
+    unique = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    buffers = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n in model.state_dict())
+    assert model_size_bytes(model) == sum(unique.values()) + buffers
+    linear = nn.Linear(4, 2)
+    linear.register_buffer("scale", torch.ones(3))  # persistent: counted
+    linear.register_buffer("cache", torch.ones(5), persistent=False)  # not saved: not counted
+    assert model_size_bytes(linear) == (8 + 2 + 3) * 4
+    with pytest.raises(TypeError, match="`model` must be a torch `nn.Module`"):
+        model_size_bytes("bert")
+
+
+def test_dummy_inputs_are_fixed_in_range_and_skip_the_first_ids():
+    a, b = dummy_inputs(50, batch_size=3, seq_len=6), dummy_inputs(50, batch_size=3, seq_len=6)
+    assert torch.equal(a["input_ids"], b["input_ids"]) and a["input_ids"].shape == (3, 6)
+    assert a["input_ids"].min() >= 5 and a["input_ids"].max() < 50 and a["attention_mask"].sum() == 18
+    assert dummy_inputs(2)["input_ids"].eq(1).all()  # a tiny vocabulary still gets valid ids
+    with pytest.raises(ValueError, match="`vocab_size` must be a positive integer, got 0"):
+        dummy_inputs(0)
+
+
+def test_model_report_times_default_inputs_only_with_a_vocab_size():
+    with pytest.raises(ValueError, match="`latency_inputs` must be given"):
+        model_report(nn.Linear(4, 2), batch_sizes=(1,), repeats=1)
+    report = model_report(nn.Linear(4, 2), latency_inputs={"input": torch.ones(1, 4)}, batch_sizes=(3,), repeats=1)
+    assert set(report["latency_ms"]) == {"3"}
+
+
+@pytest.mark.parametrize(("n", "text"), [(999, "999 B"), (1000, "1.0 KB"), (25_300_000, "25.3 MB"), (2e9, "2.0 GB")])
+def test_human_bytes(n, text):
+    assert human_bytes(n) == text
