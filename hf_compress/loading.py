@@ -18,8 +18,12 @@ import torch
 import transformers
 from safetensors.torch import load_file
 from torch import nn
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import PrefixChange, convert_and_load_state_dict_in_model
+from transformers.modeling_utils import LoadStateDictConfig
 
 from hf_compress.models.families import get_family, unwrap
+from hf_compress.pruning.experts import prune_expert_neurons, prune_experts
 from hf_compress.pruning.surgery import layer_structure, prune_ffn_neurons, prune_heads, record_structure
 
 _LOAD_KWARGS = ("dtype", "attn_implementation")  # what the structured path forwards to `_from_config`
@@ -88,7 +92,7 @@ def _slice_to(model: nn.Module, recorded: list[dict[str, int]]) -> None:
             f"`config.hf_compress` records {len(recorded)} layers but `num_hidden_layers` builds {len(built)}; "
             "the config.json was edited by hand."
         )
-    heads, neurons = {}, {}
+    heads, neurons, experts = {}, {}, {}
     for layer, (have, want) in enumerate(zip(built, recorded)):
         group = have["num_heads"] // have["num_kv_heads"]
         if (
@@ -96,6 +100,7 @@ def _slice_to(model: nn.Module, recorded: list[dict[str, int]]) -> None:
             or want["num_heads"] != want["num_kv_heads"] * group
             or want["num_kv_heads"] > have["num_kv_heads"]
             or want["ffn"] > have["ffn"]
+            or want.get("experts", 0) > have.get("experts", 0)
         ):
             raise ValueError(
                 f"`config.hf_compress` records layer {layer} as {want}, which cannot be cut from the {have} that the "
@@ -103,8 +108,13 @@ def _slice_to(model: nn.Module, recorded: list[dict[str, int]]) -> None:
             )
         heads[layer] = list(range(want["num_heads"], have["num_heads"]))
         neurons[layer] = list(range(want["ffn"], have["ffn"]))
+        experts[layer] = list(range(want.get("experts", 0), have.get("experts", 0)))
     prune_heads(model, heads)
-    prune_ffn_neurons(model, neurons)
+    if get_family(model).experts is None:
+        prune_ffn_neurons(model, neurons)
+    else:  # mixture of experts: expert counts, and the neurons of every expert
+        prune_experts(model, experts)
+        prune_expert_neurons(model, neurons)
 
 
 def needs_loader(config: dict) -> bool:
@@ -173,9 +183,17 @@ def from_pretrained(path: str | os.PathLike, trust_remote_code: bool = False, **
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
     expected = model.state_dict()
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    missing = [k for k in expected if k not in state and k not in tied]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    if any(not isinstance(c, PrefixChange) for c in get_model_conversion_mapping(model, add_legacy=False)):
+        # transformers saves these weights in the checkpoint layout (MoE experts one by one) and converts on load
+        load = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(model))
+        info, _ = convert_and_load_state_dict_in_model(model, state, load)
+        missing, unexpected = sorted(info.missing_keys - tied), sorted(info.unexpected_keys)
+        wrong = sorted(key for key, _, _ in info.mismatched_keys)
+        state = {}  # already loaded
+    else:
+        missing = [k for k in expected if k not in state and k not in tied]
+        unexpected = [k for k in state if k not in expected]
+        wrong = [k for k in state if k in expected and state[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
         raise ValueError(
             f"`path` {path!r} does not match its recorded structure (missing {missing[:3]}, unexpected "

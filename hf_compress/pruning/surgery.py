@@ -30,6 +30,7 @@ from hf_compress.models.families import (
     head_dim,
     head_slices,
     neuron_slices,
+    num_experts,
     unwrap,
 )
 
@@ -98,13 +99,19 @@ def _ffn_container(model: nn.Module, layer: int) -> nn.Module:
 
 
 def layer_structure(model: nn.Module) -> list[dict[str, int]]:
-    """Per-layer ``{"num_heads", "num_kv_heads", "head_dim", "ffn"}`` of ``model``, read from its weight shapes."""
+    """Per-layer ``{"num_heads", "num_kv_heads", "head_dim", "ffn"}`` of ``model``, read from its weight shapes.
+
+    Mixture-of-experts families add ``"experts"`` (routed experts of the layer; ``"ffn"`` is then each expert's width).
+    """
     model = unwrap(model)
+    moe = get_family(model).experts is not None
     out = []
     for layer in range(len(get_layers(model))):
         heads, kv_heads = head_counts(model, layer)
         dim, ffn = head_dim(model, layer), ffn_size(model, layer)
         out.append({"num_heads": heads, "num_kv_heads": kv_heads, "head_dim": dim, "ffn": ffn})
+        if moe:
+            out[-1]["experts"] = num_experts(model, layer)
     return out
 
 
@@ -115,18 +122,24 @@ def _update_uniform_fields(config: Any, family: Family, layers: list[dict[str, i
     heads = {(entry["num_heads"], entry["num_kv_heads"], entry["head_dim"]) for entry in layers}
     if len(heads) == 1 and family.config_head_dim:
         config.num_attention_heads, config.num_key_value_heads, config.head_dim = heads.pop()
+    experts = {entry["experts"] for entry in layers if "experts" in entry}
+    if len(experts) == 1:
+        setattr(config, family.experts_config, experts.pop())
 
 
 def _config_layer(config: Any, family: Family) -> dict[str, int | None]:
     """The structure every layer gets when transformers builds the model from ``config``."""
     heads = config.num_attention_heads
     dim = getattr(config, "head_dim", None) if family.config_head_dim else None
-    return {
+    out = {
         "num_heads": heads,
         "num_kv_heads": getattr(config, "num_key_value_heads", None) or heads,
         "head_dim": dim or config.hidden_size // heads,
         "ffn": getattr(config, family.ffn_config),
     }
+    if family.experts is not None:
+        out["experts"] = getattr(config, family.experts_config)
+    return out
 
 
 def record_structure(model: nn.Module) -> list[dict[str, int]]:
