@@ -180,6 +180,13 @@ def expert_module(model: nn.Module, layer: int) -> nn.Module | None:
         return None
 
 
+def builds_experts(config, family: Family, layer: int) -> bool:
+    """Whether transformers builds block ``layer`` of ``config`` with routed experts (Qwen MoE blocks can be dense)."""
+    if family.experts is None or layer in (getattr(config, "mlp_only_layers", None) or []):
+        return False
+    return getattr(config, family.experts_config) > 0 and (layer + 1) % getattr(config, "decoder_sparse_step", 1) == 0
+
+
 def num_experts(model: nn.Module, layer: int) -> int:
     """Number of routed experts of block ``layer`` (0 for a dense block), read from its weight shapes."""
     experts = expert_module(model, layer)

@@ -46,17 +46,12 @@ def moe_config(family: str, **overrides) -> transformers.PretrainedConfig:
         pad_token_id=0,
     )
     if family == "mixtral":
-        config = transformers.MixtralConfig(**common, num_local_experts=4, intermediate_size=WIDTH)
-    else:
-        cls = transformers.Qwen2MoeConfig if family == "qwen2_moe" else transformers.Qwen3MoeConfig
-        config = cls(**common, num_experts=4, moe_intermediate_size=WIDTH, intermediate_size=32)
-        if family == "qwen2_moe":
-            config.shared_expert_intermediate_size = 8
-        else:
-            config.head_dim = 4
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return config
+        common.update(num_local_experts=4, intermediate_size=WIDTH)
+        return transformers.MixtralConfig(**{**common, **overrides})
+    common.update(num_experts=4, moe_intermediate_size=WIDTH, intermediate_size=32)
+    if family == "qwen2_moe":
+        return transformers.Qwen2MoeConfig(**{**common, "shared_expert_intermediate_size": 8, **overrides})
+    return transformers.Qwen3MoeConfig(**{**common, "head_dim": 4, **overrides})
 
 
 def moe_model(family: str, seed: int = 0, **overrides):
@@ -246,6 +241,26 @@ def test_drop_layers_then_generate_with_cache(family, tmp_path):
     assert torch.equal(cached, model.generate(**prompt, use_cache=False, **kw))
     model.save_pretrained(tmp_path)
     assert torch.equal(_logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path)), _logits(model))
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])
+def test_dense_blocks_among_sparse_ones(family, tmp_path):
+    """`mlp_only_layers`: dense blocks keep their MLP; dropping blocks rewrites the layout for plain reloading."""
+    model = moe_model(family, num_hidden_layers=3, mlp_only_layers=[1])
+    assert [num_experts(model, i) for i in range(3)] == [4, 0, 4]
+    prune_experts(model, {0: [1], 2: [3]})
+    prune_expert_neurons(model, {0: list(range(8)), 1: [0, 5], 2: {e: list(range(e, e + 8)) for e in range(3)}})
+    assert [ffn_size(model, i) for i in range(3)] == [8, 30, 8]
+    save_pretrained(model, tmp_path / "pruned")
+    assert torch.equal(_logits(from_pretrained(tmp_path / "pruned")), _logits(model))
+    drop_layers(model, [0])
+    assert model.config.mlp_only_layers == [0] and model.config.decoder_sparse_step == 1
+    drop_layers(model, [1])  # only the dense block is left
+    assert getattr(model.config, "hf_compress", None) is None  # the config builds it again
+    model.save_pretrained(tmp_path / "dropped")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dropped")
+    assert expert_module(reloaded, 0) is None and ffn_size(reloaded, 0) == 30
+    assert torch.equal(_logits(reloaded), _logits(model))
 
 
 def test_make_student_keeps_the_experts(family, tmp_path):
