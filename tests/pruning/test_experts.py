@@ -272,7 +272,10 @@ def test_make_student_keeps_the_experts(family, tmp_path):
 
 
 def test_pruning_callback_inside_distillation_trainer(family, tmp_path):
-    teacher, student = moe_model(family, seed=1), moe_model(family, seed=2).train()
+    """Experts pruned one-shot by router statistics, then heads pruned while distilling from the full teacher."""
+    teacher, student = moe_model(family, seed=1), moe_model(family, seed=2)
+    prune_experts_by_router(student, [tiny_inputs(batch=4, seq=8, seed=s) for s in range(2)], sparsity=0.25)
+    before = sum(p.numel() for p in student.parameters())
     args = DistillationConfig(
         str(tmp_path),
         max_steps=3,
@@ -290,6 +293,19 @@ def test_pruning_callback_inside_distillation_trainer(family, tmp_path):
     )
     trainer.train()
     assert sum(head_counts(student, i)[0] for i in range(2)) == 4
-    assert [head_counts(teacher, i) for i in range(2)] == [(4, 2), (4, 2)]
+    assert sum(p.numel() for p in student.parameters()) < before
+    assert [num_experts(student, i) for i in range(2)] == [3, 3]
+    assert [head_counts(teacher, i) for i in range(2)] == [(4, 2), (4, 2)] and num_experts(teacher, 0) == 4
     trainer.save_model(str(tmp_path / "final"))
     assert torch.equal(_logits(from_pretrained(tmp_path / "final")), _logits(student))
+
+
+def test_pruning_callback_refuses_ffn_neurons_of_experts(tmp_path):
+    args = DistillationConfig(str(tmp_path), max_steps=1, report_to="none", use_cpu=True, save_strategy="no")
+    callback = PruningCallback(PruningConfig(targets={"ffn_neurons": 0.5}))
+    trainer = DistillationTrainer(
+        model=moe_model("mixtral"), teacher_model=moe_model("mixtral"), args=args, train_dataset=TokenDataset(n=4)
+    )
+    trainer.add_callback(callback)
+    with pytest.raises(ValueError, match="prune_expert_neurons"):
+        trainer.train()
