@@ -1,21 +1,16 @@
 """Mixture-of-experts pruning: whole experts chosen by router statistics, and expert FFN neurons.
 
-transformers 5 stores the routed experts of a sparse block as fused 3-D tensors (``gate_up_proj`` of shape
-``[experts, 2 * ffn, hidden]``, ``down_proj`` of shape ``[experts, hidden, ffn]``) next to a router whose ``weight``
-has one row per expert. Removing expert ``e`` keeps the complement along dimension 0 of the three tensors; since the
-router's softmax and top-k then run over the remaining experts only, the result computes exactly what the original
-model computes with expert ``e``'s router logit set to ``-inf`` (also with ``norm_topk_prob``). Removing expert
-neurons keeps the complement along the FFN dimension; the fused tensors need one width for all experts of a block,
-so every expert of a block loses the same number of neurons (not necessarily the same ones), and transformers'
-default ``grouped_mm`` expert kernel needs 16-byte rows, so the width left is a multiple of :data:`WIDTH_MULTIPLE`.
+transformers 5 fuses the routed experts of a sparse block into 3-D tensors (``gate_up_proj`` [experts, 2 * ffn,
+hidden], ``down_proj`` [experts, hidden, ffn]) beside a router with one ``weight`` row per expert. Removing expert
+``e`` keeps the complement along dimension 0 of the three; the router's softmax and top-k then run over the remaining
+experts, which is exactly the original model with ``e``'s router logit at ``-inf`` (with or without
+``norm_topk_prob``). Removing expert neurons keeps the complement along the FFN dimension: every expert of a block
+keeps the same width (one fused tensor), and a multiple of :data:`WIDTH_MULTIPLE` (16-byte rows for ``grouped_mm``).
 
 Shapes are recorded like every other surgery (:func:`~hf_compress.pruning.surgery.record_structure`): uniform expert
-counts / widths are written to the config (``num_experts`` / ``num_local_experts``, ``moe_intermediate_size`` /
-``intermediate_size``) so plain ``from_pretrained`` reloads the model; per-layer differences go to
+counts / widths go to the config (``num_experts`` / ``num_local_experts``, ``moe_intermediate_size`` /
+``intermediate_size``), so plain ``from_pretrained`` reloads the model; per-layer differences go to
 ``config.hf_compress["layers"]`` for :func:`hf_compress.from_pretrained`.
-
-* :func:`router_statistics` / :func:`expert_importance` / :func:`select_experts`: calibration statistics and scores.
-* :func:`prune_experts`, :func:`prune_expert_neurons`: the surgery; :func:`prune_experts_by_router` chains them all.
 """
 
 from __future__ import annotations
@@ -262,7 +257,7 @@ def prune_experts(model: nn.Module, experts: dict[int, list[int]]) -> nn.Module:
         if not indices:
             continue
         if expert_module(inner, layer) is None:
-            raise ValueError(f"`experts` names layer {layer}, which is a dense block without experts.")
+            raise ValueError(f"`experts` names layer {layer}, a dense block without experts; list sparse layers only.")
         total, top_k = num_experts(inner, layer), _router(inner, layer).top_k
         indices = _indices(f"experts[{layer}]", indices, total)
         if total - len(indices) < top_k:
@@ -291,7 +286,7 @@ def prune_experts(model: nn.Module, experts: dict[int, list[int]]) -> nn.Module:
 
 
 def _expert_neuron_plan(layer: int, value: list[int] | dict[int, list[int]], total: int, size: int) -> list[list[int]]:
-    """Per-expert neuron indices to remove in one sparse layer, validated (equal counts, at least one neuron kept)."""
+    """Per-expert neuron indices to remove in one sparse layer, validated (equal counts, an aligned width left)."""
     name = f"neurons[{layer}]"
     if isinstance(value, dict):
         bad = [e for e in value if not isinstance(e, int) or not 0 <= e < total]
@@ -338,7 +333,8 @@ def prune_expert_neurons(model: nn.Module, neurons: dict[int, list[int] | dict[i
     Example:
 
     >>> from hf_compress.pruning.experts import prune_expert_neurons
-    >>> model = prune_expert_neurons(model, {0: [0, 1], 1: {0: [2], 1: [5], 2: [0], 3: [1]}})  # doctest: +SKIP
+    >>> model = prune_expert_neurons(model, {0: list(range(256))})  # same 256 in every expert  # doctest: +SKIP
+    >>> model = prune_expert_neurons(model, {1: {e: lowest[e][:256] for e in range(60)}})  # doctest: +SKIP
     """
     inner = unwrap(model)
     _check_layers("neurons", neurons, inner)
