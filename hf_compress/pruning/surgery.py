@@ -241,6 +241,12 @@ def prune_ffn_neurons(model: nn.Module, neurons: dict[int, list[int]]) -> nn.Mod
     """
     inner = unwrap(model)
     plan = _index_dict("neurons", neurons, len(get_layers(inner)))
+    sparse = [layer for layer in plan if expert_module(inner, layer) is not None]
+    if sparse:
+        raise ValueError(
+            f"`neurons` names layers {sparse}, whose FFNs are fused experts; remove their neurons with "
+            "`hf_compress.pruning.experts.prune_expert_neurons`."
+        )
     slices = {layer: neuron_slices(inner, layer, indices) for layer, indices in plan.items()}
     _keep_complement([s for layer_slices in slices.values() for s in layer_slices])
     for layer in slices:

@@ -24,7 +24,7 @@ from hf_compress.pruning.experts import (
     router_statistics,
     select_experts,
 )
-from hf_compress.pruning.surgery import drop_layers, layer_structure, prune_heads, record_structure
+from hf_compress.pruning.surgery import drop_layers, layer_structure, prune_ffn_neurons, prune_heads, record_structure
 from tests.conftest import VOCAB, tiny_inputs, value_slices, zero_slices
 from tests.pruning.test_callback import TokenDataset
 
@@ -187,6 +187,11 @@ def test_top_k_must_stay_valid(family):
 def test_expert_neuron_argument_errors(neurons, match):
     with pytest.raises(ValueError, match=match):
         prune_expert_neurons(moe_model("qwen3_moe"), neurons)
+
+
+def test_dense_ffn_surgery_points_to_the_expert_surgery():
+    with pytest.raises(ValueError, match="prune_expert_neurons"):
+        prune_ffn_neurons(moe_model("mixtral"), {1: list(range(8))})
 
 
 def test_router_statistics_match_the_router_logits(family):
