@@ -25,9 +25,13 @@ import transformers
 from huggingface_hub import snapshot_download
 from safetensors.torch import load_file
 from torch import nn
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import PrefixChange, convert_and_load_state_dict_in_model
+from transformers.modeling_utils import LoadStateDictConfig
 
 from hf_compress.models.families import get_family, unwrap
 from hf_compress.models.hub_ids import hub_id
+from hf_compress.pruning.experts import prune_expert_neurons, prune_experts
 from hf_compress.pruning.surgery import layer_structure, prune_ffn_neurons, prune_heads, record_structure
 from hf_compress.quantization.quantize import (
     QUANTIZATION_KEY,
@@ -118,7 +122,7 @@ def _slice_to(model: nn.Module, recorded: list[dict[str, int]]) -> None:
             f"`config.hf_compress` records {len(recorded)} layers but `num_hidden_layers` builds {len(built)}; "
             "the config.json was edited by hand."
         )
-    heads, neurons = {}, {}
+    heads, neurons, experts = {}, {}, {}
     for layer, (have, want) in enumerate(zip(built, recorded)):
         group = have["num_heads"] // have["num_kv_heads"]
         if (
@@ -126,6 +130,7 @@ def _slice_to(model: nn.Module, recorded: list[dict[str, int]]) -> None:
             or want["num_heads"] != want["num_kv_heads"] * group
             or want["num_kv_heads"] > have["num_kv_heads"]
             or want["ffn"] > have["ffn"]
+            or want.get("experts", 0) > have.get("experts", 0)
         ):
             raise ValueError(
                 f"`config.hf_compress` records layer {layer} as {want}, which cannot be cut from the {have} that the "
@@ -133,8 +138,13 @@ def _slice_to(model: nn.Module, recorded: list[dict[str, int]]) -> None:
             )
         heads[layer] = list(range(want["num_heads"], have["num_heads"]))
         neurons[layer] = list(range(want["ffn"], have["ffn"]))
+        experts[layer] = list(range(want.get("experts", 0), have.get("experts", 0)))
     prune_heads(model, heads)
-    prune_ffn_neurons(model, neurons)
+    if get_family(model).experts is None:
+        prune_ffn_neurons(model, neurons)
+    else:  # mixture of experts: expert counts, and the neurons of every expert
+        prune_experts(model, experts)
+        prune_expert_neurons(model, neurons)
 
 
 def needs_loader(config: dict) -> bool:
@@ -265,9 +275,17 @@ def load_quantized(
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
     expected = model.state_dict()
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    missing = [k for k in expected if k not in state and k not in tied]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    if any(not isinstance(c, PrefixChange) for c in get_model_conversion_mapping(model, add_legacy=False)):
+        # transformers saves these weights in the checkpoint layout (MoE experts one by one) and converts on load
+        load = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(model))
+        info, _ = convert_and_load_state_dict_in_model(model, state, load)
+        missing, unexpected = sorted(info.missing_keys - tied), sorted(info.unexpected_keys)
+        wrong = sorted(key for key, _, _ in info.mismatched_keys)
+        state = {}  # already loaded
+    else:
+        missing = [k for k in expected if k not in state and k not in tied]
+        unexpected = [k for k in state if k not in expected]
+        wrong = [k for k in state if k in expected and state[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
         raise ValueError(
             f"`path` {path!r} does not match its recorded structure (missing {missing[:3]}, unexpected "

@@ -7,6 +7,7 @@ a family is one dict entry.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,11 @@ class Family:
     conv1d: bool = False  # weights stored as [in, out] (transformers ``Conv1D``)
     causal_cache: bool = False  # blocks carry a ``layer_idx`` used by the KV cache
     config_head_dim: bool = False  # the config stores ``head_dim``, so fewer heads per layer are expressible
+    # Mixture of experts: in a sparse block the FFN neurons are those of the routed experts (``ffn_config`` is their
+    # width, the same for every expert of a block); ``up`` / ``gate`` / ``down`` then name a dense block's MLP.
+    experts: str | None = None  # fused experts: ``gate_up_proj`` [experts, 2 * ffn, hidden], ``down_proj`` [.., ffn]
+    router: str | None = None  # the experts' router: ``weight`` [experts, hidden] and ``top_k``
+    experts_config: str | None = None  # config field holding the number of experts per block
 
 
 _BERT = Family(
@@ -58,6 +64,26 @@ _LLAMA = Family(
     head_dim="head_dim",
     causal_cache=True,
     config_head_dim=True,
+)
+
+# Mixture of experts (transformers 5 fuses each block's experts into 3-D tensors).
+_MOE = Family(
+    layers="layers",
+    q="self_attn.q_proj",
+    k="self_attn.k_proj",
+    v="self_attn.v_proj",
+    o="self_attn.o_proj",
+    gate="mlp.gate_proj",
+    up="mlp.up_proj",
+    down="mlp.down_proj",
+    attention="self_attn",
+    head_dim="head_dim",
+    ffn_config="moe_intermediate_size",
+    causal_cache=True,
+    config_head_dim=True,
+    experts="mlp.experts",
+    router="mlp.gate",
+    experts_config="num_experts",
 )
 
 FAMILIES: dict[str, Family] = {
@@ -91,6 +117,9 @@ FAMILIES: dict[str, Family] = {
         conv1d=True,
         causal_cache=True,
     ),
+    "qwen2_moe": _MOE,  # its shared expert (``mlp.shared_expert``) is kept whole
+    "qwen3_moe": _MOE,
+    "mixtral": dataclasses.replace(_MOE, ffn_config="intermediate_size", experts_config="num_local_experts"),
 }
 
 # A slice of structure: (module, parameter name, dimension, indices along that dimension).
@@ -140,6 +169,30 @@ def block_module(model: nn.Module, layer: int, role: str) -> nn.Module | None:
     return None if path is None else _get(get_layers(model)[layer], path)
 
 
+def expert_module(model: nn.Module, layer: int) -> nn.Module | None:
+    """The fused experts of block ``layer``; ``None`` for a dense block or family."""
+    path = get_family(model).experts
+    if path is None:
+        return None
+    try:
+        return get_layers(model)[layer].get_submodule(path)
+    except AttributeError:  # a dense block (`mlp_only_layers`, `decoder_sparse_step`)
+        return None
+
+
+def builds_experts(config, family: Family, layer: int) -> bool:
+    """Whether transformers builds block ``layer`` of ``config`` with routed experts (Qwen MoE blocks can be dense)."""
+    if family.experts is None or layer in (getattr(config, "mlp_only_layers", None) or []):
+        return False
+    return getattr(config, family.experts_config) > 0 and (layer + 1) % getattr(config, "decoder_sparse_step", 1) == 0
+
+
+def num_experts(model: nn.Module, layer: int) -> int:
+    """Number of routed experts of block ``layer`` (0 for a dense block), read from its weight shapes."""
+    experts = expert_module(model, layer)
+    return 0 if experts is None else experts.gate_up_proj.shape[0]
+
+
 def _out_features(module: nn.Module, conv1d: bool) -> int:
     return module.weight.shape[1] if conv1d else module.weight.shape[0]
 
@@ -162,7 +215,10 @@ def head_counts(model: nn.Module, layer: int) -> tuple[int, int]:
 
 
 def ffn_size(model: nn.Module, layer: int) -> int:
-    """Number of FFN neurons of block ``layer``."""
+    """Number of FFN neurons of block ``layer`` (of each of its experts in a mixture-of-experts block)."""
+    experts = expert_module(model, layer)
+    if experts is not None:
+        return experts.down_proj.shape[2]
     return _out_features(block_module(model, layer, "up"), get_family(model).conv1d)
 
 
@@ -230,13 +286,20 @@ def head_slices(model: nn.Module, layer: int, heads: list[int]) -> list[Slice]:
 
 
 def neuron_slices(model: nn.Module, layer: int, neurons: list[int]) -> list[Slice]:
-    """Every parameter slice that carries FFN ``neurons`` of block ``layer`` (up/gate rows, down columns)."""
+    """Every parameter slice that carries FFN ``neurons`` of block ``layer`` (up/gate rows, down columns).
+
+    In a mixture-of-experts block these are the neurons of every expert: ``gate_up_proj`` rows ``n`` and
+    ``ffn + n``, ``down_proj`` columns ``n`` (the fused tensors need one width for all experts of a block).
+    """
     family = get_family(model)
     size = ffn_size(model, layer)
     bad = [n for n in neurons if not 0 <= n < size]
     if bad:
         raise ValueError(f"`neurons[{layer}]` has indices {bad[:5]} outside [0, {size}) for layer {layer}.")
     index = torch.tensor(sorted(set(neurons)), dtype=torch.long)
+    experts = expert_module(model, layer)
+    if experts is not None:
+        return [(experts, "gate_up_proj", 1, torch.cat([index, index + size])), (experts, "down_proj", 2, index)]
     out = _rows(block_module(model, layer, "up"), family.conv1d, index)
     if family.gate is not None:
         out += _rows(block_module(model, layer, "gate"), family.conv1d, index)

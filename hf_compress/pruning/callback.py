@@ -35,7 +35,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from hf_compress.models.families import unwrap
+from hf_compress.models.families import get_family, unwrap
 from hf_compress.pruning.config import PruningConfig
 from hf_compress.pruning.importance import (
     block_influence_scores,
@@ -157,6 +157,11 @@ class PruningCallback(TrainerCallback):
             raise ValueError(
                 f"`args.fsdp`={args.fsdp!r} / `args.deepspeed`={args.deepspeed!r} shard parameters, which "
                 "PruningCallback cannot mask; train with plain DDP (`accelerate launch --multi_gpu`) instead."
+            )
+        if "ffn_neurons" in self.config.targets and get_family(model).experts is not None:
+            raise ValueError(
+                f"`targets` has 'ffn_neurons', which PruningCallback does not prune in a mixture-of-experts model "
+                f"({unwrap(model).config.model_type}); remove expert neurons with `experts.prune_expert_neurons`."
             )
         self._layouts = {}
         self._end_step = self.config.end_step if self.config.end_step is not None else state.max_steps

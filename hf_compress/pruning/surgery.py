@@ -23,6 +23,8 @@ from transformers.pytorch_utils import Conv1D
 from hf_compress.models.families import (
     Family,
     block_module,
+    builds_experts,
+    expert_module,
     ffn_size,
     get_family,
     get_layers,
@@ -30,6 +32,7 @@ from hf_compress.models.families import (
     head_dim,
     head_slices,
     neuron_slices,
+    num_experts,
     unwrap,
 )
 
@@ -98,35 +101,56 @@ def _ffn_container(model: nn.Module, layer: int) -> nn.Module:
 
 
 def layer_structure(model: nn.Module) -> list[dict[str, int]]:
-    """Per-layer ``{"num_heads", "num_kv_heads", "head_dim", "ffn"}`` of ``model``, read from its weight shapes."""
+    """Per-layer ``{"num_heads", "num_kv_heads", "head_dim", "ffn"}`` of ``model``, read from its weight shapes.
+
+    Mixture-of-experts families add ``"experts"`` (routed experts of the layer; ``"ffn"`` is then each expert's width).
+    """
     model = unwrap(model)
+    moe = get_family(model).experts is not None
     out = []
     for layer in range(len(get_layers(model))):
         heads, kv_heads = head_counts(model, layer)
         dim, ffn = head_dim(model, layer), ffn_size(model, layer)
         out.append({"num_heads": heads, "num_kv_heads": kv_heads, "head_dim": dim, "ffn": ffn})
+        if moe:
+            out[-1]["experts"] = num_experts(model, layer)
     return out
 
 
+def _ffn_field(family: Family, entry: dict[str, int]) -> str:
+    """Config field of a layer's FFN width (dense blocks of a mixture-of-experts family: ``intermediate_size``)."""
+    return "intermediate_size" if entry.get("experts") == 0 else family.ffn_config
+
+
 def _update_uniform_fields(config: Any, family: Family, layers: list[dict[str, int]]) -> None:
-    ffn = {entry["ffn"] for entry in layers}
-    if len(ffn) == 1:
-        setattr(config, family.ffn_config, ffn.pop())
+    widths: dict[str, set[int]] = {}
+    for entry in layers:
+        widths.setdefault(_ffn_field(family, entry), set()).add(entry["ffn"])
+    for name, ffn in widths.items():
+        if len(ffn) == 1:
+            setattr(config, name, ffn.pop())
     heads = {(entry["num_heads"], entry["num_kv_heads"], entry["head_dim"]) for entry in layers}
     if len(heads) == 1 and family.config_head_dim:
         config.num_attention_heads, config.num_key_value_heads, config.head_dim = heads.pop()
+    experts = {entry["experts"] for entry in layers if entry.get("experts")}
+    if len(experts) == 1:
+        setattr(config, family.experts_config, experts.pop())
 
 
-def _config_layer(config: Any, family: Family) -> dict[str, int | None]:
-    """The structure every layer gets when transformers builds the model from ``config``."""
+def _config_layer(config: Any, family: Family, layer: int) -> dict[str, int | None]:
+    """The structure layer ``layer`` gets when transformers builds the model from ``config``."""
     heads = config.num_attention_heads
     dim = getattr(config, "head_dim", None) if family.config_head_dim else None
-    return {
+    out = {
         "num_heads": heads,
         "num_kv_heads": getattr(config, "num_key_value_heads", None) or heads,
         "head_dim": dim or config.hidden_size // heads,
         "ffn": getattr(config, family.ffn_config),
     }
+    if family.experts is not None:
+        out["experts"] = getattr(config, family.experts_config) if builds_experts(config, family, layer) else 0
+        out["ffn"] = getattr(config, _ffn_field(family, out))
+    return out
 
 
 def record_structure(model: nn.Module) -> list[dict[str, int]]:
@@ -143,7 +167,7 @@ def record_structure(model: nn.Module) -> list[dict[str, int]]:
     _update_uniform_fields(config, family, layers)
     record = dict(getattr(config, "hf_compress", None) or {})
     record.pop("layers", None)
-    if any(entry != _config_layer(config, family) for entry in layers):
+    if any(entry != _config_layer(config, family, layer) for layer, entry in enumerate(layers)):
         record["layers"] = layers
     if record:
         config.hf_compress = record
@@ -217,6 +241,12 @@ def prune_ffn_neurons(model: nn.Module, neurons: dict[int, list[int]]) -> nn.Mod
     """
     inner = unwrap(model)
     plan = _index_dict("neurons", neurons, len(get_layers(inner)))
+    sparse = [layer for layer in plan if expert_module(inner, layer) is not None]
+    if sparse:
+        raise ValueError(
+            f"`neurons` names layers {sparse}, whose FFNs are fused experts; remove their neurons with "
+            "`hf_compress.pruning.experts.prune_expert_neurons`."
+        )
     slices = {layer: neuron_slices(inner, layer, indices) for layer, indices in plan.items()}
     _keep_complement([s for layer_slices in slices.values() for s in layer_slices])
     for layer in slices:
@@ -230,9 +260,9 @@ def prune_ffn_neurons(model: nn.Module, neurons: dict[int, list[int]]) -> nn.Mod
 def drop_layers(model: nn.Module, layers: list[int]) -> nn.Module:
     """Remove whole transformer blocks and renumber the rest.
 
-    ``num_hidden_layers`` and ``layer_types`` (when the config has it) are updated and every ``layer_idx`` inside the
-    kept blocks is renumbered, so KV caches and ``generate()`` keep working; the result loads with plain
-    ``from_pretrained``.
+    ``num_hidden_layers``, ``layer_types`` and ``mlp_only_layers`` (when the config has them) are updated and every
+    ``layer_idx`` inside the kept blocks is renumbered, so KV caches and ``generate()`` keep working; the result loads
+    with plain ``from_pretrained``.
 
     Args:
         model (`PreTrainedModel`):
@@ -277,6 +307,9 @@ def drop_layers(model: nn.Module, layers: list[int]) -> nn.Module:
     config.num_hidden_layers = len(keep)
     if layer_types is not None:
         config.layer_types = [layer_types[i] for i in keep]
+    if hasattr(config, "mlp_only_layers"):  # Qwen MoE: which blocks are dense follows from their index
+        config.mlp_only_layers = [i for i in range(len(keep)) if expert_module(inner, i) is None]
+        config.decoder_sparse_step = 1
     record_structure(inner)
     return model
 

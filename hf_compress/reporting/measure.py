@@ -282,8 +282,6 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-
-
 def summary_row(name: str, report: Mapping, reference: Mapping | None = None) -> dict[str, str]:
     """One human-readable table row for ``report`` (with ratios to ``reference`` when given)."""
     row = {
