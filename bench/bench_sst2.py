@@ -8,7 +8,7 @@ One run trains and measures, side by side, from one fine-tuned all-MiniLM-L6-v2 
 * ``pruned-XX-distilled``: heads + FFN neurons pruned to XX% by ``PruningCallback`` (cubic schedule over the first
   half of the steps, then recovery) while distilling from the teacher, vs ``pruned-XX-oneshot``: the same
   ``PruningCallback`` in one shot with no training at all (one optimizer step at learning rate 0);
-* ``<best>-int8``: ``quantize_int8`` (embeddings included) of the most compressed distilled pruned model that keeps
+* ``<best>-int8``: ``quantize_model`` (embeddings included) of the most compressed distilled pruned model that keeps
   ``--retention-goal`` of the teacher's accuracy (else the most accurate one).
 
 Columns: parameters, bytes on disk (the saved folder, config included), CPU latency at batch 1 and 32 (sequence 64,
@@ -41,7 +41,7 @@ from transformers import logging as hf_logging
 
 from hf_compress import DistillationConfig, DistillationTrainer, PruningCallback, PruningConfig, make_student
 from hf_compress.loading import save_pretrained
-from hf_compress.quantization.quantize import is_quantized, quantize_int8
+from hf_compress.quantization.quantize import is_quantized, quantize_model
 from hf_compress.models.builtin import cache_dir, resolve_model_path
 from hf_compress.recipes.data import data_collator, load_raw_split, load_text_dataset
 from hf_compress.recipes.stages.context import evaluate_model
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows[name] = {**info[name], "accuracy": accuracy(model, ctx), "params": count_parameters(model)["total"]}
         best = pick_best(rows, rows["teacher"]["accuracy"], args.retention_goal)
         name = f"{best}-int8"
-        models[name] = quantize_int8(copy.deepcopy(models[best]), include_embeddings=True)
+        models[name] = quantize_model(copy.deepcopy(models[best]), include_embeddings=True)
         rows[name] = {
             "train_steps": 0,
             "source": best,

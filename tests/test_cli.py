@@ -325,7 +325,7 @@ def test_accelerate_launch_two_processes_prints_once(inputs, tmp_path):
 def test_demo_predictions_load_the_final_folder_into_a_pipeline(tmp_path, capsys):
     """The demo ends with `pipeline("text-classification")` on the final (int8, pruned) model of the run."""
     from hf_compress.pruning import prune_heads
-    from hf_compress.quantization.quantize import quantize_int8
+    from hf_compress.quantization.quantize import quantize_model
 
     model = tiny_model(
         "bert",
@@ -334,7 +334,7 @@ def test_demo_predictions_load_the_final_folder_into_a_pipeline(tmp_path, capsys
         id2label={0: "negative", 1: "positive"},
         label2id={"negative": 0, "positive": 1},
     )
-    quantize_int8(prune_heads(model, {0: [1, 2]}))
+    quantize_model(prune_heads(model, {0: [1, 2]}))
     folder = tmp_path / "out" / "int8"
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)

@@ -30,6 +30,7 @@ import os
 import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast, reduce
+from peft.tuners.tuners_utils import BaseTunerLayer  # already imported by transformers' Trainer
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -68,8 +69,6 @@ STATE_NAME = "pruning_state.json"
 
 
 def _check_not_peft(model: torch.nn.Module) -> None:
-    from peft.tuners.tuners_utils import BaseTunerLayer  # here, not at the top: peft takes seconds to import
-
     if any(isinstance(module, BaseTunerLayer) for module in model.modules()):
         raise ValueError(
             "`model` carries PEFT adapters (e.g. LoRA), which PruningCallback cannot prune consistently; merge them "

@@ -17,6 +17,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hf_compress.models.families import ffn_size, get_layers, head_counts, head_slices, neuron_slices, unwrap
+from hf_compress.pruning.importance import normalize_per_layer
+from hf_compress.pruning.schedules import units_to_remove
 
 MASKS_NAME = "pruning_masks.safetensors"
 
@@ -337,9 +339,6 @@ def select_units(
     >>> select_units({0: torch.tensor([3.0, 1.0, 2.0])}, {0: torch.ones(3, dtype=torch.bool)}, 0.34)
     {0: tensor([ True, False,  True])}
     """
-    from hf_compress.pruning.importance import normalize_per_layer
-    from hf_compress.pruning.schedules import units_to_remove
-
     layers = sorted(scores)
     if scope == "global":
         scores = normalize_per_layer(scores)
@@ -384,8 +383,6 @@ def removes_more(keep: dict, sparsity: float, scope: str = "global") -> bool:
     >>> removes_more({0: torch.tensor([True, False, True, True])}, 0.25)
     False
     """
-    from hf_compress.pruning.schedules import units_to_remove
-
     groups = [list(keep.values())] if scope == "global" else [[mask] for mask in keep.values()]
     for group in groups:
         total = sum(mask.numel() for mask in group)

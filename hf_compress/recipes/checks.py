@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from huggingface_hub import try_to_load_from_cache
 
 from hf_compress.models.builtin import BUILTIN_MODELS, resolve_model_path
 from hf_compress.models.families import FAMILIES
+from hf_compress.models.hub_ids import hub_id
 from hf_compress.recipes.data import FILE_FORMATS
 from hf_compress.recipes.schema import MODEL_STAGES, TRAINING_STAGES, DataSpec, ModelSpec, RecipeError, Stage
 from hf_compress.recipes.sections import suggest
@@ -101,7 +101,7 @@ def resolve_model(value: str, key: str, bases: list[Path]) -> str:
         if not (found / "config.json").is_file():
             raise RecipeError(f"`{key}` folder {str(found)!r} has no config.json; point it at a saved model folder.")
         return str(found)
-    if value.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", value):
+    if not hub_id(value):
         raise RecipeError(
             f"`{key}` folder {value!r} does not exist (looked in {', '.join(map(str, bases))}); give "
             f"an existing model folder, `builtin:<name>` or a Hub id."

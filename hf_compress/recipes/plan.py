@@ -22,7 +22,7 @@ from hf_compress.pruning.importance import head_groups
 from hf_compress.pruning.schedules import units_to_remove
 from hf_compress.pruning.surgery import drop_layers, prune_ffn_neurons, prune_heads
 from hf_compress.pruning.unstructured import prunable_weights
-from hf_compress.quantization.quantize import Int8Embedding, Int8Linear, quantize_int8
+from hf_compress.quantization.quantize import Int8Embedding, Int8Linear, quantize_model
 from hf_compress.recipes.schema import MODEL_STAGES, Recipe
 from hf_compress.recipes.stages.vocabulary import plan_vocabulary
 from hf_compress.reporting.measure import human_bytes
@@ -143,7 +143,7 @@ def plan_recipe(recipe: Recipe) -> tuple[list[dict[str, str]], list[str]]:
             extra, found = _prune_plan(current, stage.name, stage.pruning)
             zeroed, lines = zeroed + extra, lines + found
         elif stage.type == "quantize":
-            current = quantize_int8(copy.deepcopy(current), **stage.quantization)
+            current = quantize_model(copy.deepcopy(current), **stage.quantization)
         elif stage.type == "prune_vocabulary":
             on_teacher = current is teacher
             current, vocab = plan_vocabulary(copy.deepcopy(current), recipe, stage)

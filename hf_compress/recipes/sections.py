@@ -1,7 +1,7 @@
 """Typed recipe sections: values checked against the dataclass fields / function signatures they feed.
 
 ``training`` sections feed ``DistillationConfig`` / ``TrainingArguments``, ``pruning`` feeds ``PruningConfig`` and the
-other sections feed functions (``quantize_int8``, ``prune_vocabulary``, ``make_student``). Keys are checked against
+other sections feed functions (``quantize_model``, ``prune_vocabulary``, ``make_student``). Keys are checked against
 the fields, values are coerced to the annotated types, and the config classes are instantiated once so their own
 ``__post_init__`` errors surface, prefixed with the recipe key path. The cross-key rules of a whole recipe live in
 [`hf_compress.recipes.validate`].

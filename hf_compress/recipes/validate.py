@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from hf_compress.quantization.quantize import quantize_int8
+from hf_compress.quantization.quantize import quantize_model
 from hf_compress.recipes.checks import check_corpus_files, check_data, check_stage_order, check_teacher
 from hf_compress.recipes.schema import (
     REPO_ROOT,
@@ -93,7 +93,7 @@ def _stage(raw: Any, index: int) -> Stage:
     if kind == "prune":
         stage.pruning = config_kwargs("pruning", stage.pruning, f"{path}.pruning")
     if kind == "quantize":
-        stage.quantization = function_kwargs(quantize_int8, stage.quantization, f"{path}.quantization")
+        stage.quantization = function_kwargs(quantize_model, stage.quantization, f"{path}.quantization")
     if kind == "prune_vocabulary":
         # model, tokenizer and corpus come from the pipeline (the corpus: train texts + `corpus_files`)
         stage.vocabulary = function_kwargs(prune_vocabulary, stage.vocabulary, f"{path}.vocabulary", skip=3)

@@ -146,11 +146,11 @@ def test_failing_stage_leaves_earlier_stages_untouched(files, tmp_path, monkeypa
     run_recipe(make_recipe(files, stages), out)
     before = snapshot(out)
 
-    @functools.wraps(hf_compress.recipes.stages.quantize.quantize_int8)  # same signature: the recipe still validates
+    @functools.wraps(hf_compress.recipes.stages.quantize.quantize_model)  # same signature: the recipe still validates
     def broken(*args, **kwargs):
         raise RuntimeError("quantisation exploded")
 
-    monkeypatch.setattr(hf_compress.recipes.stages.quantize, "quantize_int8", broken)
+    monkeypatch.setattr(hf_compress.recipes.stages.quantize, "quantize_model", broken)
     changed = [stages[0], {**stages[1], "quantization": {"include_embeddings": False}}]
     with pytest.raises(RuntimeError, match="quantisation exploded"):
         run_recipe(make_recipe(files, changed), out)

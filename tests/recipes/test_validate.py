@@ -300,7 +300,7 @@ MALFORMED = [
     (
         "quantization typo",
         lambda r: _stage(r, 3).update(quantization={"embedding_bit": 4}),
-        "`stages[3].quantization.embedding_bit` is not a quantize_int8() field",
+        "`stages[3].quantization.embedding_bit` is not a quantize_model() field",
         "did you mean `embedding_bits`?",
     ),
     (

@@ -10,13 +10,7 @@ from typing import Any
 from hf_compress.models.builtin import base_model_id
 from hf_compress.recipes.schema import Stage
 from hf_compress.recipes.stages.context import StageContext
-from hf_compress.reporting.cards import render_card
-
-
-def _hub_id(teacher: str) -> str | None:
-    """The teacher's Hub id for the card metadata; ``None`` for a local folder (no Hub page to link)."""
-    hub_id = base_model_id(teacher)
-    return None if Path(hub_id).exists() else hub_id
+from hf_compress.reporting.cards import card_base_model, render_card
 
 
 def card_metadata(spec: dict[str, Any]) -> dict[str, Any]:
@@ -25,7 +19,7 @@ def card_metadata(spec: dict[str, Any]) -> dict[str, Any]:
     dataset = data.get("hub_id") or (Path(data["train"]).parent.name if data.get("train") else None)
     teacher = (spec.get("model") or {}).get("teacher")
     return {
-        "base_model": _hub_id(teacher) if teacher else None,
+        "base_model": card_base_model(base_model_id(teacher)) if teacher else None,
         "datasets": [dataset] if dataset else None,
         "reference_name": "teacher (the recipe's reference)",
     }

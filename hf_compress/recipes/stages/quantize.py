@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hf_compress.quantization.quantize import quantize_int8
+from hf_compress.quantization.quantize import quantize_model
 from hf_compress.recipes.schema import Stage
 from hf_compress.recipes.stages.context import StageContext, finish, load_model
 
 
 def run(stage: Stage, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     """Quantise the latest model with the stage's ``quantization`` arguments (``embedding_bits: 4`` for int4)."""
-    model = quantize_int8(load_model(ctx.model), **stage.quantization)
+    model = quantize_model(load_model(ctx.model), **stage.quantization)
     return finish(model, ctx, out_dir, {"quantization": dict(stage.quantization)})
