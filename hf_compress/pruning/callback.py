@@ -10,20 +10,25 @@ Event by event (transformers ``Trainer`` loop):
 * ``on_step_end``: on scheduled steps, score units, choose what to remove (monotonically) and apply the masks to the
   weights and the optimizer state.
 * ``on_save``: write ``pruning_masks.safetensors`` and ``pruning_state.json`` into the checkpoint folder.
-* ``on_log``: add ``sparsity/<target>`` to the logs.
+* ``on_log``: add ``sparsity/<target>`` and ``pruning/updates`` to the logs (from a helper callback placed before the
+  ``report_to`` integrations, see below).
 * ``on_train_end``: physically remove masked heads / neurons / layers (``surgery``), so ``trainer.save_model()``
   saves the small model. Unstructured zeros stay in the dense weights.
 
 Distributed runs (DDP): importance scores are averaged over ranks and the resulting masks are broadcast from rank 0, so
 every rank applies identical masks. FSDP / DeepSpeed (sharded parameters) are refused.
 
-Logging: ``sparsity/<target>`` is added to the logs dict (console printer) and to ``state.log_history``. The
-``report_to`` integrations (TensorBoard, W&B ...) are registered before user callbacks, so they do not receive it.
+Logging: ``sparsity/<target>`` and ``pruning/updates`` (how many pruning steps changed the masks in this run) are added
+to the logs dict and to ``state.log_history``. The ``report_to`` integrations (TensorBoard, W&B, MLflow ...) are
+registered before user callbacks and each callback sees ``logs`` in turn, so at its first event the callback registers
+a small ``_LogFirst`` right after ``DefaultFlowCallback`` in the ``CallbackHandler`` calling it (found on the call
+stack: callbacks get no handle on it), which adds the values before any integration writes ``logs``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -31,6 +36,7 @@ import os
 import torch
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback
+from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
 from hf_compress.models.families import unwrap
 from hf_compress.pruning.config import PruningConfig
@@ -98,6 +104,31 @@ def _broadcast(masks: PruningMasks, device: torch.device) -> PruningMasks:
     return PruningMasks.from_state_dict(state)
 
 
+class _LogFirst(TrainerCallback):
+    """Adds a ``PruningCallback``'s values to ``logs`` before the ``report_to`` integrations (placed just after
+    ``DefaultFlowCallback``), so TensorBoard / W&B / MLflow record them too."""
+
+    def __init__(self, callback: PruningCallback):
+        self.callback = callback
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.callback.add_log_values(state, logs)
+
+
+def _calling_handler() -> CallbackHandler | None:
+    """The ``CallbackHandler`` whose ``call_event`` is running the current callback event, if any."""
+    frame = inspect.currentframe()
+    try:
+        for _ in range(6):  # _calling_handler <- _log_first <- on_<event> <- call_event (self: the handler)
+            frame = frame.f_back if frame is not None else None
+            handler = frame.f_locals.get("self") if frame is not None else None
+            if isinstance(handler, CallbackHandler):
+                return handler
+        return None
+    finally:
+        del frame
+
+
 class PruningCallback(TrainerCallback):
     r"""
     Prune a model while it trains with any [`~transformers.Trainer`] (including `DistillationTrainer`).
@@ -138,6 +169,7 @@ class PruningCallback(TrainerCallback):
         self._layouts: dict = {}  # target -> `unit_layout`, valid until surgery changes the shapes
         self._hooks: list = []
         self._end_step = 0
+        self._updates = 0  # pruning steps that changed the masks in this run (logged as `pruning/updates`)
 
     # ---- schedule -------------------------------------------------------------------------------------------------
 
@@ -151,11 +183,21 @@ class PruningCallback(TrainerCallback):
 
     # ---- events ---------------------------------------------------------------------------------------------------
 
+    def _log_first(self) -> None:
+        """Register a `_LogFirst` for this callback right after `DefaultFlowCallback` in the calling handler."""
+        handler = _calling_handler()
+        if handler is None or any(isinstance(cb, _LogFirst) and cb.callback is self for cb in handler.callbacks):
+            return
+        index = next((i + 1 for i, cb in enumerate(handler.callbacks) if isinstance(cb, DefaultFlowCallback)), 0)
+        handler.callbacks.insert(index, _LogFirst(self))
+
     def on_init_end(self, args, state, control, model=None, **kwargs):
+        self._log_first()
         if model is not None:
             _check_not_peft(model)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        self._log_first()  # also covers `trainer.add_callback(...)` after the Trainer was built
         _check_not_peft(model)
         if args.fsdp or args.deepspeed:
             raise ValueError(
@@ -199,13 +241,18 @@ class PruningCallback(TrainerCallback):
             if not self.masks.equals(before):
                 self._apply(model, optimizer)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def add_log_values(self, state, logs: dict | None) -> None:
+        """Add ``sparsity/<target>`` and ``pruning/updates`` to ``logs`` and to the matching ``state.log_history``."""
         if self.masks is None or logs is None:
             return
         values = {f"sparsity/{target}": round(value, 6) for target, value in self.masks.sparsity().items()}
+        values["pruning/updates"] = self._updates
         logs.update(values)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(values)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.add_log_values(state, logs)  # a no-op update when `_LogFirst` already added the values
 
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
@@ -331,7 +378,10 @@ class PruningCallback(TrainerCallback):
                 masks.ffn_neurons = select_units(scores, masks.ffn_neurons, sparsity, config.scope, min_keep=1)
             else:
                 masks.heads = self._select_heads(model, scores, sparsity)
-        self.masks = _broadcast(masks, args.device)
+        masks = _broadcast(masks, args.device)
+        if not masks.equals(self.masks):
+            self._updates += 1
+        self.masks = masks
         self._taylor = {}
         if logger.isEnabledFor(logging.INFO):
             logger.info(f"Pruning step {step}: sparsity {self.masks.sparsity()}")
