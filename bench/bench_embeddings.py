@@ -38,9 +38,8 @@ from sentence_transformers import SentenceTransformer, SentenceTransformerTraine
 from transformers import logging as hf_logging
 
 from hf_compress import PruningCallback, PruningConfig
+from hf_compress.integrations.sentence_distillation import EmbeddingDistillationLoss, add_teacher_embeddings
 from hf_compress.integrations.sentence_transformers import (
-    EmbeddingDistillationLoss,
-    add_teacher_embeddings,
     evaluate_pairs,
     load_sentence_transformer,
     make_sentence_student,

@@ -205,6 +205,7 @@ class PruningCallback(TrainerCallback):
                 "PruningCallback cannot mask; train with plain DDP (`accelerate launch --multi_gpu`) instead."
             )
         self._layouts = {}
+        self._updates = 0
         self._end_step = self.config.end_step if self.config.end_step is not None else state.max_steps
         if self._end_step > state.max_steps:
             logger.warning(
