@@ -153,3 +153,21 @@ def test_evaluate_pairs_and_mrpc(tmp_path):
     assert len(first) == len(second) == 1725 and sum(labels) == 1147
     assert read_mrpc("train", limit=5)[2] == [1, 0, 1, 0, 1]
     assert 0.0 <= evaluate_mrpc(model, limit=16)["cosine_ap"] <= 1.0
+
+
+def test_sparsity_reaches_tensorboard_from_sentence_transformer_trainer(tmp_path, monkeypatch):
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    model = tiny_sentence_transformer(tmp_path / "base")
+    callback = PruningCallback(PruningConfig(targets={"heads": 0.5}, schedule="one_shot", start_step=2))
+    trainer = SentenceTransformerTrainer(
+        model=model,
+        args=_args(tmp_path, report_to=["tensorboard"]),
+        train_dataset=_pairs(),
+        loss=CosineSimilarityLoss(model),
+        callbacks=[callback],
+    )
+    trainer.train()
+    events = accumulator.EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("train/sparsity/heads")][:4] == [0.0, 0.5, 0.5, 0.5]
