@@ -127,10 +127,12 @@ Slice = tuple[nn.Module, str, int, torch.Tensor]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Return the transformers model inside a PEFT / DDP / compiled wrapper."""
+    """Return the transformers model inside a PEFT / DDP / compiled / sentence-transformers wrapper."""
     while True:
         if hasattr(model, "get_base_model"):  # peft.PeftModel
             model = model.get_base_model()
+        elif isinstance(model, nn.Sequential) and len(model) and hasattr(model[0], "auto_model"):
+            model = model[0].auto_model  # SentenceTransformer: its first module holds the transformers model
         elif hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
             model = model.module
         elif hasattr(model, "_orig_mod"):  # torch.compile

@@ -10,15 +10,19 @@ Event by event (transformers ``Trainer`` loop):
 * ``on_step_end``: on scheduled steps, score units, choose what to remove (monotonically) and apply the masks to the
   weights and the optimizer state.
 * ``on_save``: write ``pruning_masks.safetensors`` and ``pruning_state.json`` into the checkpoint folder.
-* ``on_log``: add ``sparsity/<target>`` to the logs.
+* ``on_log``: add ``sparsity/<target>`` and ``pruning/updates`` to the logs (from a helper callback placed before the
+  ``report_to`` integrations, see below).
 * ``on_train_end``: physically remove masked heads / neurons / layers (``surgery``), so ``trainer.save_model()``
   saves the small model. Unstructured zeros stay in the dense weights.
 
 Distributed runs (DDP): importance scores are averaged over ranks and the resulting masks are broadcast from rank 0, so
 every rank applies identical masks. FSDP / DeepSpeed (sharded parameters) are refused.
 
-Logging: ``sparsity/<target>`` is added to the logs dict (console printer) and to ``state.log_history``. The
-``report_to`` integrations (TensorBoard, W&B ...) are registered before user callbacks, so they do not receive it.
+Logging: ``sparsity/<target>`` and ``pruning/updates`` (how many pruning steps changed the masks in this run) are added
+to the logs dict and to ``state.log_history``. The ``report_to`` integrations (TensorBoard, W&B, MLflow ...) are
+registered before user callbacks and each callback sees ``logs`` in turn, so at its first event the callback registers
+a small ``LogFirst`` right after ``DefaultFlowCallback`` in the ``CallbackHandler`` calling it (found on the call
+stack: callbacks get no handle on it), which adds the values before any integration writes ``logs``.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from hf_compress.pruning.importance import (
     unit_layout,
     unit_scores,
 )
+from hf_compress.pruning.log_order import log_before_integrations
 from hf_compress.pruning.masks import (
     MASKS_NAME,
     PruningMasks,
@@ -133,6 +138,7 @@ class PruningCallback(TrainerCallback):
         self._layouts: dict = {}  # target -> `unit_layout`, valid until surgery changes the shapes
         self._hooks: list = []
         self._end_step = 0
+        self._updates = 0  # pruning steps that changed the masks in this run (logged as `pruning/updates`)
 
     # ---- schedule -------------------------------------------------------------------------------------------------
 
@@ -147,10 +153,12 @@ class PruningCallback(TrainerCallback):
     # ---- events ---------------------------------------------------------------------------------------------------
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
+        log_before_integrations(self)
         if model is not None:
             _check_not_peft(model)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        self._log_first()  # also covers `trainer.add_callback(...)` after the Trainer was built
         _check_not_peft(model)
         if args.fsdp or args.deepspeed:
             raise ValueError(
@@ -163,6 +171,7 @@ class PruningCallback(TrainerCallback):
                 f"({unwrap(model).config.model_type}); remove expert neurons with `experts.prune_expert_neurons`."
             )
         self._layouts = {}
+        self._updates = 0
         self._end_step = self.config.end_step if self.config.end_step is not None else state.max_steps
         if self._end_step > state.max_steps:
             logger.warning(
@@ -199,13 +208,18 @@ class PruningCallback(TrainerCallback):
             if not self.masks.equals(before):
                 self._apply(model, optimizer)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def add_log_values(self, state, logs: dict | None) -> None:
+        """Add ``sparsity/<target>`` and ``pruning/updates`` to ``logs`` and to the matching ``state.log_history``."""
         if self.masks is None or logs is None:
             return
         values = {f"sparsity/{target}": round(value, 6) for target, value in self.masks.sparsity().items()}
+        values["pruning/updates"] = self._updates
         logs.update(values)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(values)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.add_log_values(state, logs)  # a no-op update when `LogFirst` already added the values
 
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
@@ -331,7 +345,10 @@ class PruningCallback(TrainerCallback):
                 masks.ffn_neurons = select_units(scores, masks.ffn_neurons, sparsity, config.scope, min_keep=1)
             else:
                 masks.heads = self._select_heads(model, scores, sparsity)
-        self.masks = _broadcast(masks, args.device)
+        masks = _broadcast(masks, args.device)
+        if not masks.equals(self.masks):
+            self._updates += 1
+        self.masks = masks
         self._taylor = {}
         if logger.isEnabledFor(logging.INFO):  # `sparsity()` counts every mask
             logger.info(f"Pruning step {step}: sparsity {self.masks.sparsity()}")
