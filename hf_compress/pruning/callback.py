@@ -158,7 +158,7 @@ class PruningCallback(TrainerCallback):
             _check_not_peft(model)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
-        self._log_first()  # also covers `trainer.add_callback(...)` after the Trainer was built
+        log_before_integrations(self)  # also covers `trainer.add_callback(...)` after the Trainer was built
         _check_not_peft(model)
         if args.fsdp or args.deepspeed:
             raise ValueError(
