@@ -91,17 +91,20 @@ def _slice_to(model: nn.Module, recorded: list[dict[str, int]]) -> None:
     heads, neurons = {}, {}
     for layer, (have, want) in enumerate(zip(built, recorded)):
         group = have["num_heads"] // have["num_kv_heads"]
+        kept = want["num_heads"] // max(want["num_kv_heads"], 1)  # query heads each kept KV group keeps
         if (
             have["head_dim"] != want["head_dim"]
-            or want["num_heads"] != want["num_kv_heads"] * group
+            or want["num_heads"] != want["num_kv_heads"] * kept
             or want["num_kv_heads"] > have["num_kv_heads"]
+            or kept > group
             or want["ffn"] > have["ffn"]
         ):
             raise ValueError(
                 f"`config.hf_compress` records layer {layer} as {want}, which cannot be cut from the {have} that the "
                 "config builds; the config.json was edited by hand."
             )
-        heads[layer] = list(range(want["num_heads"], have["num_heads"]))
+        # Trailing KV groups go whole, then the trailing query heads of every kept group.
+        heads[layer] = [h for h in range(have["num_heads"]) if h // group >= want["num_kv_heads"] or h % group >= kept]
         neurons[layer] = list(range(want["ffn"], have["ffn"]))
     prune_heads(model, heads)
     prune_ffn_neurons(model, neurons)

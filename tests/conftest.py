@@ -24,13 +24,53 @@ VOCAB = 64
 FAMILIES = ["bert", "roberta", "distilbert", "llama", "mistral", "qwen2", "qwen3", "gpt2"]
 ENCODERS = ["bert", "roberta", "distilbert"]
 DECODERS = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
+# Every family hf_compress supports, for the one parametrised per-family suite (tests/models/test_every_family.py).
+EVERY_ENCODER = [*ENCODERS, "xlm-roberta", "camembert", "electra"]
+EVERY_DECODER = [*DECODERS, "gemma", "gemma2", "gemma3_text", "granite", "smollm3", "phi3", "olmo2"]
+EVERY_FAMILY = [*EVERY_ENCODER, *EVERY_DECODER]
+_BERT_LIKE = {
+    "bert": transformers.BertConfig,
+    "roberta": transformers.RobertaConfig,
+    "xlm-roberta": transformers.XLMRobertaConfig,
+    "camembert": transformers.CamembertConfig,
+    "electra": transformers.ElectraConfig,
+}
+_LLAMA_LIKE = {
+    "llama": transformers.LlamaConfig,
+    "mistral": transformers.MistralConfig,
+    "qwen2": transformers.Qwen2Config,
+    "qwen3": transformers.Qwen3Config,
+    "gemma": transformers.GemmaConfig,
+    "gemma2": transformers.Gemma2Config,
+    "gemma3_text": transformers.Gemma3TextConfig,
+    "granite": transformers.GraniteConfig,
+    "smollm3": transformers.SmolLM3Config,
+    "phi3": transformers.Phi3Config,
+    "olmo2": transformers.Olmo2Config,
+}
+# What makes each decoder family itself in a tiny config: decoupled head_dim, sliding / full layers, soft-capping,
+# Granite's multipliers, SmolLM3's NoPE layers.
+_DECODER_EXTRAS = {
+    "qwen3": dict(head_dim=4),
+    "gemma": dict(head_dim=8),
+    "gemma2": dict(
+        head_dim=8,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        attn_logit_softcapping=20.0,
+        final_logit_softcapping=10.0,
+        query_pre_attn_scalar=8,
+    ),
+    "gemma3_text": dict(head_dim=8, sliding_window=4, sliding_window_pattern=2, tie_word_embeddings=True),
+    "granite": dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=2.0),
+    "smollm3": dict(no_rope_layer_interval=2),
+}
 
 
 def tiny_config(family: str, **overrides) -> transformers.PretrainedConfig:
     """A 2–4 layer, 16–32 wide config of ``family`` with 4 heads (GQA 4/2 for the Llama family)."""
     common = dict(vocab_size=VOCAB, num_labels=3, pad_token_id=0)
-    if family in ("bert", "roberta"):
-        cls = transformers.BertConfig if family == "bert" else transformers.RobertaConfig
+    if family in _BERT_LIKE:
         kw = dict(
             hidden_size=16,
             intermediate_size=32,
@@ -40,9 +80,11 @@ def tiny_config(family: str, **overrides) -> transformers.PretrainedConfig:
             hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0,
         )
-        if family == "roberta":
+        if family in ("roberta", "xlm-roberta", "camembert"):
             kw.update(pad_token_id=1, bos_token_id=0, eos_token_id=2)
-        cfg = cls(**{**common, **kw})
+        if family == "electra":
+            kw.update(embedding_size=8)  # ELECTRA projects smaller embeddings up to the hidden size
+        cfg = _BERT_LIKE[family](**{**common, **kw})
     elif family == "distilbert":
         cfg = transformers.DistilBertConfig(
             **common,
@@ -67,13 +109,10 @@ def tiny_config(family: str, **overrides) -> transformers.PretrainedConfig:
             attn_pdrop=0.0,
         )
     else:
-        cls = {
-            "llama": transformers.LlamaConfig,
-            "mistral": transformers.MistralConfig,
-            "qwen2": transformers.Qwen2Config,
-            "qwen3": transformers.Qwen3Config,
-        }[family]
-        cfg = cls(
+        kw = {"tie_word_embeddings": False, **_DECODER_EXTRAS.get(family, {})}
+        if family not in DECODERS:  # token ids inside the tiny vocabulary (the defaults are the real models')
+            kw.update(bos_token_id=1, eos_token_id=2)
+        cfg = _LLAMA_LIKE[family](
             **common,
             hidden_size=16,
             intermediate_size=32,
@@ -81,10 +120,8 @@ def tiny_config(family: str, **overrides) -> transformers.PretrainedConfig:
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=64,
-            tie_word_embeddings=False,
+            **kw,
         )
-        if family == "qwen3":
-            cfg.head_dim = 4
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
@@ -202,3 +239,27 @@ def value_slices(model, layer, heads):
     module = block_module(model, layer, "v")
     out = [(module, "weight", 1 if family.conv1d else 0, index)]
     return out + ([(module, "bias", 0, index)] if module.bias is not None else [])
+
+
+@pytest.fixture(params=EVERY_FAMILY)
+def every_family(request) -> str:
+    """Each supported family in turn (the per-family suite, tests/models/test_every_family.py)."""
+    return request.param
+
+
+def lm_head(family: str) -> str:
+    """The LM task head of ``family``: causal LM for decoders, masked LM (tied weights) for encoders."""
+    return "masked_lm" if family in EVERY_ENCODER else "causal_lm"
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Fixed random sequences whose ``labels`` are their token ids (causal / masked LM)."""
+
+    def __init__(self, n: int = 16, seq: int = 8):
+        self.ids = torch.randint(3, VOCAB, (n, seq), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}

@@ -7,6 +7,7 @@ a family is one dict entry.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -26,12 +27,15 @@ class Family:
     q: str | None = None
     k: str | None = None
     v: str | None = None
-    qkv: str | None = None  # fused q/k/v projection (GPT-2 ``c_attn``)
+    qkv: str | None = None  # fused projection laid out [q heads][k heads][v heads] (GPT-2 ``c_attn``, Phi-3)
     gate: str | None = None  # gated FFNs (Llama family)
+    fused_gate_up: bool = False  # ``up`` holds both GLU halves, [gate neurons][up neurons] (Phi-3 ``gate_up_proj``)
     ffn_config: str = "intermediate_size"  # config field holding the FFN width
     conv1d: bool = False  # weights stored as [in, out] (transformers ``Conv1D``)
     causal_cache: bool = False  # blocks carry a ``layer_idx`` used by the KV cache
-    config_head_dim: bool = False  # the config stores ``head_dim``, so fewer heads per layer are expressible
+    config_head_dim: bool = False  # the modeling code reads ``config.head_dim``, so fewer heads are expressible
+    forward_reads_config_heads: bool = False  # attention reads ``config.num_attention_heads`` at run time (Phi-3)
+    heads_refused: str | None = None  # why heads cannot be removed exactly (the rest of the sentence)
 
 
 _BERT = Family(
@@ -60,9 +64,20 @@ _LLAMA = Family(
     config_head_dim=True,
 )
 
+_OLMO2 = dataclasses.replace(
+    _LLAMA,
+    heads_refused=(
+        "its `q_norm` / `k_norm` RMSNorm normalise over all heads together, so removing a head changes the others; "
+        "prune `ffn_neurons` or `layers` instead"
+    ),
+)
+
 FAMILIES: dict[str, Family] = {
     "bert": _BERT,
     "roberta": _BERT,
+    "xlm-roberta": _BERT,
+    "camembert": _BERT,
+    "electra": _BERT,
     "distilbert": Family(
         layers="transformer.layer",
         q="attention.q_lin",
@@ -79,6 +94,25 @@ FAMILIES: dict[str, Family] = {
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
+    "gemma": _LLAMA,
+    "gemma2": _LLAMA,
+    "gemma3_text": _LLAMA,
+    "granite": _LLAMA,
+    "smollm3": _LLAMA,
+    "olmo2": _OLMO2,
+    "phi3": Family(
+        layers="layers",
+        qkv="self_attn.qkv_proj",
+        o="self_attn.o_proj",
+        up="mlp.gate_up_proj",
+        fused_gate_up=True,
+        down="mlp.down_proj",
+        attention="self_attn",
+        head_dim="head_dim",
+        causal_cache=True,
+        config_head_dim=True,
+        forward_reads_config_heads=True,
+    ),
     "gpt2": Family(
         layers="h",
         qkv="attn.c_attn",
@@ -144,6 +178,10 @@ def _out_features(module: nn.Module, conv1d: bool) -> int:
     return module.weight.shape[1] if conv1d else module.weight.shape[0]
 
 
+def _in_features(module: nn.Module, conv1d: bool) -> int:
+    return module.weight.shape[0] if conv1d else module.weight.shape[1]
+
+
 def head_dim(model: nn.Module, layer: int) -> int:
     family = get_family(model)
     return int(getattr(block_module(model, layer, "attention"), family.head_dim))
@@ -153,17 +191,17 @@ def head_counts(model: nn.Module, layer: int) -> tuple[int, int]:
     """``(num_query_heads, num_kv_heads)`` of block ``layer``, read from its current weight shapes."""
     family = get_family(model)
     dim = head_dim(model, layer)
-    if family.qkv is not None:
-        heads = _out_features(block_module(model, layer, "qkv"), family.conv1d) // (3 * dim)
-        return heads, heads
-    q = _out_features(block_module(model, layer, "q"), family.conv1d) // dim
-    kv = _out_features(block_module(model, layer, "k"), family.conv1d) // dim
-    return q, kv
+    q = _in_features(block_module(model, layer, "o"), family.conv1d) // dim
+    if family.qkv is not None:  # [q][k][v]: the k and v parts share what q leaves
+        return q, (_out_features(block_module(model, layer, "qkv"), family.conv1d) // dim - q) // 2
+    return q, _out_features(block_module(model, layer, "k"), family.conv1d) // dim
 
 
 def ffn_size(model: nn.Module, layer: int) -> int:
     """Number of FFN neurons of block ``layer``."""
-    return _out_features(block_module(model, layer, "up"), get_family(model).conv1d)
+    family = get_family(model)
+    size = _out_features(block_module(model, layer, "up"), family.conv1d)
+    return size // 2 if family.fused_gate_up else size
 
 
 def _rows(module: nn.Module, conv1d: bool, index: torch.Tensor) -> list[Slice]:
@@ -186,7 +224,16 @@ def _units(heads: list[int], dim: int, offset: int = 0) -> torch.Tensor:
 
 
 def kv_heads_for(model: nn.Module, layer: int, heads: list[int]) -> list[int]:
-    """KV heads that go with query ``heads`` (GQA: only whole query groups; a partial group is an error)."""
+    """KV heads that go with removing query ``heads`` of block ``layer`` (all of them without GQA).
+
+    Under grouped-query attention every KV group must keep either none or the same number of its query heads, so
+    ``num_attention_heads`` stays a multiple of ``num_key_value_heads``: remove whole groups (their KV head goes too),
+    the same number of query heads from every group (the KV heads stay), or both. Anything else is an error.
+    """
+    refused = get_family(model).heads_refused
+    if refused is not None:
+        model_type = unwrap(model).config.model_type
+        raise ValueError(f"`heads` cannot be removed from a {model_type!r} model: {refused}.")
     num_q, num_kv = head_counts(model, layer)
     bad = [h for h in heads if not 0 <= h < num_q]
     if bad:
@@ -195,17 +242,14 @@ def kv_heads_for(model: nn.Module, layer: int, heads: list[int]) -> list[int]:
         return sorted(set(heads))
     group = num_q // num_kv
     chosen = set(heads)
-    kv = []
-    for g in range(num_kv):
-        members = set(range(g * group, (g + 1) * group))
-        if members & chosen and not members <= chosen:
-            raise ValueError(
-                f"`heads[{layer}]` = {sorted(chosen)} splits the query group {sorted(members)} of KV head {g}; "
-                f"with grouped-query attention remove whole groups of {group} query heads."
-            )
-        if members <= chosen:
-            kv.append(g)
-    return kv
+    kept = [group - len(chosen & set(range(g * group, (g + 1) * group))) for g in range(num_kv)]
+    if len(set(kept) - {0}) > 1:
+        raise ValueError(
+            f"`heads[{layer}]` = {sorted(chosen)} splits the query groups of layer {layer} unevenly (query heads kept "
+            f"per KV group: {kept}); with grouped-query attention remove whole groups of {group} query heads or the "
+            "same number of query heads from every group."
+        )
+    return [g for g, count in enumerate(kept) if count == 0]
 
 
 def head_slices(model: nn.Module, layer: int, heads: list[int]) -> list[Slice]:
@@ -219,10 +263,10 @@ def head_slices(model: nn.Module, layer: int, heads: list[int]) -> list[Slice]:
     o = block_module(model, layer, "o")
     out = _cols(o, family.conv1d, _units(heads, dim))
     if family.qkv is not None:
-        num_q, _ = head_counts(model, layer)
-        width = num_q * dim
-        index = torch.cat([_units(heads, dim, offset=i * width) for i in range(3)])
-        return _rows(block_module(model, layer, "qkv"), family.conv1d, index) + out
+        num_q, num_kv = head_counts(model, layer)
+        q_width, kv_width = num_q * dim, num_kv * dim
+        parts = [_units(heads, dim), _units(kv, dim, q_width), _units(kv, dim, q_width + kv_width)]
+        return _rows(block_module(model, layer, "qkv"), family.conv1d, torch.cat(parts)) + out
     out += _rows(block_module(model, layer, "q"), family.conv1d, _units(heads, dim))
     for role in ("k", "v"):
         out += _rows(block_module(model, layer, role), family.conv1d, _units(kv, dim))
@@ -237,7 +281,8 @@ def neuron_slices(model: nn.Module, layer: int, neurons: list[int]) -> list[Slic
     if bad:
         raise ValueError(f"`neurons[{layer}]` has indices {bad[:5]} outside [0, {size}) for layer {layer}.")
     index = torch.tensor(sorted(set(neurons)), dtype=torch.long)
-    out = _rows(block_module(model, layer, "up"), family.conv1d, index)
+    up_index = torch.cat([index, index + size]) if family.fused_gate_up else index
+    out = _rows(block_module(model, layer, "up"), family.conv1d, up_index)
     if family.gate is not None:
         out += _rows(block_module(model, layer, "gate"), family.conv1d, index)
     return out + _cols(block_module(model, layer, "down"), family.conv1d, index)

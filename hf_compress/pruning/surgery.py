@@ -13,6 +13,7 @@ through forward hooks until they are removed.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -43,6 +44,10 @@ _HEAD_ATTRIBUTES: dict[str, str] = {
     "all_head_size": "width",  # BERT / RoBERTa
     "split_size": "width",  # GPT-2 (splits the fused q/k/v output)
 }
+
+
+# Config lists with one entry per block (attention kind, SmolLM3's NoPE layers), kept in step by `drop_layers`.
+_PER_LAYER_CONFIG = ("layer_types", "no_rope_layers")
 
 
 def _index_dict(name: str, value: Any, num_layers: int) -> dict[int, list[int]]:
@@ -90,6 +95,12 @@ def _sync_attention(model: nn.Module, layer: int) -> None:
     for attribute, kind in _HEAD_ATTRIBUTES.items():
         if hasattr(attention, attribute):
             setattr(attention, attribute, values[kind])
+    if get_family(model).forward_reads_config_heads:
+        # Phi-3 splits its fused q/k/v output at `config.num_attention_heads * head_dim`: give the module a config
+        # of its own (a shallow copy; the model's config is what gets saved).
+        attention.config = copy.copy(attention.config)
+        attention.config.num_attention_heads = heads
+        attention.config.num_key_value_heads = kv_heads
 
 
 def _ffn_container(model: nn.Module, layer: int) -> nn.Module:
@@ -157,7 +168,13 @@ def prune_heads(model: nn.Module, heads: dict[int, list[int]]) -> nn.Module:
 
     The q/k/v rows (fused ``c_attn`` columns for GPT-2), biases and output-projection columns of each head are removed
     and the attention modules' head counts are updated. The result computes exactly what the original model computes
-    with those heads' value rows zeroed. With grouped-query attention only whole query groups can go.
+    with those heads' output-projection columns zeroed.
+
+    With grouped-query attention every KV group must keep either none or the same number of its query heads, so
+    ``num_attention_heads`` stays a multiple of ``num_key_value_heads``: remove whole groups (their KV head goes with
+    them), the same number of query heads from *within* every group (the KV heads stay; the only way to prune a model
+    with a single KV head, such as Gemma 3 270M), or both. For example with 8 query heads over 2 KV heads,
+    ``[0, 1, 2, 3]`` removes group 0, ``[3, 7]`` removes one query head per group, ``[0]`` alone is refused.
 
     Removing *every* head of a layer is refused: the attention output would be just the output-projection bias, which
     no transformers config can express; remove the whole block with :func:`drop_layers` or keep one head (group).
@@ -167,7 +184,8 @@ def prune_heads(model: nn.Module, heads: dict[int, list[int]]) -> nn.Module:
         model (`PreTrainedModel`):
             A supported model (see `architectures.FAMILIES`), optionally wrapped by PEFT / DDP / `torch.compile`.
         heads (`dict[int, list[int]]`):
-            Query-head indices to remove, per layer index (indices refer to the current heads of that layer).
+            Query-head indices to remove, per layer index (indices refer to the current heads of that layer; query
+            head `h` belongs to KV group `h // (num_heads // num_kv_heads)`).
 
     Returns:
         The same `model`, modified in place.
@@ -230,9 +248,9 @@ def prune_ffn_neurons(model: nn.Module, neurons: dict[int, list[int]]) -> nn.Mod
 def drop_layers(model: nn.Module, layers: list[int]) -> nn.Module:
     """Remove whole transformer blocks and renumber the rest.
 
-    ``num_hidden_layers`` and ``layer_types`` (when the config has it) are updated and every ``layer_idx`` inside the
-    kept blocks is renumbered, so KV caches and ``generate()`` keep working; the result loads with plain
-    ``from_pretrained``.
+    ``num_hidden_layers`` and the per-layer config lists (``layer_types``, SmolLM3's ``no_rope_layers``) are updated
+    and every ``layer_idx`` inside the kept blocks is renumbered, so KV caches and ``generate()`` keep working and each
+    kept block keeps its attention kind (sliding / full); the result loads with plain ``from_pretrained``.
 
     Args:
         model (`PreTrainedModel`):
@@ -273,10 +291,11 @@ def drop_layers(model: nn.Module, layers: list[int]) -> nn.Module:
         for module in block.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = new_index
-    layer_types = getattr(config, "layer_types", None)
     config.num_hidden_layers = len(keep)
-    if layer_types is not None:
-        config.layer_types = [layer_types[i] for i in keep]
+    for name in _PER_LAYER_CONFIG:
+        values = getattr(config, name, None)
+        if isinstance(values, list) and len(values) == num_layers:
+            setattr(config, name, [values[i] for i in keep])
     record_structure(inner)
     return model
 
