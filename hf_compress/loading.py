@@ -88,7 +88,7 @@ def _slice_to(model: nn.Module, recorded: list[dict[str, int]]) -> None:
             f"`config.hf_compress` records {len(recorded)} layers but `num_hidden_layers` builds {len(built)}; "
             "the config.json was edited by hand."
         )
-    heads, neurons = {}, {}
+    heads, neurons, cross = {}, {}, {}
     for layer, (have, want) in enumerate(zip(built, recorded)):
         group = have["num_heads"] // have["num_kv_heads"]
         kept = want["num_heads"] // max(want["num_kv_heads"], 1)  # query heads each kept KV group keeps
@@ -98,6 +98,7 @@ def _slice_to(model: nn.Module, recorded: list[dict[str, int]]) -> None:
             or want["num_kv_heads"] > have["num_kv_heads"]
             or kept > group
             or want["ffn"] > have["ffn"]
+            or want.get("num_cross_heads", 0) > have.get("num_cross_heads", 0)
         ):
             raise ValueError(
                 f"`config.hf_compress` records layer {layer} as {want}, which cannot be cut from the {have} that the "
@@ -106,7 +107,9 @@ def _slice_to(model: nn.Module, recorded: list[dict[str, int]]) -> None:
         # Trailing KV groups go whole, then the trailing query heads of every kept group.
         heads[layer] = [h for h in range(have["num_heads"]) if h // group >= want["num_kv_heads"] or h % group >= kept]
         neurons[layer] = list(range(want["ffn"], have["ffn"]))
-    prune_heads(model, heads)
+        if "num_cross_heads" in want:
+            cross[layer] = list(range(want["num_cross_heads"], have["num_cross_heads"]))
+    prune_heads(model, heads, cross or None)
     prune_ffn_neurons(model, neurons)
 
 

@@ -27,7 +27,9 @@ DECODERS = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
 # Every family hf_compress supports, for the one parametrised per-family suite (tests/models/test_every_family.py).
 EVERY_ENCODER = [*ENCODERS, "xlm-roberta", "camembert", "electra"]
 EVERY_DECODER = [*DECODERS, "gemma", "gemma2", "gemma3_text", "granite", "smollm3", "phi3", "olmo2"]
-EVERY_FAMILY = [*EVERY_ENCODER, *EVERY_DECODER]
+# Encoder-decoder families: 2 encoder + 2 decoder blocks, numbered 0-1 (encoder) and 2-3 (decoder).
+ENCODER_DECODERS = ["bart", "whisper"]
+EVERY_FAMILY = [*EVERY_ENCODER, *EVERY_DECODER, *ENCODER_DECODERS]
 _BERT_LIKE = {
     "bert": transformers.BertConfig,
     "roberta": transformers.RobertaConfig,
@@ -85,6 +87,27 @@ def tiny_config(family: str, **overrides) -> transformers.PretrainedConfig:
         if family == "electra":
             kw.update(embedding_size=8)  # ELECTRA projects smaller embeddings up to the hidden size
         cfg = _BERT_LIKE[family](**{**common, **kw})
+    elif family in ENCODER_DECODERS:
+        kw = dict(
+            d_model=16,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+            bos_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=1,
+        )
+        if family == "bart":
+            cfg = transformers.BartConfig(**common, **kw, max_position_embeddings=64, forced_eos_token_id=None)
+        else:  # Whisper: 8 mel bins over 16 frames (2 x max_source_positions)
+            kw.update(num_mel_bins=8, max_source_positions=8, max_target_positions=32, suppress_tokens=None)
+            cfg = transformers.WhisperConfig(**common, **kw, begin_suppress_tokens=None)
     elif family == "distilbert":
         cfg = transformers.DistilBertConfig(
             **common,
@@ -129,6 +152,8 @@ def tiny_config(family: str, **overrides) -> transformers.PretrainedConfig:
 
 HEADS = {
     "base": transformers.AutoModel,
+    "seq2seq_lm": transformers.AutoModelForSeq2SeqLM,
+    "speech_seq2seq": transformers.AutoModelForSpeechSeq2Seq,
     "seq_cls": transformers.AutoModelForSequenceClassification,
     "token_cls": transformers.AutoModelForTokenClassification,
     "qa": transformers.AutoModelForQuestionAnswering,
@@ -248,18 +273,35 @@ def every_family(request) -> str:
 
 
 def lm_head(family: str) -> str:
-    """The LM task head of ``family``: causal LM for decoders, masked LM (tied weights) for encoders."""
+    """The LM task head of ``family``: causal LM for decoders, masked LM (tied weights) for encoders, seq2seq LM."""
+    if family in ENCODER_DECODERS:
+        return "speech_seq2seq" if family == "whisper" else "seq2seq_lm"
     return "masked_lm" if family in EVERY_ENCODER else "causal_lm"
 
 
-class TokenDataset(torch.utils.data.Dataset):
-    """Fixed random sequences whose ``labels`` are their token ids (causal / masked LM)."""
+def family_inputs(family: str, batch: int = 2, seq: int = 8, seed: int = 1) -> dict[str, torch.Tensor]:
+    """:func:`tiny_inputs` as ``family`` reads them: decoder ids for encoder-decoders, log-mel frames for Whisper."""
+    inputs = tiny_inputs(batch, seq, seed)
+    if family in ENCODER_DECODERS:
+        inputs["decoder_input_ids"] = inputs["input_ids"].flip(1)
+    if family == "whisper":
+        g = torch.Generator().manual_seed(seed)
+        inputs["input_features"] = torch.randn(batch, 8, 16, generator=g)
+        del inputs["input_ids"], inputs["attention_mask"]
+    return inputs
 
-    def __init__(self, n: int = 16, seq: int = 8):
-        self.ids = torch.randint(3, VOCAB, (n, seq), generator=torch.Generator().manual_seed(0))
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Fixed random sequences whose ``labels`` are their token ids (causal / masked / seq2seq LM) for ``family``."""
+
+    def __init__(self, n: int = 16, seq: int = 8, family: str = "llama"):
+        self.inputs = family_inputs(family, batch=n, seq=seq, seed=0)
+        self.labels = self.inputs.pop("decoder_input_ids", None)
+        if self.labels is None:
+            self.labels = self.inputs["input_ids"]
 
     def __len__(self):
-        return len(self.ids)
+        return len(self.labels)
 
     def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
+        return {**{k: v[i] for k, v in self.inputs.items()}, "labels": self.labels[i]}

@@ -36,6 +36,16 @@ class Family:
     config_head_dim: bool = False  # the modeling code reads ``config.head_dim``, so fewer heads are expressible
     forward_reads_config_heads: bool = False  # attention reads ``config.num_attention_heads`` at run time (Phi-3)
     heads_refused: str | None = None  # why heads cannot be removed exactly (the rest of the sentence)
+    layers_config: str = "num_hidden_layers"  # config field holding the number of blocks
+    heads_config: str = "num_attention_heads"  # config field holding the number of query heads
+    # Encoder-decoder models: the entry above describes the encoder blocks; ``decoder`` describes the decoder blocks
+    # (its ``layers`` is their path from the backbone), whose cross-attention has the ``cross_*`` roles.
+    decoder: Family | None = None
+    cross_q: str | None = None
+    cross_k: str | None = None
+    cross_v: str | None = None
+    cross_o: str | None = None
+    cross_attention: str | None = None
 
 
 _BERT = Family(
@@ -64,6 +74,36 @@ _LLAMA = Family(
     config_head_dim=True,
 )
 
+_BART_ENCODER = Family(
+    layers="encoder.layers",
+    q="self_attn.q_proj",
+    k="self_attn.k_proj",
+    v="self_attn.v_proj",
+    o="self_attn.out_proj",
+    up="fc1",
+    down="fc2",
+    attention="self_attn",
+    head_dim="head_dim",
+    ffn_config="encoder_ffn_dim",
+    layers_config="encoder_layers",
+    heads_config="encoder_attention_heads",
+)
+_BART = dataclasses.replace(
+    _BART_ENCODER,
+    decoder=dataclasses.replace(
+        _BART_ENCODER,
+        layers="decoder.layers",
+        ffn_config="decoder_ffn_dim",
+        layers_config="decoder_layers",
+        heads_config="decoder_attention_heads",
+        causal_cache=True,
+        cross_q="encoder_attn.q_proj",
+        cross_k="encoder_attn.k_proj",
+        cross_v="encoder_attn.v_proj",
+        cross_o="encoder_attn.out_proj",
+        cross_attention="encoder_attn",
+    ),
+)
 _OLMO2 = dataclasses.replace(
     _LLAMA,
     heads_refused=(
@@ -113,6 +153,8 @@ FAMILIES: dict[str, Family] = {
         config_head_dim=True,
         forward_reads_config_heads=True,
     ),
+    "bart": _BART,
+    "whisper": _BART,  # the same block layout; the encoder reads log-mel `input_features`
     "gpt2": Family(
         layers="h",
         qkv="attn.c_attn",
@@ -162,16 +204,54 @@ def _get(root: nn.Module, path: str) -> nn.Module:
     return root
 
 
-def get_layers(model: nn.Module) -> nn.ModuleList:
-    """The ``nn.ModuleList`` of transformer blocks of ``model`` (any head, PEFT-wrapped or not)."""
+def stacks(model: nn.Module) -> list[tuple[Family, nn.ModuleList]]:
+    """``(family entry, blocks)`` of each stack: one for encoders / decoders, encoder then decoder otherwise."""
     family = get_family(model)
-    return _get(unwrap(model).base_model, family.layers)
+    backbone = unwrap(model).base_model
+    out = [(family, _get(backbone, family.layers))]
+    if family.decoder is not None:
+        out.append((family.decoder, _get(backbone, family.decoder.layers)))
+    return out
+
+
+def get_layers(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of ``model`` (any head, PEFT-wrapped or not), in the flat numbering.
+
+    Encoder-decoder models number the encoder blocks first, then the decoder blocks: decoder block ``j`` is
+    ``num_encoder_layers + j``. The list is then a new ``nn.ModuleList`` over both stacks (the blocks themselves, not
+    copies), to read and hook; remove blocks with ``surgery.drop_layers``.
+    """
+    found = stacks(model)
+    if len(found) == 1:
+        return found[0][1]
+    return nn.ModuleList([block for _, blocks in found for block in blocks])
+
+
+def num_encoder_layers(model: nn.Module) -> int | None:
+    """Number of encoder blocks of an encoder-decoder ``model`` (= first decoder block's flat index), or ``None``."""
+    found = stacks(model)
+    return len(found[0][1]) if len(found) == 2 else None
+
+
+def locate(model: nn.Module, layer: int) -> tuple[Family, nn.Module, int]:
+    """``(family entry, block, index within its stack)`` of flat block index ``layer``."""
+    for family, blocks in stacks(model):
+        if layer < len(blocks):
+            return family, blocks[layer], layer
+        layer -= len(blocks)
+    raise IndexError(f"`layer` {layer} is past the last block of the model.")
+
+
+def block_family(model: nn.Module, layer: int) -> Family:
+    """The :class:`Family` entry describing block ``layer`` (the decoder entry for decoder blocks)."""
+    return locate(model, layer)[0]
 
 
 def block_module(model: nn.Module, layer: int, role: str) -> nn.Module | None:
-    """The module playing ``role`` (``"q"``, ``"o"``, ``"up"``, ``"attention"`` ...) in block ``layer``."""
-    path = getattr(get_family(model), role)
-    return None if path is None else _get(get_layers(model)[layer], path)
+    """The module playing ``role`` (``"q"``, ``"o"``, ``"up"``, ``"cross_o"``...) of block ``layer``."""
+    family, block, _ = locate(model, layer)
+    path = getattr(family, role)
+    return None if path is None else _get(block, path)
 
 
 def _out_features(module: nn.Module, conv1d: bool) -> int:
@@ -182,24 +262,39 @@ def _in_features(module: nn.Module, conv1d: bool) -> int:
     return module.weight.shape[0] if conv1d else module.weight.shape[1]
 
 
-def head_dim(model: nn.Module, layer: int) -> int:
-    family = get_family(model)
-    return int(getattr(block_module(model, layer, "attention"), family.head_dim))
+def _role(role: str, cross: bool) -> str:
+    return f"cross_{role}" if cross else role
 
 
-def head_counts(model: nn.Module, layer: int) -> tuple[int, int]:
-    """``(num_query_heads, num_kv_heads)`` of block ``layer``, read from its current weight shapes."""
-    family = get_family(model)
-    dim = head_dim(model, layer)
-    q = _in_features(block_module(model, layer, "o"), family.conv1d) // dim
+def _check_cross(model: nn.Module, layer: int, cross: bool) -> Family:
+    family = block_family(model, layer)
+    if cross and family.cross_attention is None:
+        raise ValueError(
+            f"`cross_heads` names layer {layer}, which has no cross-attention; cross-attention lives in the decoder "
+            f"blocks, numbered from {num_encoder_layers(model)} on."
+        )
+    return family
+
+
+def head_dim(model: nn.Module, layer: int, cross: bool = False) -> int:
+    """Per-head width of the self- (or ``cross``-) attention of block ``layer``."""
+    family = _check_cross(model, layer, cross)
+    return int(getattr(block_module(model, layer, _role("attention", cross)), family.head_dim))
+
+
+def head_counts(model: nn.Module, layer: int, cross: bool = False) -> tuple[int, int]:
+    """``(num_query_heads, num_kv_heads)`` of block ``layer`` (its ``cross``-attention), read from weight shapes."""
+    family = _check_cross(model, layer, cross)
+    dim = head_dim(model, layer, cross)
+    q = _in_features(block_module(model, layer, _role("o", cross)), family.conv1d) // dim
     if family.qkv is not None:  # [q][k][v]: the k and v parts share what q leaves
         return q, (_out_features(block_module(model, layer, "qkv"), family.conv1d) // dim - q) // 2
-    return q, _out_features(block_module(model, layer, "k"), family.conv1d) // dim
+    return q, _out_features(block_module(model, layer, _role("k", cross)), family.conv1d) // dim
 
 
 def ffn_size(model: nn.Module, layer: int) -> int:
     """Number of FFN neurons of block ``layer``."""
-    family = get_family(model)
+    family = block_family(model, layer)
     size = _out_features(block_module(model, layer, "up"), family.conv1d)
     return size // 2 if family.fused_gate_up else size
 
@@ -223,18 +318,18 @@ def _units(heads: list[int], dim: int, offset: int = 0) -> torch.Tensor:
     return torch.cat([torch.arange(h * dim, (h + 1) * dim) for h in sorted(heads)]) + offset
 
 
-def kv_heads_for(model: nn.Module, layer: int, heads: list[int]) -> list[int]:
+def kv_heads_for(model: nn.Module, layer: int, heads: list[int], cross: bool = False) -> list[int]:
     """KV heads that go with removing query ``heads`` of block ``layer`` (all of them without GQA).
 
     Under grouped-query attention every KV group must keep either none or the same number of its query heads, so
     ``num_attention_heads`` stays a multiple of ``num_key_value_heads``: remove whole groups (their KV head goes too),
     the same number of query heads from every group (the KV heads stay), or both. Anything else is an error.
     """
-    refused = get_family(model).heads_refused
+    refused = _check_cross(model, layer, cross).heads_refused
     if refused is not None:
         model_type = unwrap(model).config.model_type
         raise ValueError(f"`heads` cannot be removed from a {model_type!r} model: {refused}.")
-    num_q, num_kv = head_counts(model, layer)
+    num_q, num_kv = head_counts(model, layer, cross)
     bad = [h for h in heads if not 0 <= h < num_q]
     if bad:
         raise ValueError(f"`heads[{layer}]` has head indices {bad} outside [0, {num_q}) for layer {layer}.")
@@ -252,30 +347,30 @@ def kv_heads_for(model: nn.Module, layer: int, heads: list[int]) -> list[int]:
     return [g for g, count in enumerate(kept) if count == 0]
 
 
-def head_slices(model: nn.Module, layer: int, heads: list[int]) -> list[Slice]:
+def head_slices(model: nn.Module, layer: int, heads: list[int], cross: bool = False) -> list[Slice]:
     """Every parameter slice that carries query ``heads`` of block ``layer`` (and their KV heads under GQA).
 
-    Zeroing these slices silences the heads; keeping only the complement removes them physically.
+    ``cross=True`` addresses the cross-attention of a decoder block instead of its self-attention. Zeroing these
+    slices silences the heads; keeping only the complement removes them physically.
     """
-    family = get_family(model)
-    dim = head_dim(model, layer)
-    kv = kv_heads_for(model, layer, heads)
-    o = block_module(model, layer, "o")
-    out = _cols(o, family.conv1d, _units(heads, dim))
+    family = _check_cross(model, layer, cross)
+    dim = head_dim(model, layer, cross)
+    kv = kv_heads_for(model, layer, heads, cross)
+    out = _cols(block_module(model, layer, _role("o", cross)), family.conv1d, _units(heads, dim))
     if family.qkv is not None:
         num_q, num_kv = head_counts(model, layer)
         q_width, kv_width = num_q * dim, num_kv * dim
         parts = [_units(heads, dim), _units(kv, dim, q_width), _units(kv, dim, q_width + kv_width)]
         return _rows(block_module(model, layer, "qkv"), family.conv1d, torch.cat(parts)) + out
-    out += _rows(block_module(model, layer, "q"), family.conv1d, _units(heads, dim))
+    out += _rows(block_module(model, layer, _role("q", cross)), family.conv1d, _units(heads, dim))
     for role in ("k", "v"):
-        out += _rows(block_module(model, layer, role), family.conv1d, _units(kv, dim))
+        out += _rows(block_module(model, layer, _role(role, cross)), family.conv1d, _units(kv, dim))
     return out
 
 
 def neuron_slices(model: nn.Module, layer: int, neurons: list[int]) -> list[Slice]:
     """Every parameter slice that carries FFN ``neurons`` of block ``layer`` (up/gate rows, down columns)."""
-    family = get_family(model)
+    family = block_family(model, layer)
     size = ffn_size(model, layer)
     bad = [n for n in neurons if not 0 <= n < size]
     if bad:

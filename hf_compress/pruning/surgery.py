@@ -23,6 +23,7 @@ from transformers.pytorch_utils import Conv1D
 
 from hf_compress.models.families import (
     Family,
+    block_family,
     block_module,
     ffn_size,
     get_family,
@@ -30,7 +31,10 @@ from hf_compress.models.families import (
     head_counts,
     head_dim,
     head_slices,
+    locate,
     neuron_slices,
+    num_encoder_layers,
+    stacks,
     unwrap,
 )
 
@@ -87,15 +91,15 @@ def _keep_complement(slices: list[tuple[nn.Module, str, int, torch.Tensor]]) -> 
             module.out_features, module.in_features = module.weight.shape
 
 
-def _sync_attention(model: nn.Module, layer: int) -> None:
-    heads, kv_heads = head_counts(model, layer)
-    width = heads * head_dim(model, layer)
+def _sync_attention(model: nn.Module, layer: int, cross: bool = False) -> None:
+    heads, kv_heads = head_counts(model, layer, cross)
+    width = heads * head_dim(model, layer, cross)
     values = {"heads": heads, "kv_heads": kv_heads, "groups": heads // kv_heads, "width": width}
-    attention = block_module(model, layer, "attention")
+    attention = block_module(model, layer, "cross_attention" if cross else "attention")
     for attribute, kind in _HEAD_ATTRIBUTES.items():
         if hasattr(attention, attribute):
             setattr(attention, attribute, values[kind])
-    if get_family(model).forward_reads_config_heads:
+    if block_family(model, layer).forward_reads_config_heads:
         # Phi-3 splits its fused q/k/v output at `config.num_attention_heads * head_dim`: give the module a config
         # of its own (a shallow copy; the model's config is what gets saved).
         attention.config = copy.copy(attention.config)
@@ -104,19 +108,34 @@ def _sync_attention(model: nn.Module, layer: int) -> None:
 
 
 def _ffn_container(model: nn.Module, layer: int) -> nn.Module:
-    path = get_family(model).up.rpartition(".")[0]
-    return get_layers(model)[layer].get_submodule(path)
+    family, block, _ = locate(model, layer)
+    return block.get_submodule(family.up.rpartition(".")[0])
 
 
 def layer_structure(model: nn.Module) -> list[dict[str, int]]:
-    """Per-layer ``{"num_heads", "num_kv_heads", "head_dim", "ffn"}`` of ``model``, read from its weight shapes."""
+    """Per-layer ``{"num_heads", "num_kv_heads", "head_dim", "ffn"}`` of ``model``, read from its weight shapes.
+
+    Decoder blocks of encoder-decoder models also have ``"num_cross_heads"``. Layers are in the flat numbering.
+    """
     model = unwrap(model)
     out = []
     for layer in range(len(get_layers(model))):
         heads, kv_heads = head_counts(model, layer)
         dim, ffn = head_dim(model, layer), ffn_size(model, layer)
-        out.append({"num_heads": heads, "num_kv_heads": kv_heads, "head_dim": dim, "ffn": ffn})
+        entry = {"num_heads": heads, "num_kv_heads": kv_heads, "head_dim": dim, "ffn": ffn}
+        if block_family(model, layer).cross_attention is not None:
+            entry["num_cross_heads"] = head_counts(model, layer, cross=True)[0]
+        out.append(entry)
     return out
+
+
+def _sides(model: nn.Module, layers: list[dict[str, int]]) -> list[tuple[Family, list[dict[str, int]]]]:
+    """Each stack's family entry with its part of the flat ``layers`` (one stack unless encoder-decoder)."""
+    split = num_encoder_layers(model)
+    if split is None:
+        return [(get_family(model), layers)]
+    family = get_family(model)
+    return [(family, layers[:split]), (family.decoder, layers[split:])]
 
 
 def _update_uniform_fields(config: Any, family: Family, layers: list[dict[str, int]]) -> None:
@@ -129,15 +148,15 @@ def _update_uniform_fields(config: Any, family: Family, layers: list[dict[str, i
 
 
 def _config_layer(config: Any, family: Family) -> dict[str, int | None]:
-    """The structure every layer gets when transformers builds the model from ``config``."""
-    heads = config.num_attention_heads
+    """The structure every layer of ``family``'s stack gets when transformers builds the model from ``config``."""
+    heads = getattr(config, family.heads_config)
     dim = getattr(config, "head_dim", None) if family.config_head_dim else None
-    return {
-        "num_heads": heads,
-        "num_kv_heads": getattr(config, "num_key_value_heads", None) or heads,
-        "head_dim": dim or config.hidden_size // heads,
-        "ffn": getattr(config, family.ffn_config),
-    }
+    kv = getattr(config, "num_key_value_heads", None) if family.heads_config == "num_attention_heads" else None
+    out = {"num_heads": heads, "num_kv_heads": kv or heads, "head_dim": dim or config.hidden_size // heads}
+    out["ffn"] = getattr(config, family.ffn_config)
+    if family.cross_attention is not None:
+        out["num_cross_heads"] = heads
+    return out
 
 
 def record_structure(model: nn.Module) -> list[dict[str, int]]:
@@ -149,12 +168,15 @@ def record_structure(model: nn.Module) -> list[dict[str, int]]:
     Called by every surgery function; call it yourself only after changing shapes by hand.
     """
     model = unwrap(model)
-    family, config = get_family(model), model.config
+    config = model.config
     layers = layer_structure(model)
-    _update_uniform_fields(config, family, layers)
+    differs = False
+    for family, part in _sides(model, layers):
+        _update_uniform_fields(config, family, part)
+        differs |= any(entry != _config_layer(config, family) for entry in part)
     record = dict(getattr(config, "hf_compress", None) or {})
     record.pop("layers", None)
-    if any(entry != _config_layer(config, family) for entry in layers):
+    if differs:
         record["layers"] = layers
     if record:
         config.hf_compress = record
@@ -163,7 +185,9 @@ def record_structure(model: nn.Module) -> list[dict[str, int]]:
     return layers
 
 
-def prune_heads(model: nn.Module, heads: dict[int, list[int]]) -> nn.Module:
+def prune_heads(
+    model: nn.Module, heads: dict[int, list[int]], cross_heads: dict[int, list[int]] | None = None
+) -> nn.Module:
     """Physically remove query heads (and, under grouped-query attention, their KV heads).
 
     The q/k/v rows (fused ``c_attn`` columns for GPT-2), biases and output-projection columns of each head are removed
@@ -176,6 +200,10 @@ def prune_heads(model: nn.Module, heads: dict[int, list[int]]) -> nn.Module:
     with a single KV head, such as Gemma 3 270M), or both. For example with 8 query heads over 2 KV heads,
     ``[0, 1, 2, 3]`` removes group 0, ``[3, 7]`` removes one query head per group, ``[0]`` alone is refused.
 
+    Encoder-decoder models use the flat numbering of `get_layers`: encoder blocks first, then decoder blocks (decoder
+    block `j` is `num_encoder_layers + j`; `hf_compress.models.describe(model)` prints it). `heads` prunes
+    self-attention heads; `cross_heads` prunes the cross-attention heads of decoder blocks.
+
     Removing *every* head of a layer is refused: the attention output would be just the output-projection bias, which
     no transformers config can express; remove the whole block with :func:`drop_layers` or keep one head (group).
     Arguments are validated for all layers before anything changes.
@@ -186,6 +214,8 @@ def prune_heads(model: nn.Module, heads: dict[int, list[int]]) -> nn.Module:
         heads (`dict[int, list[int]]`):
             Query-head indices to remove, per layer index (indices refer to the current heads of that layer; query
             head `h` belongs to KV group `h // (num_heads // num_kv_heads)`).
+        cross_heads (`dict[int, list[int]]`, *optional*):
+            Cross-attention head indices to remove, per decoder block (flat index) of an encoder-decoder model.
 
     Returns:
         The same `model`, modified in place.
@@ -196,19 +226,26 @@ def prune_heads(model: nn.Module, heads: dict[int, list[int]]) -> nn.Module:
     >>> model = prune_heads(model, {0: [0, 1], 3: [2]})  # doctest: +SKIP
     """
     inner = unwrap(model)
-    plan = _index_dict("heads", heads, len(get_layers(inner)))
-    slices = {}
-    for layer, indices in plan.items():
-        num_heads, _ = head_counts(inner, layer)
-        slices[layer] = head_slices(inner, layer, indices)  # validates range and GQA groups
-        if len(indices) == num_heads:
-            raise ValueError(
-                f"`heads[{layer}]` removes all {num_heads} heads of layer {layer}; keep at least one head (one KV "
-                f"group under grouped-query attention) or remove the block with `drop_layers(model, [{layer}])`."
-            )
-    _keep_complement([s for layer_slices in slices.values() for s in layer_slices])
-    for layer in slices:
-        _sync_attention(inner, layer)
+    num_layers = len(get_layers(inner))
+    plans = {False: _index_dict("heads", heads, num_layers)}
+    if cross_heads is not None:
+        plans[True] = _index_dict("cross_heads", cross_heads, num_layers)
+    slices = []
+    for cross, plan in plans.items():
+        for layer, indices in plan.items():
+            slices += head_slices(inner, layer, indices, cross)  # validates range, GQA groups, cross-attention
+            num_heads, _ = head_counts(inner, layer, cross)
+            if len(indices) == num_heads:
+                name = "cross_heads" if cross else "heads"
+                raise ValueError(
+                    f"`{name}[{layer}]` removes all {num_heads} heads of layer {layer}; keep at least one head (one "
+                    "KV group under grouped-query attention) or remove the block with "
+                    f"`drop_layers(model, [{layer}])`."
+                )
+    _keep_complement(slices)
+    for cross, plan in plans.items():
+        for layer in plan:
+            _sync_attention(inner, layer, cross)
     record_structure(inner)
     return model
 
@@ -267,8 +304,7 @@ def drop_layers(model: nn.Module, layers: list[int]) -> nn.Module:
     >>> model = drop_layers(model, [5, 6])  # doctest: +SKIP
     """
     inner = unwrap(model)
-    blocks = get_layers(inner)
-    num_layers = len(blocks)
+    num_layers = len(get_layers(inner))
     if isinstance(layers, int) or not all(isinstance(i, int) for i in layers):
         raise TypeError(f"`layers` must be a list of layer indices, got {layers!r}.")
     drop = sorted(set(layers))
@@ -284,18 +320,30 @@ def drop_layers(model: nn.Module, layers: list[int]) -> nn.Module:
             "`layers` cannot be dropped from a model with `scale_attn_by_inverse_layer_idx=True`, whose attention "
             "scale depends on the layer index; disable it or keep all layers."
         )
-    keep = [i for i in range(num_layers) if i not in drop]
-    for index in reversed(drop):
-        del blocks[index]
-    for new_index, block in enumerate(blocks):
-        for module in block.modules():
-            if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = new_index
-    config.num_hidden_layers = len(keep)
-    for name in _PER_LAYER_CONFIG:
-        values = getattr(config, name, None)
-        if isinstance(values, list) and len(values) == num_layers:
-            setattr(config, name, [values[i] for i in keep])
+    split = num_encoder_layers(inner)
+    if split is not None and (set(range(split)) <= set(drop) or set(range(split, num_layers)) <= set(drop)):
+        raise ValueError(
+            f"`layers` {list(layers)} removes every block of the encoder (blocks 0-{split - 1}) or of the decoder "
+            f"(blocks {split}-{num_layers - 1}); keep at least one block in each stack."
+        )
+    start = 0
+    for family, stack in stacks(inner):
+        size = len(stack)
+        local = [i - start for i in drop if start <= i < start + size]
+        for index in reversed(local):
+            del stack[index]
+        for new_index, block in enumerate(stack):
+            for module in block.modules():
+                if isinstance(getattr(module, "layer_idx", None), int):
+                    module.layer_idx = new_index
+        setattr(config, family.layers_config, len(stack))
+        if split is None:
+            keep = [i for i in range(size) if i not in local]
+            for name in _PER_LAYER_CONFIG:
+                values = getattr(config, name, None)
+                if isinstance(values, list) and len(values) == size:
+                    setattr(config, name, [values[i] for i in keep])
+        start += size
     record_structure(inner)
     return model
 
