@@ -18,6 +18,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 from torch import nn
+from transformers.modeling_utils import revert_weight_conversion
 
 from hf_compress.models.families import get_family, unwrap
 from hf_compress.pruning.surgery import layer_structure, prune_ffn_neurons, prune_heads, record_structure
@@ -176,7 +177,22 @@ def from_pretrained(path: str | os.PathLike, trust_remote_code: bool = False, **
     return model.eval()
 
 
+def _file_to_model_keys(model: nn.Module) -> dict[str, str]:
+    """Checkpoint key -> parameter name, where ``save_pretrained`` writes legacy names (ViT, DeiT in transformers 5).
+
+    The names ``save_pretrained`` would write come from transformers' own reverse conversion of the model's state
+    dict; renamed tensors are the same objects, which pairs the two names.
+    """
+    state = model.state_dict()
+    names = {id(tensor): name for name, tensor in state.items()}
+    reverted = revert_weight_conversion(model, dict(state))
+    pairs = ((key, names.get(id(tensor))) for key, tensor in reverted.items())
+    return {key: name for key, name in pairs if name is not None and name != key}
+
+
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    renamed = _file_to_model_keys(model)
+    state = {renamed.get(key, key): tensor for key, tensor in state.items()}
     expected = model.state_dict()
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     missing = [k for k in expected if k not in state and k not in tied]

@@ -29,7 +29,8 @@ EVERY_ENCODER = [*ENCODERS, "xlm-roberta", "camembert", "electra"]
 EVERY_DECODER = [*DECODERS, "gemma", "gemma2", "gemma3_text", "granite", "smollm3", "phi3", "olmo2"]
 # Encoder-decoder families: 2 encoder + 2 decoder blocks, numbered 0-1 (encoder) and 2-3 (decoder).
 ENCODER_DECODERS = ["bart", "whisper"]
-EVERY_FAMILY = [*EVERY_ENCODER, *EVERY_DECODER, *ENCODER_DECODERS]
+VISION = ["vit", "deit"]  # image classification on 8x8 pixels, 4x4 patches
+EVERY_FAMILY = [*EVERY_ENCODER, *EVERY_DECODER, *ENCODER_DECODERS, *VISION]
 _BERT_LIKE = {
     "bert": transformers.BertConfig,
     "roberta": transformers.RobertaConfig,
@@ -87,6 +88,21 @@ def tiny_config(family: str, **overrides) -> transformers.PretrainedConfig:
         if family == "electra":
             kw.update(embedding_size=8)  # ELECTRA projects smaller embeddings up to the hidden size
         cfg = _BERT_LIKE[family](**{**common, **kw})
+    elif family in VISION:
+        cls = transformers.ViTConfig if family == "vit" else transformers.DeiTConfig
+        cfg = cls(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            image_size=8,
+            patch_size=4,
+            num_labels=3,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+        if family == "deit":  # the Auto mapping holds two DeiT classifiers: name the plain one
+            cfg.architectures = ["DeiTForImageClassification"]
     elif family in ENCODER_DECODERS:
         kw = dict(
             d_model=16,
@@ -154,6 +170,7 @@ HEADS = {
     "base": transformers.AutoModel,
     "seq2seq_lm": transformers.AutoModelForSeq2SeqLM,
     "speech_seq2seq": transformers.AutoModelForSpeechSeq2Seq,
+    "image_cls": transformers.AutoModelForImageClassification,
     "seq_cls": transformers.AutoModelForSequenceClassification,
     "token_cls": transformers.AutoModelForTokenClassification,
     "qa": transformers.AutoModelForQuestionAnswering,
@@ -273,14 +290,18 @@ def every_family(request) -> str:
 
 
 def lm_head(family: str) -> str:
-    """The LM task head of ``family``: causal LM for decoders, masked LM (tied weights) for encoders, seq2seq LM."""
+    """The task head tested for ``family``: causal / masked (tied weights) / seq2seq LM, image classification."""
     if family in ENCODER_DECODERS:
         return "speech_seq2seq" if family == "whisper" else "seq2seq_lm"
+    if family in VISION:
+        return "image_cls"
     return "masked_lm" if family in EVERY_ENCODER else "causal_lm"
 
 
 def family_inputs(family: str, batch: int = 2, seq: int = 8, seed: int = 1) -> dict[str, torch.Tensor]:
     """:func:`tiny_inputs` as ``family`` reads them: decoder ids for encoder-decoders, log-mel frames for Whisper."""
+    if family in VISION:
+        return {"pixel_values": torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(seed))}
     inputs = tiny_inputs(batch, seq, seed)
     if family in ENCODER_DECODERS:
         inputs["decoder_input_ids"] = inputs["input_ids"].flip(1)
@@ -298,7 +319,7 @@ class TokenDataset(torch.utils.data.Dataset):
         self.inputs = family_inputs(family, batch=n, seq=seq, seed=0)
         self.labels = self.inputs.pop("decoder_input_ids", None)
         if self.labels is None:
-            self.labels = self.inputs["input_ids"]
+            self.labels = self.inputs["input_ids"] if family not in VISION else torch.arange(n) % 3
 
     def __len__(self):
         return len(self.labels)

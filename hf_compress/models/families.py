@@ -104,6 +104,18 @@ _BART = dataclasses.replace(
         cross_attention="encoder_attn",
     ),
 )
+_VIT = Family(
+    layers="layers",
+    q="attention.q_proj",
+    k="attention.k_proj",
+    v="attention.v_proj",
+    o="attention.o_proj",
+    up="mlp.fc1",
+    down="mlp.fc2",
+    attention="attention",
+    head_dim="head_dim",
+    config_head_dim=True,
+)
 _OLMO2 = dataclasses.replace(
     _LLAMA,
     heads_refused=(
@@ -155,6 +167,8 @@ FAMILIES: dict[str, Family] = {
     ),
     "bart": _BART,
     "whisper": _BART,  # the same block layout; the encoder reads log-mel `input_features`
+    "vit": _VIT,
+    "deit": _VIT,
     "gpt2": Family(
         layers="h",
         qkv="attn.c_attn",
