@@ -25,7 +25,7 @@ FAMILIES = ["bert", "roberta", "distilbert", "llama", "mistral", "qwen2", "qwen3
 ENCODERS = ["bert", "roberta", "distilbert"]
 DECODERS = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
 # Every family hf_compress supports, for the one parametrised per-family suite (tests/models/test_every_family.py).
-EVERY_ENCODER = [*ENCODERS, "xlm-roberta", "camembert", "electra"]
+EVERY_ENCODER = [*ENCODERS, "xlm-roberta", "camembert", "electra", "modernbert", "deberta-v2"]
 EVERY_DECODER = [*DECODERS, "gemma", "gemma2", "gemma3_text", "granite", "smollm3", "phi3", "olmo2"]
 # Encoder-decoder families: 2 encoder + 2 decoder blocks, numbered 0-1 (encoder) and 2-3 (decoder).
 ENCODER_DECODERS = ["bart", "whisper"]
@@ -88,6 +88,38 @@ def tiny_config(family: str, **overrides) -> transformers.PretrainedConfig:
         if family == "electra":
             kw.update(embedding_size=8)  # ELECTRA projects smaller embeddings up to the hidden size
         cfg = _BERT_LIKE[family](**{**common, **kw})
+    elif family == "deberta-v2":  # DeBERTa-v3 style: relative attention, shared q/k projections of positions
+        cfg = transformers.DebertaV2Config(
+            **common,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            relative_attention=True,
+            pos_att_type=["p2c", "c2p"],
+            share_att_key=True,
+            position_buckets=8,
+            max_relative_positions=16,
+            norm_rel_ebd="layer_norm",
+            position_biased_input=False,
+        )
+    elif family == "modernbert":  # global attention every 2nd layer, sliding (window 4) in between
+        cfg = transformers.ModernBertConfig(
+            **{**common, "pad_token_id": 0},
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            global_attn_every_n_layers=2,
+            local_attention=4,
+            bos_token_id=1,
+            eos_token_id=2,
+            cls_token_id=1,
+            sep_token_id=2,
+        )
     elif family in VISION:
         cls = transformers.ViTConfig if family == "vit" else transformers.DeiTConfig
         cfg = cls(

@@ -33,9 +33,12 @@ class Family:
     ffn_config: str = "intermediate_size"  # config field holding the FFN width
     conv1d: bool = False  # weights stored as [in, out] (transformers ``Conv1D``)
     causal_cache: bool = False  # blocks carry a ``layer_idx`` used by the KV cache
-    config_head_dim: bool = False  # the modeling code reads ``config.head_dim``, so fewer heads are expressible
+    # Config field the modeling code reads the head width from (``head_dim``), sizing every projection with it, so that
+    # fewer heads with the same width are expressible; ``None`` when the width is ``hidden_size / num_heads``.
+    config_head_dim: str | None = None
     forward_reads_config_heads: bool = False  # attention reads ``config.num_attention_heads`` at run time (Phi-3)
     heads_refused: str | None = None  # why heads cannot be removed exactly (the rest of the sentence)
+    head_rows: tuple[str, ...] = ()  # more projections with one row block per query head, when present (DeBERTa)
     layers_config: str = "num_hidden_layers"  # config field holding the number of blocks
     heads_config: str = "num_attention_heads"  # config field holding the number of query heads
     # Encoder-decoder models: the entry above describes the encoder blocks; ``decoder`` describes the decoder blocks
@@ -71,7 +74,7 @@ _LLAMA = Family(
     attention="self_attn",
     head_dim="head_dim",
     causal_cache=True,
-    config_head_dim=True,
+    config_head_dim="head_dim",
 )
 
 _BART_ENCODER = Family(
@@ -104,6 +107,17 @@ _BART = dataclasses.replace(
         cross_attention="encoder_attn",
     ),
 )
+_DEBERTA = dataclasses.replace(
+    _BERT,
+    q="attention.self.query_proj",
+    k="attention.self.key_proj",
+    v="attention.self.value_proj",
+    # Relative-position projections of the shared position embeddings (without `share_att_key`; with it, the
+    # query / key projections project them too, so their rows already carry each head).
+    head_rows=("attention.self.pos_key_proj", "attention.self.pos_query_proj"),
+    # No `config_head_dim`: the config's `attention_head_size` sizes q/k/v, but the output projection is built
+    # hidden_size x hidden_size, so fewer heads are never plainly expressible.
+)
 _VIT = Family(
     layers="layers",
     q="attention.q_proj",
@@ -114,7 +128,7 @@ _VIT = Family(
     down="mlp.fc2",
     attention="attention",
     head_dim="head_dim",
-    config_head_dim=True,
+    config_head_dim="head_dim",
 )
 _OLMO2 = dataclasses.replace(
     _LLAMA,
@@ -162,12 +176,23 @@ FAMILIES: dict[str, Family] = {
         attention="self_attn",
         head_dim="head_dim",
         causal_cache=True,
-        config_head_dim=True,
+        config_head_dim="head_dim",
         forward_reads_config_heads=True,
     ),
     "bart": _BART,
     "whisper": _BART,  # the same block layout; the encoder reads log-mel `input_features`
     "vit": _VIT,
+    "deberta-v2": _DEBERTA,
+    "modernbert": Family(
+        layers="layers",
+        qkv="attn.Wqkv",  # [3][heads][head_dim]
+        o="attn.Wo",
+        up="mlp.Wi",  # GLU: [input neurons][gate neurons]
+        fused_gate_up=True,
+        down="mlp.Wo",
+        attention="attn",
+        head_dim="head_dim",
+    ),
     "deit": _VIT,
     "gpt2": Family(
         layers="h",
@@ -210,6 +235,14 @@ def get_family(model: nn.Module) -> Family:
             f"supported families: {', '.join(sorted(FAMILIES))}."
         )
     return FAMILIES[model_type]
+
+
+def _has(root: nn.Module, path: str) -> bool:
+    try:
+        _get(root, path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _get(root: nn.Module, path: str) -> nn.Module:
@@ -377,6 +410,11 @@ def head_slices(model: nn.Module, layer: int, heads: list[int], cross: bool = Fa
         parts = [_units(heads, dim), _units(kv, dim, q_width), _units(kv, dim, q_width + kv_width)]
         return _rows(block_module(model, layer, "qkv"), family.conv1d, torch.cat(parts)) + out
     out += _rows(block_module(model, layer, _role("q", cross)), family.conv1d, _units(heads, dim))
+    if not cross:
+        block = locate(model, layer)[1]
+        for path in family.head_rows:
+            if _has(block, path):
+                out += _rows(_get(block, path), family.conv1d, _units(heads, dim))
     for role in ("k", "v"):
         out += _rows(block_module(model, layer, _role(role, cross)), family.conv1d, _units(kv, dim))
     return out

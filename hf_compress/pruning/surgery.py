@@ -144,13 +144,16 @@ def _update_uniform_fields(config: Any, family: Family, layers: list[dict[str, i
         setattr(config, family.ffn_config, ffn.pop())
     heads = {(entry["num_heads"], entry["num_kv_heads"], entry["head_dim"]) for entry in layers}
     if len(heads) == 1 and family.config_head_dim:
-        config.num_attention_heads, config.num_key_value_heads, config.head_dim = heads.pop()
+        config.num_attention_heads, kv_heads, dim = heads.pop()
+        setattr(config, family.config_head_dim, dim)
+        if hasattr(config, "num_key_value_heads"):  # GQA configs (ViT / DeBERTa have none)
+            config.num_key_value_heads = kv_heads
 
 
 def _config_layer(config: Any, family: Family) -> dict[str, int | None]:
     """The structure every layer of ``family``'s stack gets when transformers builds the model from ``config``."""
     heads = getattr(config, family.heads_config)
-    dim = getattr(config, "head_dim", None) if family.config_head_dim else None
+    dim = getattr(config, family.config_head_dim, None) if family.config_head_dim else None
     kv = getattr(config, "num_key_value_heads", None) if family.heads_config == "num_attention_heads" else None
     out = {"num_heads": heads, "num_kv_heads": kv or heads, "head_dim": dim or config.hidden_size // heads}
     out["ffn"] = getattr(config, family.ffn_config)

@@ -125,7 +125,7 @@ def test_save_and_reload_give_identical_logits(every_family, uniform, tmp_path):
     save_pretrained(model, tmp_path)
     torch.testing.assert_close(_logits(from_pretrained(tmp_path)), _logits(model), atol=0, rtol=0)
     recorded = json.loads((tmp_path / "config.json").read_text()).get("hf_compress", {})
-    plain = uniform and (refused or get_family(model).config_head_dim)
+    plain = uniform and (refused or get_family(model).config_head_dim is not None)
     assert ("layers" not in recorded) == plain  # expressible shapes are written to the config fields instead
     if plain:
         reloaded = HEADS[lm_head(every_family)].from_pretrained(tmp_path)
@@ -221,3 +221,31 @@ def test_cross_attention_heads_have_their_own_option(family, tmp_path):
         prune_heads(model, {}, cross_heads={0: [0]})
     save_pretrained(model, tmp_path)
     torch.testing.assert_close(_logits(from_pretrained(tmp_path)), _logits(model), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "smollm3", "modernbert"])
+def test_dropping_the_first_block_keeps_each_kept_blocks_attention_kind(family):
+    """Sliding / full (and SmolLM3's NoPE) layers are per block: the kept blocks keep theirs after renumbering."""
+    model = tiny_model(family, lm_head(family))
+    before = {name: list(getattr(model.config, name, None) or []) for name in ("layer_types", "no_rope_layers")}
+    reference = copy.deepcopy(model)
+    handles = skip_layers(reference, torch.tensor([False, True, True, True]))
+    expected = _logits(reference)
+    for handle in handles:
+        handle.remove()
+    drop_layers(model, [0])
+    assert model.config.layer_types == before["layer_types"][1:]
+    if family == "smollm3":
+        assert model.config.no_rope_layers == before["no_rope_layers"][1:]
+    torch.testing.assert_close(_logits(model), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_deberta_relative_position_projections_follow_their_heads():
+    """Without `share_att_key`, DeBERTa's pos_key_proj / pos_query_proj carry per-head rows that go with the head."""
+    overrides = dict(share_att_key=False)
+    model, reference = (tiny_model("deberta-v2", "masked_lm", **overrides) for _ in range(2))
+    for layer, heads in HEADS_PLAN.items():
+        zero_slices(_head_columns(reference, layer, heads))
+    prune_heads(model, HEADS_PLAN)
+    torch.testing.assert_close(_logits(model), _logits(reference), atol=1e-5, rtol=1e-5)
+    assert block_module(model, 1, "attention").pos_key_proj.out_features == 2 * head_dim(model, 1)
