@@ -25,7 +25,7 @@ FAMILIES = ["bert", "roberta", "distilbert", "llama", "mistral", "qwen2", "qwen3
 ENCODERS = ["bert", "roberta", "distilbert"]
 DECODERS = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
 # Every family hf_compress supports, for the one parametrised per-family suite (tests/models/test_every_family.py).
-EVERY_ENCODER = [*ENCODERS, "xlm-roberta", "camembert", "electra", "modernbert", "deberta-v2"]
+EVERY_ENCODER = [*ENCODERS, "xlm-roberta", "camembert", "electra", "modernbert", "deberta-v2", "mpnet"]
 EVERY_DECODER = [*DECODERS, "gemma", "gemma2", "gemma3_text", "granite", "smollm3", "phi3", "olmo2"]
 # Encoder-decoder families: 2 encoder + 2 decoder blocks, numbered 0-1 (encoder) and 2-3 (decoder).
 ENCODER_DECODERS = ["bart", "whisper"]
@@ -37,6 +37,7 @@ _BERT_LIKE = {
     "xlm-roberta": transformers.XLMRobertaConfig,
     "camembert": transformers.CamembertConfig,
     "electra": transformers.ElectraConfig,
+    "mpnet": transformers.MPNetConfig,
 }
 _LLAMA_LIKE = {
     "llama": transformers.LlamaConfig,

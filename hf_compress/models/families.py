@@ -183,6 +183,19 @@ FAMILIES: dict[str, Family] = {
     "whisper": _BART,  # the same block layout; the encoder reads log-mel `input_features`
     "vit": _VIT,
     "deberta-v2": _DEBERTA,
+    "mpnet": dataclasses.replace(
+        _BERT,
+        q="attention.attn.q",
+        k="attention.attn.k",
+        v="attention.attn.v",
+        o="attention.attn.o",
+        attention="attention.attn",
+        heads_refused=(
+            "its encoder computes one relative position bias for all heads and adds it in every layer, so a layer "
+            "with fewer heads would need its own bias columns, which the stock module cannot select; prune "
+            "`ffn_neurons` or `layers` instead"
+        ),
+    ),
     "modernbert": Family(
         layers="layers",
         qkv="attn.Wqkv",  # [3][heads][head_dim]
@@ -225,10 +238,24 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+# Model types refused on purpose, with the reason (the rest of the error sentence).
+REFUSED: dict[str, str] = {
+    "albert": (
+        "ALBERT shares one set of block weights across all its layers (`albert_layer_groups`), so there are no "
+        "per-layer heads, neurons or blocks to remove; for a shallower student lower `config.num_hidden_layers` "
+        "(the shared block then runs fewer times)"
+    ),
+}
+
+
 def get_family(model: nn.Module) -> Family:
     """The :class:`Family` of ``model``, or a one-sentence error listing the supported ones."""
     config = getattr(unwrap(model), "config", None)
     model_type = getattr(config, "model_type", None)
+    if model_type in REFUSED:
+        raise ValueError(
+            f"`model` has model_type {model_type!r}, which hf_compress cannot prune or slice: {REFUSED[model_type]}."
+        )
     if model_type not in FAMILIES:
         raise ValueError(
             f"`model` has model_type {model_type!r}, which hf_compress cannot prune or slice; "

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from transformers import Trainer
 
 from hf_compress.distillation.config import DistillationConfig
@@ -61,7 +62,7 @@ def _heads_refused(family):
 def test_prune_heads_equals_zeroed_output_projection_columns(every_family):
     model, reference = tiny_model(every_family, lm_head(every_family)), tiny_model(every_family, lm_head(every_family))
     if _heads_refused(every_family):
-        with pytest.raises(ValueError, match="q_norm"):
+        with pytest.raises(ValueError, match="`heads` cannot be removed from a .* model: its"):
             prune_heads(model, HEADS_PLAN)
         return
     for layer, heads in HEADS_PLAN.items():
@@ -249,3 +250,16 @@ def test_deberta_relative_position_projections_follow_their_heads():
     prune_heads(model, HEADS_PLAN)
     torch.testing.assert_close(_logits(model), _logits(reference), atol=1e-5, rtol=1e-5)
     assert block_module(model, 1, "attention").pos_key_proj.out_features == 2 * head_dim(model, 1)
+
+
+def test_olmo2_head_refusal_names_the_norms():
+    with pytest.raises(ValueError, match="`q_norm` / `k_norm` RMSNorm normalise over all heads together"):
+        prune_heads(tiny_model("olmo2"), {0: [0, 1]})
+
+
+def test_albert_is_refused_with_the_reason():
+    config = transformers.AlbertConfig(
+        vocab_size=64, embedding_size=8, hidden_size=16, num_attention_heads=4, intermediate_size=32
+    )
+    with pytest.raises(ValueError, match="shares one set of block weights across all its layers"):
+        make_student(transformers.AlbertModel(config), num_layers=1)
