@@ -218,6 +218,9 @@ FAMILIES: dict[str, Family] = {
     ),
 }
 
+# Config lists with one entry per block (attention kind, SmolLM3's NoPE layers), kept in step by `drop_layers`.
+PER_LAYER_CONFIG = ("layer_types", "no_rope_layers")
+
 # Model types refused on purpose, with the reason (the rest of the error sentence).
 REFUSED: dict[str, str] = {
     "albert": (

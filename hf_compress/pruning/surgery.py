@@ -37,6 +37,7 @@ from hf_compress.models.families import (
     stacks,
     unwrap,
 )
+from hf_compress.models.table import PER_LAYER_CONFIG
 
 # Runtime attributes of the attention modules (BERT, DistilBERT, GPT-2, Llama family) and what they hold.
 _HEAD_ATTRIBUTES: dict[str, str] = {
@@ -48,10 +49,6 @@ _HEAD_ATTRIBUTES: dict[str, str] = {
     "all_head_size": "width",  # BERT / RoBERTa
     "split_size": "width",  # GPT-2 (splits the fused q/k/v output)
 }
-
-
-# Config lists with one entry per block (attention kind, SmolLM3's NoPE layers), kept in step by `drop_layers`.
-_PER_LAYER_CONFIG = ("layer_types", "no_rope_layers")
 
 
 def _index_dict(name: str, value: Any, num_layers: int) -> dict[int, list[int]]:
@@ -342,7 +339,7 @@ def drop_layers(model: nn.Module, layers: list[int]) -> nn.Module:
         setattr(config, family.layers_config, len(stack))
         if split is None:
             keep = [i for i in range(size) if i not in local]
-            for name in _PER_LAYER_CONFIG:
+            for name in PER_LAYER_CONFIG:
                 values = getattr(config, name, None)
                 if isinstance(values, list) and len(values) == size:
                     setattr(config, name, [values[i] for i in keep])
