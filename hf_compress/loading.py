@@ -127,6 +127,9 @@ def from_pretrained(path: str | os.PathLike, trust_remote_code: bool = False, **
     Int8 folders (:func:`hf_compress.quantization.quantize_int8`) are rebuilt with their quantised modules, on top of
     the recorded per-layer shapes when the model was also structurally pruned.
 
+    Checkpoints pruned with transformers 4.x ``prune_heads`` (a ``config.pruned_heads`` entry, which transformers 5
+    ignores) are rebuilt with those heads removed, so models pruned before the move to v5 keep loading.
+
     Folders whose config has no recorded structure (never pruned, or pruned without surgery) are handed to
     transformers' ``from_pretrained`` of the class in ``config.architectures``. Otherwise the model is built from its
     config, each layer is sliced to the recorded shape and the safetensors weights are loaded strictly: a missing,
@@ -160,7 +163,8 @@ def from_pretrained(path: str | os.PathLike, trust_remote_code: bool = False, **
             skeleton = (cls.from_config if cls.__name__.startswith("Auto") else cls._from_config)(config)
             _slice_to(skeleton, recorded)
         return load_quantized(path, model=skeleton, **{k: v for k, v in kwargs.items() if k == "compute"})
-    if recorded is None:
+    legacy = _legacy_pruned_heads(config) if recorded is None else None
+    if recorded is None and legacy is None:
         if trust_remote_code:
             kwargs["trust_remote_code"] = True
         return cls.from_pretrained(path, **kwargs)
@@ -172,9 +176,29 @@ def from_pretrained(path: str | os.PathLike, trust_remote_code: bool = False, **
     build = cls.from_config if cls.__name__.startswith("Auto") else cls._from_config
     model = build(config, **kwargs)
     get_family(model)  # recorded structure is only written for supported families
-    _slice_to(model, recorded)
+    if legacy is not None:
+        prune_heads(model, legacy)  # a fresh model: the current head indices are the original ones
+    else:
+        _slice_to(model, recorded)
     _load_strict(model, _read_state_dict(path), path)
     return model.eval()
+
+
+def _legacy_pruned_heads(config: transformers.PretrainedConfig) -> dict[int, list[int]] | None:
+    """The ``pruned_heads`` that transformers 4.x ``prune_heads`` wrote to ``config.json`` (``None`` when empty).
+
+    transformers 5 no longer reads it, so such a checkpoint has fewer heads than its config builds; the heads are
+    original indices per layer, removed here from a freshly built model before the weights are loaded. The field is
+    dropped from the config: the loaded model records its structure in ``config.hf_compress`` instead.
+    """
+    pruned = getattr(config, "pruned_heads", None)
+    if hasattr(config, "pruned_heads"):
+        delattr(config, "pruned_heads")
+    if not pruned:
+        return None
+    if not isinstance(pruned, dict):
+        raise ValueError(f"`config.pruned_heads` must map layer indices to head lists, got {pruned!r}.")
+    return {int(layer): sorted(int(h) for h in heads) for layer, heads in pruned.items() if heads}
 
 
 def _file_to_model_keys(model: nn.Module) -> dict[str, str]:
