@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hf_compress.models.discovery import discover
 from hf_compress.models.table import FAMILIES, REFUSED, Family  # the table is also read through this module
 
 # A slice of structure: (module, parameter name, dimension, indices along that dimension).
@@ -33,19 +34,25 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def get_family(model: nn.Module) -> Family:
-    """The :class:`Family` of ``model``, or a one-sentence error listing the supported ones."""
+    """The :class:`Family` of ``model``: its table entry, else its discovered and verified structure.
+
+    A model type missing from the table is handled when its blocks follow a common layout (see
+    :mod:`hf_compress.models.discovery`); otherwise the one-sentence error lists the supported families and names what
+    was not found.
+    """
     config = getattr(unwrap(model), "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type in REFUSED:
         raise ValueError(
             f"`model` has model_type {model_type!r}, which hf_compress cannot prune or slice: {REFUSED[model_type]}."
         )
-    if model_type not in FAMILIES:
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    if config is None:
         raise ValueError(
-            f"`model` has model_type {model_type!r}, which hf_compress cannot prune or slice; "
-            f"supported families: {', '.join(sorted(FAMILIES))}."
+            f"`model` is a {type(model).__name__} without a transformers config; hf_compress cannot slice it."
         )
-    return FAMILIES[model_type]
+    return discover(unwrap(model))  # verified on copies, or a one-sentence error naming what was not found
 
 
 def _has(root: nn.Module, path: str) -> bool:

@@ -218,6 +218,17 @@ FAMILIES: dict[str, Family] = {
     ),
 }
 
+# Runtime attributes of the attention modules (BERT, DistilBERT, GPT-2, Llama family) and what they hold.
+HEAD_ATTRIBUTES: dict[str, str] = {
+    "num_attention_heads": "heads",  # BERT / RoBERTa
+    "n_heads": "heads",  # DistilBERT
+    "num_heads": "heads",  # GPT-2
+    "num_key_value_heads": "kv_heads",
+    "num_key_value_groups": "groups",  # Llama family (GQA repeat factor)
+    "all_head_size": "width",  # BERT / RoBERTa
+    "split_size": "width",  # GPT-2 (splits the fused q/k/v output)
+}
+
 # Config lists with one entry per block (attention kind, SmolLM3's NoPE layers), kept in step by `drop_layers`.
 PER_LAYER_CONFIG = ("layer_types", "no_rope_layers")
 

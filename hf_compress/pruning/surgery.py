@@ -37,18 +37,7 @@ from hf_compress.models.families import (
     stacks,
     unwrap,
 )
-from hf_compress.models.table import PER_LAYER_CONFIG
-
-# Runtime attributes of the attention modules (BERT, DistilBERT, GPT-2, Llama family) and what they hold.
-_HEAD_ATTRIBUTES: dict[str, str] = {
-    "num_attention_heads": "heads",  # BERT / RoBERTa
-    "n_heads": "heads",  # DistilBERT
-    "num_heads": "heads",  # GPT-2
-    "num_key_value_heads": "kv_heads",
-    "num_key_value_groups": "groups",  # Llama family (GQA repeat factor)
-    "all_head_size": "width",  # BERT / RoBERTa
-    "split_size": "width",  # GPT-2 (splits the fused q/k/v output)
-}
+from hf_compress.models.table import HEAD_ATTRIBUTES, PER_LAYER_CONFIG
 
 
 def _index_dict(name: str, value: Any, num_layers: int) -> dict[int, list[int]]:
@@ -93,7 +82,7 @@ def _sync_attention(model: nn.Module, layer: int, cross: bool = False) -> None:
     width = heads * head_dim(model, layer, cross)
     values = {"heads": heads, "kv_heads": kv_heads, "groups": heads // kv_heads, "width": width}
     attention = block_module(model, layer, "cross_attention" if cross else "attention")
-    for attribute, kind in _HEAD_ATTRIBUTES.items():
+    for attribute, kind in HEAD_ATTRIBUTES.items():
         if hasattr(attention, attribute):
             setattr(attention, attribute, values[kind])
     if block_family(model, layer).forward_reads_config_heads:
