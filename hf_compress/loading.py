@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import PrefixChange, convert_and_load_state_dict_in_model
-from transformers.modeling_utils import LoadStateDictConfig
+from transformers.modeling_utils import LoadStateDictConfig, revert_weight_conversion
 
 from hf_compress.models.families import get_family, unwrap
 from hf_compress.models.hub_ids import hub_id
@@ -122,24 +122,30 @@ def _slice_to(model: nn.Module, recorded: list[dict[str, int]]) -> None:
             f"`config.hf_compress` records {len(recorded)} layers but `num_hidden_layers` builds {len(built)}; "
             "the config.json was edited by hand."
         )
-    heads, neurons, experts = {}, {}, {}
+    heads, neurons, experts, cross = {}, {}, {}, {}
     for layer, (have, want) in enumerate(zip(built, recorded)):
         group = have["num_heads"] // have["num_kv_heads"]
+        kept = want["num_heads"] // max(want["num_kv_heads"], 1)  # query heads each kept KV group keeps
         if (
             have["head_dim"] != want["head_dim"]
-            or want["num_heads"] != want["num_kv_heads"] * group
+            or want["num_heads"] != want["num_kv_heads"] * kept
             or want["num_kv_heads"] > have["num_kv_heads"]
+            or kept > group
             or want["ffn"] > have["ffn"]
             or want.get("experts", 0) > have.get("experts", 0)
+            or want.get("num_cross_heads", 0) > have.get("num_cross_heads", 0)
         ):
             raise ValueError(
                 f"`config.hf_compress` records layer {layer} as {want}, which cannot be cut from the {have} that the "
                 "config builds; the config.json was edited by hand."
             )
-        heads[layer] = list(range(want["num_heads"], have["num_heads"]))
+        # Trailing KV groups go whole, then the trailing query heads of every kept group.
+        heads[layer] = [h for h in range(have["num_heads"]) if h // group >= want["num_kv_heads"] or h % group >= kept]
         neurons[layer] = list(range(want["ffn"], have["ffn"]))
         experts[layer] = list(range(want.get("experts", 0), have.get("experts", 0)))
-    prune_heads(model, heads)
+        if "num_cross_heads" in want:
+            cross[layer] = list(range(want["num_cross_heads"], have["num_cross_heads"]))
+    prune_heads(model, heads, cross or None)
     if get_family(model).experts is None:
         prune_ffn_neurons(model, neurons)
     else:  # mixture of experts: expert counts, and the neurons of every expert
@@ -157,6 +163,9 @@ def from_pretrained(path: str | os.PathLike, trust_remote_code: bool = False, **
 
     Quantised folders (:func:`hf_compress.quantization.quantize.quantize_model`) are rebuilt with their int8 / int4
     modules, on top of the recorded per-layer shapes when the model was also structurally pruned.
+
+    Checkpoints pruned with transformers 4.x ``prune_heads`` (a ``config.pruned_heads`` entry, which transformers 5
+    ignores) are rebuilt with those heads removed, so models pruned before the move to v5 keep loading.
 
     Folders whose config has no recorded structure (never pruned, or pruned without surgery) are handed to
     transformers' ``from_pretrained`` of the class in ``config.architectures``. Otherwise the model is built from its
@@ -192,7 +201,8 @@ def from_pretrained(path: str | os.PathLike, trust_remote_code: bool = False, **
         if recorded is not None:
             _slice_to(skeleton, recorded)
         return load_quantized_weights(skeleton, local_folder(path, **hub), kwargs.get("compute"))
-    if recorded is None:
+    legacy = _legacy_pruned_heads(config) if recorded is None else None
+    if recorded is None and legacy is None:
         if trust_remote_code:
             kwargs["trust_remote_code"] = True
         return cls.from_pretrained(path, **hub, **kwargs)
@@ -204,10 +214,43 @@ def from_pretrained(path: str | os.PathLike, trust_remote_code: bool = False, **
     build = cls.from_config if cls.__name__.startswith("Auto") else cls._from_config
     model = build(config, **kwargs)
     get_family(model)  # recorded structure is only written for supported families
-    _slice_to(model, recorded)
+    if legacy is not None:
+        prune_heads(model, legacy)  # a fresh model: the current head indices are the original ones
+    else:
+        _slice_to(model, recorded)
     folder = local_folder(path, **hub)
     _load_strict(model, _read_state_dict(folder), folder)
     return model.eval()
+
+
+def _legacy_pruned_heads(config: transformers.PretrainedConfig) -> dict[int, list[int]] | None:
+    """The ``pruned_heads`` that transformers 4.x ``prune_heads`` wrote to ``config.json`` (``None`` when empty).
+
+    transformers 5 no longer reads it, so such a checkpoint has fewer heads than its config builds; the heads are
+    original indices per layer, removed here from a freshly built model before the weights are loaded. The field is
+    dropped from the config: the loaded model records its structure in ``config.hf_compress`` instead.
+    """
+    pruned = getattr(config, "pruned_heads", None)
+    if hasattr(config, "pruned_heads"):
+        delattr(config, "pruned_heads")
+    if not pruned:
+        return None
+    if not isinstance(pruned, dict):
+        raise ValueError(f"`config.pruned_heads` must map layer indices to head lists, got {pruned!r}.")
+    return {int(layer): sorted(int(h) for h in heads) for layer, heads in pruned.items() if heads}
+
+
+def _file_to_model_keys(model: nn.Module) -> dict[str, str]:
+    """Checkpoint key -> parameter name, where ``save_pretrained`` writes legacy names (ViT, DeiT in transformers 5).
+
+    The names ``save_pretrained`` would write come from transformers' own reverse conversion of the model's state
+    dict; renamed tensors are the same objects, which pairs the two names.
+    """
+    state = model.state_dict()
+    names = {id(tensor): name for name, tensor in state.items()}
+    reverted = revert_weight_conversion(model, dict(state))
+    pairs = ((key, names.get(id(tensor))) for key, tensor in reverted.items())
+    return {key: name for key, name in pairs if name is not None and name != key}
 
 
 def _quantized_config(folder: str) -> dict:
@@ -273,6 +316,8 @@ def load_quantized(
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    renamed = _file_to_model_keys(model)
+    state = {renamed.get(key, key): tensor for key, tensor in state.items()}
     expected = model.state_dict()
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     if any(not isinstance(c, PrefixChange) for c in get_model_conversion_mapping(model, add_legacy=False)):

@@ -24,13 +24,57 @@ VOCAB = 64
 FAMILIES = ["bert", "roberta", "distilbert", "llama", "mistral", "qwen2", "qwen3", "gpt2"]
 ENCODERS = ["bert", "roberta", "distilbert"]
 DECODERS = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
+# Every family hf_compress supports, for the one parametrised per-family suite (tests/models/test_every_family.py).
+EVERY_ENCODER = [*ENCODERS, "xlm-roberta", "camembert", "electra", "modernbert", "deberta-v2", "mpnet"]
+EVERY_DECODER = [*DECODERS, "gemma", "gemma2", "gemma3_text", "granite", "smollm3", "phi3", "olmo2"]
+# Encoder-decoder families: 2 encoder + 2 decoder blocks, numbered 0-1 (encoder) and 2-3 (decoder).
+ENCODER_DECODERS = ["bart", "whisper"]
+VISION = ["vit", "deit"]  # image classification on 8x8 pixels, 4x4 patches
+EVERY_FAMILY = [*EVERY_ENCODER, *EVERY_DECODER, *ENCODER_DECODERS, *VISION]
+_BERT_LIKE = {
+    "bert": transformers.BertConfig,
+    "roberta": transformers.RobertaConfig,
+    "xlm-roberta": transformers.XLMRobertaConfig,
+    "camembert": transformers.CamembertConfig,
+    "electra": transformers.ElectraConfig,
+    "mpnet": transformers.MPNetConfig,
+}
+_LLAMA_LIKE = {
+    "llama": transformers.LlamaConfig,
+    "mistral": transformers.MistralConfig,
+    "qwen2": transformers.Qwen2Config,
+    "qwen3": transformers.Qwen3Config,
+    "gemma": transformers.GemmaConfig,
+    "gemma2": transformers.Gemma2Config,
+    "gemma3_text": transformers.Gemma3TextConfig,
+    "granite": transformers.GraniteConfig,
+    "smollm3": transformers.SmolLM3Config,
+    "phi3": transformers.Phi3Config,
+    "olmo2": transformers.Olmo2Config,
+}
+# What makes each decoder family itself in a tiny config: decoupled head_dim, sliding / full layers, soft-capping,
+# Granite's multipliers, SmolLM3's NoPE layers.
+_DECODER_EXTRAS = {
+    "qwen3": dict(head_dim=4),
+    "gemma": dict(head_dim=8),
+    "gemma2": dict(
+        head_dim=8,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        attn_logit_softcapping=20.0,
+        final_logit_softcapping=10.0,
+        query_pre_attn_scalar=8,
+    ),
+    "gemma3_text": dict(head_dim=8, sliding_window=4, sliding_window_pattern=2, tie_word_embeddings=True),
+    "granite": dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=2.0),
+    "smollm3": dict(no_rope_layer_interval=2),
+}
 
 
 def tiny_config(family: str, **overrides) -> transformers.PretrainedConfig:
     """A 2–4 layer, 16–32 wide config of ``family`` with 4 heads (GQA 4/2 for the Llama family)."""
     common = dict(vocab_size=VOCAB, num_labels=3, pad_token_id=0)
-    if family in ("bert", "roberta"):
-        cls = transformers.BertConfig if family == "bert" else transformers.RobertaConfig
+    if family in _BERT_LIKE:
         kw = dict(
             hidden_size=16,
             intermediate_size=32,
@@ -40,9 +84,79 @@ def tiny_config(family: str, **overrides) -> transformers.PretrainedConfig:
             hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0,
         )
-        if family == "roberta":
+        if family in ("roberta", "xlm-roberta", "camembert"):
             kw.update(pad_token_id=1, bos_token_id=0, eos_token_id=2)
-        cfg = cls(**{**common, **kw})
+        if family == "electra":
+            kw.update(embedding_size=8)  # ELECTRA projects smaller embeddings up to the hidden size
+        cfg = _BERT_LIKE[family](**{**common, **kw})
+    elif family == "deberta-v2":  # DeBERTa-v3 style: relative attention, shared q/k projections of positions
+        cfg = transformers.DebertaV2Config(
+            **common,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            relative_attention=True,
+            pos_att_type=["p2c", "c2p"],
+            share_att_key=True,
+            position_buckets=8,
+            max_relative_positions=16,
+            norm_rel_ebd="layer_norm",
+            position_biased_input=False,
+        )
+    elif family == "modernbert":  # global attention every 2nd layer, sliding (window 4) in between
+        cfg = transformers.ModernBertConfig(
+            **{**common, "pad_token_id": 0},
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            global_attn_every_n_layers=2,
+            local_attention=4,
+            bos_token_id=1,
+            eos_token_id=2,
+            cls_token_id=1,
+            sep_token_id=2,
+        )
+    elif family in VISION:
+        cls = transformers.ViTConfig if family == "vit" else transformers.DeiTConfig
+        cfg = cls(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            image_size=8,
+            patch_size=4,
+            num_labels=3,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+        if family == "deit":  # the Auto mapping holds two DeiT classifiers: name the plain one
+            cfg.architectures = ["DeiTForImageClassification"]
+    elif family in ENCODER_DECODERS:
+        kw = dict(
+            d_model=16,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+            bos_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=1,
+        )
+        if family == "bart":
+            cfg = transformers.BartConfig(**common, **kw, max_position_embeddings=64, forced_eos_token_id=None)
+        else:  # Whisper: 8 mel bins over 16 frames (2 x max_source_positions)
+            kw.update(num_mel_bins=8, max_source_positions=8, max_target_positions=32, suppress_tokens=None)
+            cfg = transformers.WhisperConfig(**common, **kw, begin_suppress_tokens=None)
     elif family == "distilbert":
         cfg = transformers.DistilBertConfig(
             **common,
@@ -67,13 +181,10 @@ def tiny_config(family: str, **overrides) -> transformers.PretrainedConfig:
             attn_pdrop=0.0,
         )
     else:
-        cls = {
-            "llama": transformers.LlamaConfig,
-            "mistral": transformers.MistralConfig,
-            "qwen2": transformers.Qwen2Config,
-            "qwen3": transformers.Qwen3Config,
-        }[family]
-        cfg = cls(
+        kw = {"tie_word_embeddings": False, **_DECODER_EXTRAS.get(family, {})}
+        if family not in DECODERS:  # token ids inside the tiny vocabulary (the defaults are the real models')
+            kw.update(bos_token_id=1, eos_token_id=2)
+        cfg = _LLAMA_LIKE[family](
             **common,
             hidden_size=16,
             intermediate_size=32,
@@ -81,10 +192,8 @@ def tiny_config(family: str, **overrides) -> transformers.PretrainedConfig:
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=64,
-            tie_word_embeddings=False,
+            **kw,
         )
-        if family == "qwen3":
-            cfg.head_dim = 4
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
@@ -92,6 +201,9 @@ def tiny_config(family: str, **overrides) -> transformers.PretrainedConfig:
 
 HEADS = {
     "base": transformers.AutoModel,
+    "seq2seq_lm": transformers.AutoModelForSeq2SeqLM,
+    "speech_seq2seq": transformers.AutoModelForSpeechSeq2Seq,
+    "image_cls": transformers.AutoModelForImageClassification,
     "seq_cls": transformers.AutoModelForSequenceClassification,
     "token_cls": transformers.AutoModelForTokenClassification,
     "qa": transformers.AutoModelForQuestionAnswering,
@@ -202,3 +314,48 @@ def value_slices(model, layer, heads):
     module = block_module(model, layer, "v")
     out = [(module, "weight", 1 if family.conv1d else 0, index)]
     return out + ([(module, "bias", 0, index)] if module.bias is not None else [])
+
+
+@pytest.fixture(params=EVERY_FAMILY)
+def every_family(request) -> str:
+    """Each supported family in turn (the per-family suite, tests/models/test_every_family.py)."""
+    return request.param
+
+
+def lm_head(family: str) -> str:
+    """The task head tested for ``family``: causal / masked (tied weights) / seq2seq LM, image classification."""
+    if family in ENCODER_DECODERS:
+        return "speech_seq2seq" if family == "whisper" else "seq2seq_lm"
+    if family in VISION:
+        return "image_cls"
+    return "masked_lm" if family in EVERY_ENCODER else "causal_lm"
+
+
+def family_inputs(family: str, batch: int = 2, seq: int = 8, seed: int = 1) -> dict[str, torch.Tensor]:
+    """:func:`tiny_inputs` as ``family`` reads them: decoder ids for encoder-decoders, log-mel frames for Whisper."""
+    if family in VISION:
+        return {"pixel_values": torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(seed))}
+    inputs = tiny_inputs(batch, seq, seed)
+    if family in ENCODER_DECODERS:
+        inputs["decoder_input_ids"] = inputs["input_ids"].flip(1)
+    if family == "whisper":
+        g = torch.Generator().manual_seed(seed)
+        inputs["input_features"] = torch.randn(batch, 8, 16, generator=g)
+        del inputs["input_ids"], inputs["attention_mask"]
+    return inputs
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Fixed random sequences whose ``labels`` are their token ids (causal / masked / seq2seq LM) for ``family``."""
+
+    def __init__(self, n: int = 16, seq: int = 8, family: str = "llama"):
+        self.inputs = family_inputs(family, batch=n, seq=seq, seed=0)
+        self.labels = self.inputs.pop("decoder_input_ids", None)
+        if self.labels is None:
+            self.labels = self.inputs["input_ids"] if family not in VISION else torch.arange(n) % 3
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {**{k: v[i] for k, v in self.inputs.items()}, "labels": self.labels[i]}

@@ -6,7 +6,7 @@ import copy
 
 from torch import nn
 
-from hf_compress.models.families import get_family, get_layers, unwrap
+from hf_compress.models.families import get_family, get_layers, num_encoder_layers, unwrap
 from hf_compress.pruning.surgery import drop_layers
 
 
@@ -28,13 +28,15 @@ def make_student(teacher: nn.Module, num_layers: int | None = None, layers: list
 
     Args:
         teacher (`PreTrainedModel`):
-            A BERT, RoBERTa, DistilBERT, Llama, Mistral, Qwen2, Qwen3 or GPT-2 model (any head; PEFT / DDP / compiled
+            A model of a supported family (`hf_compress.models.families.FAMILIES`; any head; PEFT / DDP / compiled
             wrappers are unwrapped).
         num_layers (`int`, *optional*):
             Number of blocks to keep, spread evenly with the first and last kept (as DistilBERT does). Defaults to
-            half the teacher's blocks (at least one) when `layers` is not given either.
+            half the teacher's blocks (at least one) when `layers` is not given either. For encoder-decoder models
+            it counts decoder blocks and the whole encoder is kept, as distil-whisper does.
         layers (`list[int]`, *optional*):
-            Exact teacher block indices to keep, instead of `num_layers`.
+            Exact teacher block indices to keep, instead of `num_layers` (encoder-decoder models: the flat numbering,
+            encoder blocks first, see `hf_compress.models.families.get_layers`).
 
     Returns:
         A new model of the teacher's class.
@@ -49,14 +51,16 @@ def make_student(teacher: nn.Module, num_layers: int | None = None, layers: list
     teacher = unwrap(teacher)
     get_family(teacher)  # one-sentence error listing the supported families
     total = len(get_layers(teacher))
+    encoder = num_encoder_layers(teacher) or 0  # encoder-decoder: `num_layers` counts decoder blocks
     if num_layers is not None and layers is not None:
         raise ValueError("`num_layers` and `layers` are mutually exclusive; pass only one of them.")
     if layers is None:
+        choices = total - encoder
         if num_layers is None:
-            num_layers = max(1, total // 2)
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= total:
-            raise ValueError(f"`num_layers` must be an int in [1, {total}], got {num_layers!r}.")
-        layers = evenly_spaced_layers(total, num_layers)
+            num_layers = max(1, choices // 2)
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= choices:
+            raise ValueError(f"`num_layers` must be an int in [1, {choices}], got {num_layers!r}.")
+        layers = list(range(encoder)) + [encoder + i for i in evenly_spaced_layers(choices, num_layers)]
     else:
         layers = list(layers)
         if not layers or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < total for i in layers):

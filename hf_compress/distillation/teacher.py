@@ -21,8 +21,8 @@ from hf_compress.models.heads import HEADS, LM_HEADS, detect_head
 
 logger = logging.get_logger(__name__)
 
-# The heads that can be distilled: the keys of `hf_compress.models.heads.HEADS` but image classification.
-DISTILLED_HEADS = ("seq2seq_lm", "causal_lm", "masked_lm", "qa", "token_cls", "seq_cls")
+# The heads that can be distilled: the keys of `hf_compress.models.heads.HEADS` (image classification: DeiT-style).
+DISTILLED_HEADS = ("seq2seq_lm", "causal_lm", "masked_lm", "qa", "token_cls", "seq_cls", "image_cls")
 
 
 def distilled_head(model: nn.Module) -> str | None:

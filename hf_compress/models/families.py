@@ -1,126 +1,20 @@
-"""Where attention heads, FFN neurons and blocks live in each supported model family.
+"""Where attention heads, FFN neurons and blocks are in a model, read from the family table.
 
-One plain dict, ``FAMILIES``, maps a ``config.model_type`` to the attribute paths of its blocks and projections.
-Everything that masks or slices structure (masks, surgery, make_student) goes through the helpers below, so adding
-a family is one dict entry.
+The table (:data:`FAMILIES`, :class:`Family`, in :mod:`hf_compress.models.table`) maps a ``config.model_type`` to the
+attribute paths of its blocks and projections. Everything that masks or slices structure (masks, surgery,
+make_student, loading) goes through the helpers below, so adding a family is one table entry.
+
+Encoder-decoder models use one flat block numbering: the encoder blocks first, then the decoder blocks (decoder block
+``j`` is ``num_encoder_layers + j``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class Family:
-    """Attribute paths of one model family. Block-relative paths are dotted, ``None`` when absent."""
-
-    layers: str  # path from the backbone (``model.base_model``) to the ``nn.ModuleList`` of blocks
-    o: str  # attention output projection
-    up: str  # FFN input projection (rows = neurons)
-    down: str  # FFN output projection (columns = neurons)
-    head_dim: str  # attribute on the attention module holding the per-head width
-    attention: str  # the attention module (owner of the head-count attributes)
-    q: str | None = None
-    k: str | None = None
-    v: str | None = None
-    qkv: str | None = None  # fused q/k/v projection (GPT-2 ``c_attn``)
-    gate: str | None = None  # gated FFNs (Llama family)
-    ffn_config: str = "intermediate_size"  # config field holding the FFN width
-    conv1d: bool = False  # weights stored as [in, out] (transformers ``Conv1D``)
-    causal_cache: bool = False  # blocks carry a ``layer_idx`` used by the KV cache
-    config_head_dim: bool = False  # the config stores ``head_dim``, so fewer heads per layer are expressible
-    # Mixture of experts: in a sparse block the FFN neurons are those of the routed experts (``ffn_config`` is their
-    # width, the same for every expert of a block); ``up`` / ``gate`` / ``down`` then name a dense block's MLP.
-    experts: str | None = None  # fused experts: ``gate_up_proj`` [experts, 2 * ffn, hidden], ``down_proj`` [.., ffn]
-    router: str | None = None  # the experts' router: ``weight`` [experts, hidden] and ``top_k``
-    experts_config: str | None = None  # config field holding the number of experts per block
-
-
-_BERT = Family(
-    layers="encoder.layer",
-    q="attention.self.query",
-    k="attention.self.key",
-    v="attention.self.value",
-    o="attention.output.dense",
-    up="intermediate.dense",
-    down="output.dense",
-    attention="attention.self",
-    head_dim="attention_head_size",
-)
-_LLAMA = Family(
-    layers="layers",
-    q="self_attn.q_proj",
-    k="self_attn.k_proj",
-    v="self_attn.v_proj",
-    o="self_attn.o_proj",
-    gate="mlp.gate_proj",
-    up="mlp.up_proj",
-    down="mlp.down_proj",
-    attention="self_attn",
-    head_dim="head_dim",
-    causal_cache=True,
-    config_head_dim=True,
-)
-
-# Mixture of experts (transformers 5 fuses each block's experts into 3-D tensors).
-_MOE = Family(
-    layers="layers",
-    q="self_attn.q_proj",
-    k="self_attn.k_proj",
-    v="self_attn.v_proj",
-    o="self_attn.o_proj",
-    gate="mlp.gate_proj",
-    up="mlp.up_proj",
-    down="mlp.down_proj",
-    attention="self_attn",
-    head_dim="head_dim",
-    ffn_config="moe_intermediate_size",
-    causal_cache=True,
-    config_head_dim=True,
-    experts="mlp.experts",
-    router="mlp.gate",
-    experts_config="num_experts",
-)
-
-FAMILIES: dict[str, Family] = {
-    "bert": _BERT,
-    "roberta": _BERT,
-    "distilbert": Family(
-        layers="transformer.layer",
-        q="attention.q_lin",
-        k="attention.k_lin",
-        v="attention.v_lin",
-        o="attention.out_lin",
-        up="ffn.lin1",
-        down="ffn.lin2",
-        attention="attention",
-        head_dim="attention_head_size",
-        ffn_config="hidden_dim",
-    ),
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "qwen3": _LLAMA,
-    "gpt2": Family(
-        layers="h",
-        qkv="attn.c_attn",
-        o="attn.c_proj",
-        up="mlp.c_fc",
-        down="mlp.c_proj",
-        attention="attn",
-        head_dim="head_dim",
-        ffn_config="n_inner",
-        conv1d=True,
-        causal_cache=True,
-    ),
-    "qwen2_moe": _MOE,  # its shared expert (``mlp.shared_expert``) is kept whole
-    "qwen3_moe": _MOE,
-    "mixtral": dataclasses.replace(_MOE, ffn_config="intermediate_size", experts_config="num_local_experts"),
-}
+from hf_compress.models.discovery import discover
+from hf_compress.models.table import FAMILIES, REFUSED, Family  # the table is also read through this module
 
 # A slice of structure: (module, parameter name, dimension, indices along that dimension).
 Slice = tuple[nn.Module, str, int, torch.Tensor]
@@ -142,15 +36,33 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def get_family(model: nn.Module) -> Family:
-    """The :class:`Family` of ``model``, or a one-sentence error listing the supported ones."""
+    """The :class:`Family` of ``model``: its table entry, else its discovered and verified structure.
+
+    A model type missing from the table is handled when its blocks follow a common layout (see
+    :mod:`hf_compress.models.discovery`); otherwise the one-sentence error lists the supported families and names what
+    was not found.
+    """
     config = getattr(unwrap(model), "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type not in FAMILIES:
+    if model_type in REFUSED:
         raise ValueError(
-            f"`model` has model_type {model_type!r}, which hf_compress cannot prune or slice; "
-            f"supported families: {', '.join(sorted(FAMILIES))}."
+            f"`model` has model_type {model_type!r}, which hf_compress cannot prune or slice: {REFUSED[model_type]}."
         )
-    return FAMILIES[model_type]
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    if config is None:
+        raise ValueError(
+            f"`model` is a {type(model).__name__} without a transformers config; hf_compress cannot slice it."
+        )
+    return discover(unwrap(model))  # verified on copies, or a one-sentence error naming what was not found
+
+
+def _has(root: nn.Module, path: str) -> bool:
+    try:
+        _get(root, path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _get(root: nn.Module, path: str) -> nn.Module:
@@ -159,16 +71,54 @@ def _get(root: nn.Module, path: str) -> nn.Module:
     return root
 
 
-def get_layers(model: nn.Module) -> nn.ModuleList:
-    """The ``nn.ModuleList`` of transformer blocks of ``model`` (any head, PEFT-wrapped or not)."""
+def stacks(model: nn.Module) -> list[tuple[Family, nn.ModuleList]]:
+    """``(family entry, blocks)`` of each stack: one for encoders / decoders, encoder then decoder otherwise."""
     family = get_family(model)
-    return _get(unwrap(model).base_model, family.layers)
+    backbone = unwrap(model).base_model
+    out = [(family, _get(backbone, family.layers))]
+    if family.decoder is not None:
+        out.append((family.decoder, _get(backbone, family.decoder.layers)))
+    return out
+
+
+def get_layers(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of ``model`` (any head, PEFT-wrapped or not), in the flat numbering.
+
+    Encoder-decoder models number the encoder blocks first, then the decoder blocks: decoder block ``j`` is
+    ``num_encoder_layers + j``. The list is then a new ``nn.ModuleList`` over both stacks (the blocks themselves, not
+    copies), to read and hook; remove blocks with ``surgery.drop_layers``.
+    """
+    found = stacks(model)
+    if len(found) == 1:
+        return found[0][1]
+    return nn.ModuleList([block for _, blocks in found for block in blocks])
+
+
+def num_encoder_layers(model: nn.Module) -> int | None:
+    """Number of encoder blocks of an encoder-decoder ``model`` (= first decoder block's flat index), or ``None``."""
+    found = stacks(model)
+    return len(found[0][1]) if len(found) == 2 else None
+
+
+def locate(model: nn.Module, layer: int) -> tuple[Family, nn.Module, int]:
+    """``(family entry, block, index within its stack)`` of flat block index ``layer``."""
+    for family, blocks in stacks(model):
+        if layer < len(blocks):
+            return family, blocks[layer], layer
+        layer -= len(blocks)
+    raise IndexError(f"`layer` {layer} is past the last block of the model.")
+
+
+def block_family(model: nn.Module, layer: int) -> Family:
+    """The :class:`Family` entry describing block ``layer`` (the decoder entry for decoder blocks)."""
+    return locate(model, layer)[0]
 
 
 def block_module(model: nn.Module, layer: int, role: str) -> nn.Module | None:
-    """The module playing ``role`` (``"q"``, ``"o"``, ``"up"``, ``"attention"`` ...) in block ``layer``."""
-    path = getattr(get_family(model), role)
-    return None if path is None else _get(get_layers(model)[layer], path)
+    """The module playing ``role`` (``"q"``, ``"o"``, ``"up"``, ``"cross_o"``...) of block ``layer``."""
+    family, block, _ = locate(model, layer)
+    path = getattr(family, role)
+    return None if path is None else _get(block, path)
 
 
 def expert_module(model: nn.Module, layer: int) -> nn.Module | None:
@@ -199,21 +149,38 @@ def _out_features(module: nn.Module, conv1d: bool) -> int:
     return module.weight.shape[1] if conv1d else module.weight.shape[0]
 
 
-def head_dim(model: nn.Module, layer: int) -> int:
-    family = get_family(model)
-    return int(getattr(block_module(model, layer, "attention"), family.head_dim))
+def _in_features(module: nn.Module, conv1d: bool) -> int:
+    return module.weight.shape[0] if conv1d else module.weight.shape[1]
 
 
-def head_counts(model: nn.Module, layer: int) -> tuple[int, int]:
-    """``(num_query_heads, num_kv_heads)`` of block ``layer``, read from its current weight shapes."""
-    family = get_family(model)
-    dim = head_dim(model, layer)
-    if family.qkv is not None:
-        heads = _out_features(block_module(model, layer, "qkv"), family.conv1d) // (3 * dim)
-        return heads, heads
-    q = _out_features(block_module(model, layer, "q"), family.conv1d) // dim
-    kv = _out_features(block_module(model, layer, "k"), family.conv1d) // dim
-    return q, kv
+def _role(role: str, cross: bool) -> str:
+    return f"cross_{role}" if cross else role
+
+
+def _check_cross(model: nn.Module, layer: int, cross: bool) -> Family:
+    family = block_family(model, layer)
+    if cross and family.cross_attention is None:
+        raise ValueError(
+            f"`cross_heads` names layer {layer}, which has no cross-attention; cross-attention lives in the decoder "
+            f"blocks, numbered from {num_encoder_layers(model)} on."
+        )
+    return family
+
+
+def head_dim(model: nn.Module, layer: int, cross: bool = False) -> int:
+    """Per-head width of the self- (or ``cross``-) attention of block ``layer``."""
+    family = _check_cross(model, layer, cross)
+    return int(getattr(block_module(model, layer, _role("attention", cross)), family.head_dim))
+
+
+def head_counts(model: nn.Module, layer: int, cross: bool = False) -> tuple[int, int]:
+    """``(num_query_heads, num_kv_heads)`` of block ``layer`` (its ``cross``-attention), read from weight shapes."""
+    family = _check_cross(model, layer, cross)
+    dim = head_dim(model, layer, cross)
+    q = _in_features(block_module(model, layer, _role("o", cross)), family.conv1d) // dim
+    if family.qkv is not None:  # [q][k][v]: the k and v parts share what q leaves
+        return q, (_out_features(block_module(model, layer, "qkv"), family.conv1d) // dim - q) // 2
+    return q, _out_features(block_module(model, layer, _role("k", cross)), family.conv1d) // dim
 
 
 def ffn_size(model: nn.Module, layer: int) -> int:
@@ -221,7 +188,9 @@ def ffn_size(model: nn.Module, layer: int) -> int:
     experts = expert_module(model, layer)
     if experts is not None:
         return experts.down_proj.shape[2]
-    return _out_features(block_module(model, layer, "up"), get_family(model).conv1d)
+    family = block_family(model, layer)
+    size = _out_features(block_module(model, layer, "up"), family.conv1d)
+    return size // 2 if family.fused_gate_up else size
 
 
 def _rows(module: nn.Module, conv1d: bool, index: torch.Tensor) -> list[Slice]:
@@ -243,9 +212,18 @@ def _units(heads: list[int], dim: int, offset: int = 0) -> torch.Tensor:
     return torch.cat([torch.arange(h * dim, (h + 1) * dim) for h in sorted(heads)]) + offset
 
 
-def kv_heads_for(model: nn.Module, layer: int, heads: list[int]) -> list[int]:
-    """KV heads that go with query ``heads`` (GQA: only whole query groups; a partial group is an error)."""
-    num_q, num_kv = head_counts(model, layer)
+def kv_heads_for(model: nn.Module, layer: int, heads: list[int], cross: bool = False) -> list[int]:
+    """KV heads that go with removing query ``heads`` of block ``layer`` (all of them without GQA).
+
+    Under grouped-query attention every KV group must keep either none or the same number of its query heads, so
+    ``num_attention_heads`` stays a multiple of ``num_key_value_heads``: remove whole groups (their KV head goes too),
+    the same number of query heads from every group (the KV heads stay), or both. Anything else is an error.
+    """
+    refused = _check_cross(model, layer, cross).heads_refused
+    if refused is not None:
+        model_type = unwrap(model).config.model_type
+        raise ValueError(f"`heads` cannot be removed from a {model_type!r} model: {refused}.")
+    num_q, num_kv = head_counts(model, layer, cross)
     bad = [h for h in heads if not 0 <= h < num_q]
     if bad:
         raise ValueError(f"`heads[{layer}]` has head indices {bad} outside [0, {num_q}) for layer {layer}.")
@@ -253,37 +231,39 @@ def kv_heads_for(model: nn.Module, layer: int, heads: list[int]) -> list[int]:
         return sorted(set(heads))
     group = num_q // num_kv
     chosen = set(heads)
-    kv = []
-    for g in range(num_kv):
-        members = set(range(g * group, (g + 1) * group))
-        if members & chosen and not members <= chosen:
-            raise ValueError(
-                f"`heads[{layer}]` = {sorted(chosen)} splits the query group {sorted(members)} of KV head {g}; "
-                f"with grouped-query attention remove whole groups of {group} query heads."
-            )
-        if members <= chosen:
-            kv.append(g)
-    return kv
+    kept = [group - len(chosen & set(range(g * group, (g + 1) * group))) for g in range(num_kv)]
+    if len(set(kept) - {0}) > 1:
+        raise ValueError(
+            f"`heads[{layer}]` = {sorted(chosen)} splits the query groups of layer {layer} unevenly (query heads kept "
+            f"per KV group: {kept}); with grouped-query attention remove whole groups of {group} query heads or the "
+            "same number of query heads from every group."
+        )
+    return [g for g, count in enumerate(kept) if count == 0]
 
 
-def head_slices(model: nn.Module, layer: int, heads: list[int]) -> list[Slice]:
+def head_slices(model: nn.Module, layer: int, heads: list[int], cross: bool = False) -> list[Slice]:
     """Every parameter slice that carries query ``heads`` of block ``layer`` (and their KV heads under GQA).
 
-    Zeroing these slices silences the heads; keeping only the complement removes them physically.
+    ``cross=True`` addresses the cross-attention of a decoder block instead of its self-attention. Zeroing these
+    slices silences the heads; keeping only the complement removes them physically.
     """
-    family = get_family(model)
-    dim = head_dim(model, layer)
-    kv = kv_heads_for(model, layer, heads)
-    o = block_module(model, layer, "o")
-    out = _cols(o, family.conv1d, _units(heads, dim))
+    family = _check_cross(model, layer, cross)
+    dim = head_dim(model, layer, cross)
+    kv = kv_heads_for(model, layer, heads, cross)
+    out = _cols(block_module(model, layer, _role("o", cross)), family.conv1d, _units(heads, dim))
     if family.qkv is not None:
-        num_q, _ = head_counts(model, layer)
-        width = num_q * dim
-        index = torch.cat([_units(heads, dim, offset=i * width) for i in range(3)])
-        return _rows(block_module(model, layer, "qkv"), family.conv1d, index) + out
-    out += _rows(block_module(model, layer, "q"), family.conv1d, _units(heads, dim))
+        num_q, num_kv = head_counts(model, layer)
+        q_width, kv_width = num_q * dim, num_kv * dim
+        parts = [_units(heads, dim), _units(kv, dim, q_width), _units(kv, dim, q_width + kv_width)]
+        return _rows(block_module(model, layer, "qkv"), family.conv1d, torch.cat(parts)) + out
+    out += _rows(block_module(model, layer, _role("q", cross)), family.conv1d, _units(heads, dim))
+    if not cross:
+        block = locate(model, layer)[1]
+        for path in family.head_rows:
+            if _has(block, path):
+                out += _rows(_get(block, path), family.conv1d, _units(heads, dim))
     for role in ("k", "v"):
-        out += _rows(block_module(model, layer, role), family.conv1d, _units(kv, dim))
+        out += _rows(block_module(model, layer, _role(role, cross)), family.conv1d, _units(kv, dim))
     return out
 
 
@@ -293,7 +273,7 @@ def neuron_slices(model: nn.Module, layer: int, neurons: list[int]) -> list[Slic
     In a mixture-of-experts block these are the neurons of every expert: ``gate_up_proj`` rows ``n`` and
     ``ffn + n``, ``down_proj`` columns ``n`` (the fused tensors need one width for all experts of a block).
     """
-    family = get_family(model)
+    family = block_family(model, layer)
     size = ffn_size(model, layer)
     bad = [n for n in neurons if not 0 <= n < size]
     if bad:
@@ -302,7 +282,8 @@ def neuron_slices(model: nn.Module, layer: int, neurons: list[int]) -> list[Slic
     experts = expert_module(model, layer)
     if experts is not None:
         return [(experts, "gate_up_proj", 1, torch.cat([index, index + size])), (experts, "down_proj", 2, index)]
-    out = _rows(block_module(model, layer, "up"), family.conv1d, index)
+    up_index = torch.cat([index, index + size]) if family.fused_gate_up else index
+    out = _rows(block_module(model, layer, "up"), family.conv1d, up_index)
     if family.gate is not None:
         out += _rows(block_module(model, layer, "gate"), family.conv1d, index)
     return out + _cols(block_module(model, layer, "down"), family.conv1d, index)

@@ -7,7 +7,7 @@
   that barely rotates its input can be dropped.
 
 Under grouped-query attention the unit of head pruning is a whole query group (the query heads sharing one KV head),
-so ``head_groups`` lists groups, each a list of query heads.
+so ``head_groups`` lists groups, each a list of query heads; with a single KV head the units are single query heads.
 
 Unit scores are vectorised: ``unit_layout`` records once which positions of which parameters carry each unit, and a
 score is then one reduction per parameter (a value per row / column) summed into units with ``index_add_``.
@@ -69,9 +69,13 @@ def normalize_per_layer(scores: dict[int, torch.Tensor]) -> dict[int, torch.Tens
 
 
 def head_groups(model: nn.Module, layer: int) -> list[list[int]]:
-    """The prunable units of attention in block ``layer``: single heads, or whole query groups under GQA."""
+    """The prunable units of attention in block ``layer``, each a run of consecutive query heads.
+
+    Single heads without GQA; whole query groups (the heads sharing one KV head) under GQA, except with a single KV
+    head, where no whole group can go: the units are then single query heads removed from within that group.
+    """
     num_q, num_kv = head_counts(model, layer)
-    group = num_q // num_kv
+    group = 1 if num_kv == 1 else num_q // num_kv
     return [list(range(g * group, (g + 1) * group)) for g in range(num_q // group)]
 
 
@@ -108,8 +112,10 @@ UnitLayout = dict[int, tuple[int, list[UnitRows]]]
 def _unit_rows(model: nn.Module, layer: int, target: str) -> list[UnitRows]:
     """The :data:`UnitRows` covering every unit of ``target`` in block ``layer``, positions sorted."""
     if target == "ffn_neurons":
-        slices = neuron_slices(model, layer, list(range(ffn_size(model, layer))))
-        entries = [(getattr(m, name), dim, index, index) for m, name, dim, index in slices]
+        size = ffn_size(model, layer)
+        slices = neuron_slices(model, layer, list(range(size)))
+        # A fused gate/up projection holds neuron n at rows n and size + n.
+        entries = [(getattr(m, name), dim, index, index % size) for m, name, dim, index in slices]
     else:
         rows: dict[tuple[int, int], list] = {}
         for unit, heads in enumerate(head_groups(model, layer)):

@@ -13,6 +13,7 @@ through forward hooks until they are removed.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from transformers.pytorch_utils import Conv1D
 
 from hf_compress.models.families import (
     Family,
+    block_family,
     block_module,
     builds_experts,
     expert_module,
@@ -31,21 +33,14 @@ from hf_compress.models.families import (
     head_counts,
     head_dim,
     head_slices,
+    locate,
     neuron_slices,
+    num_encoder_layers,
     num_experts,
+    stacks,
     unwrap,
 )
-
-# Runtime attributes of the attention modules (BERT, DistilBERT, GPT-2, Llama family) and what they hold.
-_HEAD_ATTRIBUTES: dict[str, str] = {
-    "num_attention_heads": "heads",  # BERT / RoBERTa
-    "n_heads": "heads",  # DistilBERT
-    "num_heads": "heads",  # GPT-2
-    "num_key_value_heads": "kv_heads",
-    "num_key_value_groups": "groups",  # Llama family (GQA repeat factor)
-    "all_head_size": "width",  # BERT / RoBERTa
-    "split_size": "width",  # GPT-2 (splits the fused q/k/v output)
-}
+from hf_compress.models.table import HEAD_ATTRIBUTES, PER_LAYER_CONFIG
 
 
 def _index_dict(name: str, value: Any, num_layers: int) -> dict[int, list[int]]:
@@ -85,24 +80,31 @@ def _keep_complement(slices: list[tuple[nn.Module, str, int, torch.Tensor]]) -> 
             module.out_features, module.in_features = module.weight.shape
 
 
-def _sync_attention(model: nn.Module, layer: int) -> None:
-    heads, kv_heads = head_counts(model, layer)
-    width = heads * head_dim(model, layer)
+def _sync_attention(model: nn.Module, layer: int, cross: bool = False) -> None:
+    heads, kv_heads = head_counts(model, layer, cross)
+    width = heads * head_dim(model, layer, cross)
     values = {"heads": heads, "kv_heads": kv_heads, "groups": heads // kv_heads, "width": width}
-    attention = block_module(model, layer, "attention")
-    for attribute, kind in _HEAD_ATTRIBUTES.items():
+    attention = block_module(model, layer, "cross_attention" if cross else "attention")
+    for attribute, kind in HEAD_ATTRIBUTES.items():
         if hasattr(attention, attribute):
             setattr(attention, attribute, values[kind])
+    if block_family(model, layer).forward_reads_config_heads:
+        # Phi-3 splits its fused q/k/v output at `config.num_attention_heads * head_dim`: give the module a config
+        # of its own (a shallow copy; the model's config is what gets saved).
+        attention.config = copy.copy(attention.config)
+        attention.config.num_attention_heads = heads
+        attention.config.num_key_value_heads = kv_heads
 
 
 def _ffn_container(model: nn.Module, layer: int) -> nn.Module:
-    path = get_family(model).up.rpartition(".")[0]
-    return get_layers(model)[layer].get_submodule(path)
+    family, block, _ = locate(model, layer)
+    return block.get_submodule(family.up.rpartition(".")[0])
 
 
 def layer_structure(model: nn.Module) -> list[dict[str, int]]:
     """Per-layer ``{"num_heads", "num_kv_heads", "head_dim", "ffn"}`` of ``model``, read from its weight shapes.
 
+    Decoder blocks of encoder-decoder models also have ``"num_cross_heads"``. Layers are in the flat numbering.
     Mixture-of-experts families add ``"experts"`` (routed experts of the layer; ``"ffn"`` is then each expert's width).
     """
     model = unwrap(model)
@@ -111,15 +113,27 @@ def layer_structure(model: nn.Module) -> list[dict[str, int]]:
     for layer in range(len(get_layers(model))):
         heads, kv_heads = head_counts(model, layer)
         dim, ffn = head_dim(model, layer), ffn_size(model, layer)
-        out.append({"num_heads": heads, "num_kv_heads": kv_heads, "head_dim": dim, "ffn": ffn})
+        entry = {"num_heads": heads, "num_kv_heads": kv_heads, "head_dim": dim, "ffn": ffn}
+        if block_family(model, layer).cross_attention is not None:
+            entry["num_cross_heads"] = head_counts(model, layer, cross=True)[0]
         if moe:
-            out[-1]["experts"] = num_experts(model, layer)
+            entry["experts"] = num_experts(model, layer)
+        out.append(entry)
     return out
 
 
 def _ffn_field(family: Family, entry: dict[str, int]) -> str:
     """Config field of a layer's FFN width (dense blocks of a mixture-of-experts family: ``intermediate_size``)."""
     return "intermediate_size" if entry.get("experts") == 0 else family.ffn_config
+
+
+def _sides(model: nn.Module, layers: list[dict[str, int]]) -> list[tuple[Family, list[dict[str, int]]]]:
+    """Each stack's family entry with its part of the flat ``layers`` (one stack unless encoder-decoder)."""
+    split = num_encoder_layers(model)
+    if split is None:
+        return [(get_family(model), layers)]
+    family = get_family(model)
+    return [(family, layers[:split]), (family.decoder, layers[split:])]
 
 
 def _update_uniform_fields(config: Any, family: Family, layers: list[dict[str, int]]) -> None:
@@ -131,22 +145,24 @@ def _update_uniform_fields(config: Any, family: Family, layers: list[dict[str, i
             setattr(config, name, ffn.pop())
     heads = {(entry["num_heads"], entry["num_kv_heads"], entry["head_dim"]) for entry in layers}
     if len(heads) == 1 and family.config_head_dim:
-        config.num_attention_heads, config.num_key_value_heads, config.head_dim = heads.pop()
+        config.num_attention_heads, kv_heads, dim = heads.pop()
+        setattr(config, family.config_head_dim, dim)
+        if hasattr(config, "num_key_value_heads"):  # GQA configs (ViT / DeBERTa have none)
+            config.num_key_value_heads = kv_heads
     experts = {entry["experts"] for entry in layers if entry.get("experts")}
     if len(experts) == 1:
         setattr(config, family.experts_config, experts.pop())
 
 
 def _config_layer(config: Any, family: Family, layer: int) -> dict[str, int | None]:
-    """The structure layer ``layer`` gets when transformers builds the model from ``config``."""
-    heads = config.num_attention_heads
-    dim = getattr(config, "head_dim", None) if family.config_head_dim else None
-    out = {
-        "num_heads": heads,
-        "num_kv_heads": getattr(config, "num_key_value_heads", None) or heads,
-        "head_dim": dim or config.hidden_size // heads,
-        "ffn": getattr(config, family.ffn_config),
-    }
+    """The structure block ``layer`` of ``family``'s stack gets when transformers builds the model from ``config``."""
+    heads = getattr(config, family.heads_config)
+    dim = getattr(config, family.config_head_dim, None) if family.config_head_dim else None
+    kv = getattr(config, "num_key_value_heads", None) if family.heads_config == "num_attention_heads" else None
+    out = {"num_heads": heads, "num_kv_heads": kv or heads, "head_dim": dim or config.hidden_size // heads}
+    out["ffn"] = getattr(config, family.ffn_config)
+    if family.cross_attention is not None:
+        out["num_cross_heads"] = heads
     if family.experts is not None:
         out["experts"] = getattr(config, family.experts_config) if builds_experts(config, family, layer) else 0
         out["ffn"] = getattr(config, _ffn_field(family, out))
@@ -162,12 +178,15 @@ def record_structure(model: nn.Module) -> list[dict[str, int]]:
     Called by every surgery function; call it yourself only after changing shapes by hand.
     """
     model = unwrap(model)
-    family, config = get_family(model), model.config
+    config = model.config
     layers = layer_structure(model)
-    _update_uniform_fields(config, family, layers)
+    differs = False
+    for family, part in _sides(model, layers):
+        _update_uniform_fields(config, family, part)
+        differs |= any(entry != _config_layer(config, family, i) for i, entry in enumerate(part))
     record = dict(getattr(config, "hf_compress", None) or {})
     record.pop("layers", None)
-    if any(entry != _config_layer(config, family, layer) for layer, entry in enumerate(layers)):
+    if differs:
         record["layers"] = layers
     if record:
         config.hf_compress = record
@@ -176,12 +195,24 @@ def record_structure(model: nn.Module) -> list[dict[str, int]]:
     return layers
 
 
-def prune_heads(model: nn.Module, heads: dict[int, list[int]]) -> nn.Module:
+def prune_heads(
+    model: nn.Module, heads: dict[int, list[int]], cross_heads: dict[int, list[int]] | None = None
+) -> nn.Module:
     """Physically remove query heads (and, under grouped-query attention, their KV heads).
 
     The q/k/v rows (fused ``c_attn`` columns for GPT-2), biases and output-projection columns of each head are removed
     and the attention modules' head counts are updated. The result computes exactly what the original model computes
-    with those heads' value rows zeroed. With grouped-query attention only whole query groups can go.
+    with those heads' output-projection columns zeroed.
+
+    With grouped-query attention every KV group must keep either none or the same number of its query heads, so
+    ``num_attention_heads`` stays a multiple of ``num_key_value_heads``: remove whole groups (their KV head goes with
+    them), the same number of query heads from *within* every group (the KV heads stay; the only way to prune a model
+    with a single KV head, such as Gemma 3 270M), or both. For example with 8 query heads over 2 KV heads,
+    ``[0, 1, 2, 3]`` removes group 0, ``[3, 7]`` removes one query head per group, ``[0]`` alone is refused.
+
+    Encoder-decoder models use the flat numbering of `get_layers`: encoder blocks first, then decoder blocks (decoder
+    block `j` is `num_encoder_layers + j`; `hf_compress.models.describe(model)` prints it). `heads` prunes
+    self-attention heads; `cross_heads` prunes the cross-attention heads of decoder blocks.
 
     Removing *every* head of a layer is refused: the attention output would be just the output-projection bias, which
     no transformers config can express; remove the whole block with :func:`drop_layers` or keep one head (group).
@@ -191,7 +222,10 @@ def prune_heads(model: nn.Module, heads: dict[int, list[int]]) -> nn.Module:
         model (`PreTrainedModel`):
             A supported model (see `architectures.FAMILIES`), optionally wrapped by PEFT / DDP / `torch.compile`.
         heads (`dict[int, list[int]]`):
-            Query-head indices to remove, per layer index (indices refer to the current heads of that layer).
+            Query-head indices to remove, per layer index (indices refer to the current heads of that layer; query
+            head `h` belongs to KV group `h // (num_heads // num_kv_heads)`).
+        cross_heads (`dict[int, list[int]]`, *optional*):
+            Cross-attention head indices to remove, per decoder block (flat index) of an encoder-decoder model.
 
     Returns:
         The same `model`, modified in place.
@@ -202,19 +236,26 @@ def prune_heads(model: nn.Module, heads: dict[int, list[int]]) -> nn.Module:
     >>> model = prune_heads(model, {0: [0, 1], 3: [2]})  # doctest: +SKIP
     """
     inner = unwrap(model)
-    plan = _index_dict("heads", heads, len(get_layers(inner)))
-    slices = {}
-    for layer, indices in plan.items():
-        num_heads, _ = head_counts(inner, layer)
-        slices[layer] = head_slices(inner, layer, indices)  # validates range and GQA groups
-        if len(indices) == num_heads:
-            raise ValueError(
-                f"`heads[{layer}]` removes all {num_heads} heads of layer {layer}; keep at least one head (one KV "
-                f"group under grouped-query attention) or remove the block with `drop_layers(model, [{layer}])`."
-            )
-    _keep_complement([s for layer_slices in slices.values() for s in layer_slices])
-    for layer in slices:
-        _sync_attention(inner, layer)
+    num_layers = len(get_layers(inner))
+    plans = {False: _index_dict("heads", heads, num_layers)}
+    if cross_heads is not None:
+        plans[True] = _index_dict("cross_heads", cross_heads, num_layers)
+    slices = []
+    for cross, plan in plans.items():
+        for layer, indices in plan.items():
+            slices += head_slices(inner, layer, indices, cross)  # validates range, GQA groups, cross-attention
+            num_heads, _ = head_counts(inner, layer, cross)
+            if len(indices) == num_heads:
+                name = "cross_heads" if cross else "heads"
+                raise ValueError(
+                    f"`{name}[{layer}]` removes all {num_heads} heads of layer {layer}; keep at least one head (one "
+                    "KV group under grouped-query attention) or remove the block with "
+                    f"`drop_layers(model, [{layer}])`."
+                )
+    _keep_complement(slices)
+    for cross, plan in plans.items():
+        for layer in plan:
+            _sync_attention(inner, layer, cross)
     record_structure(inner)
     return model
 
@@ -260,9 +301,10 @@ def prune_ffn_neurons(model: nn.Module, neurons: dict[int, list[int]]) -> nn.Mod
 def drop_layers(model: nn.Module, layers: list[int]) -> nn.Module:
     """Remove whole transformer blocks and renumber the rest.
 
-    ``num_hidden_layers``, ``layer_types`` and ``mlp_only_layers`` (when the config has them) are updated and every
-    ``layer_idx`` inside the kept blocks is renumbered, so KV caches and ``generate()`` keep working; the result loads
-    with plain ``from_pretrained``.
+    ``num_hidden_layers`` and the per-layer config lists (``layer_types``, SmolLM3's ``no_rope_layers``, Qwen MoE's
+    ``mlp_only_layers``) are updated and every ``layer_idx`` inside the kept blocks is renumbered, so KV caches and
+    ``generate()`` keep working and each kept block keeps its attention kind (sliding / full); the result loads with
+    plain ``from_pretrained``.
 
     Args:
         model (`PreTrainedModel`):
@@ -279,8 +321,7 @@ def drop_layers(model: nn.Module, layers: list[int]) -> nn.Module:
     >>> model = drop_layers(model, [5, 6])  # doctest: +SKIP
     """
     inner = unwrap(model)
-    blocks = get_layers(inner)
-    num_layers = len(blocks)
+    num_layers = len(get_layers(inner))
     if isinstance(layers, int) or not all(isinstance(i, int) for i in layers):
         raise TypeError(f"`layers` must be a list of layer indices, got {layers!r}.")
     drop = sorted(set(layers))
@@ -296,19 +337,32 @@ def drop_layers(model: nn.Module, layers: list[int]) -> nn.Module:
             "`layers` cannot be dropped from a model with `scale_attn_by_inverse_layer_idx=True`, whose attention "
             "scale depends on the layer index; disable it or keep all layers."
         )
-    keep = [i for i in range(num_layers) if i not in drop]
-    for index in reversed(drop):
-        del blocks[index]
-    for new_index, block in enumerate(blocks):
-        for module in block.modules():
-            if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = new_index
-    layer_types = getattr(config, "layer_types", None)
-    config.num_hidden_layers = len(keep)
-    if layer_types is not None:
-        config.layer_types = [layer_types[i] for i in keep]
+    split = num_encoder_layers(inner)
+    if split is not None and (set(range(split)) <= set(drop) or set(range(split, num_layers)) <= set(drop)):
+        raise ValueError(
+            f"`layers` {list(layers)} removes every block of the encoder (blocks 0-{split - 1}) or of the decoder "
+            f"(blocks {split}-{num_layers - 1}); keep at least one block in each stack."
+        )
+    start = 0
+    for family, stack in stacks(inner):
+        size = len(stack)
+        local = [i - start for i in drop if start <= i < start + size]
+        for index in reversed(local):
+            del stack[index]
+        for new_index, block in enumerate(stack):
+            for module in block.modules():
+                if isinstance(getattr(module, "layer_idx", None), int):
+                    module.layer_idx = new_index
+        setattr(config, family.layers_config, len(stack))
+        if split is None:
+            keep = [i for i in range(size) if i not in local]
+            for name in PER_LAYER_CONFIG:
+                values = getattr(config, name, None)
+                if isinstance(values, list) and len(values) == size:
+                    setattr(config, name, [values[i] for i in keep])
+        start += size
     if hasattr(config, "mlp_only_layers"):  # Qwen MoE: which blocks are dense follows from their index
-        config.mlp_only_layers = [i for i in range(len(keep)) if expert_module(inner, i) is None]
+        config.mlp_only_layers = [i for i in range(len(get_layers(inner))) if expert_module(inner, i) is None]
         config.decoder_sparse_step = 1
     record_structure(inner)
     return model
