@@ -59,9 +59,7 @@ def run_stages(run: Path) -> dict[str, Path]:
     """The ``teacher``, ``float`` and ``final`` stage folders of a finished run, read from its ``recipe.yaml``."""
     recipe = run / "recipe.yaml"
     if not recipe.is_file():
-        raise FileNotFoundError(
-            f"`--run` must be the output folder of a recipe run, got {str(run)!r} (no recipe.yaml)."
-        )
+        raise FileNotFoundError(f"`--run` must be a recipe run folder with a recipe.yaml, got {str(run)!r}.")
     stages = [s for s in yaml.safe_load(recipe.read_text())["stages"] if s.get("type") in MODEL_STAGES]
     teacher = next((s["name"] for s in stages if s["type"] == "finetune_teacher"), None)
     if teacher is None or not stages:
@@ -248,7 +246,10 @@ def main(argv: list[str] | None = None) -> dict:
         if run is None:
             run = Path(tmp) / "run"
             build_tiny_run(run)
-        stages = run_stages(run)
+        try:
+            stages = run_stages(run)
+        except (FileNotFoundError, ValueError) as err:
+            parser.error(str(err))
         workdir = args.export_dir or Path(tmp) / "exports"
         payload["stages"] = {key: str(path) for key, path in stages.items()}
         payload.update(measure(stages, workdir, SIZES[args.size], threads, args.node))

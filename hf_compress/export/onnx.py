@@ -141,6 +141,12 @@ def _check_folder(folder: Path) -> dict[str, Any]:
             f"custom int8 modules ONNX cannot express; {where} (its onnx/model_quantized.onnx is the ONNX Runtime "
             "int8 model)."
         )
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method")
+        raise ValueError(
+            f"`folder` {str(folder)!r} holds a {method!r}-quantised model, which the exporter cannot trace; export "
+            "the float model it was quantised from instead."
+        )
     return config
 
 

@@ -118,9 +118,25 @@ def test_int8_folder_is_refused_and_points_to_its_float_stage(tmp_path, tokenize
     assert float_source(run / "int8") == str(run / "pruned")
     assert not (run / "int8" / "onnx").exists()
 
+    tiny_classifier().save_pretrained(tmp_path / "gptq")
+    config = json.loads((tmp_path / "gptq" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (tmp_path / "gptq" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="holds a 'gptq'-quantised model"):
+        export_onnx(tmp_path / "gptq")
+
     quantize_int8(tiny_classifier()).save_pretrained(tmp_path / "alone")
     with pytest.raises(ValueError, match="export the float folder it was quantised from"):
         export_onnx(tmp_path / "alone")
+
+
+def test_check_names_the_max_difference(pruned_folder, monkeypatch):
+    def off_by_one(session, inputs):
+        return run_onnx(session, inputs) + 1.0
+
+    monkeypatch.setattr("hf_compress.export.onnx.run_onnx", off_by_one)
+    with pytest.raises(ValueError, match=r"differs from PyTorch by up to 1 \(`atol`=0.0001, `rtol`=0.001\)"):
+        export_onnx(pruned_folder, quantize=False)
 
 
 def test_bad_folder_is_refused(tmp_path):
