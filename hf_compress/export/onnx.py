@@ -177,6 +177,11 @@ def _input_names(model: nn.Module, tokenizer) -> list[str]:
 def _encode(tokenizer, texts: list[str], names: list[str], extra_padding: int = 0) -> dict[str, torch.Tensor]:
     """Real token ids of ``texts``; ``extra_padding`` pads every row past the longest so the trace sees a mask."""
     lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    if min(lengths) == 0:
+        raise ValueError(
+            f"The tokenizer of the folder gives no tokens for `check_texts` {texts!r}; pass texts it can tokenise, "
+            "or re-save the tokenizer that matches the model."
+        )
     encoded = tokenizer(texts, padding="max_length", max_length=max(lengths) + extra_padding, return_tensors="pt")
     return {name: encoded[name] if name in encoded else torch.zeros_like(encoded["input_ids"]) for name in names}
 

@@ -18,7 +18,7 @@ from hf_compress.export.runtime import require  # noqa: E402
 from hf_compress.loading import from_pretrained  # noqa: E402
 from hf_compress.quantization.quantize import quantize_int8  # noqa: E402
 from hf_compress.vocabulary.prune import prune_vocabulary  # noqa: E402
-from tests.conftest import VOCAB, tiny_model, tiny_tokenizer  # noqa: E402
+from tests.conftest import FAMILIES, VOCAB, tiny_model, tiny_tokenizer  # noqa: E402
 from tests.export.conftest import SENTENCES, save_folder, tiny_classifier  # noqa: E402
 
 
@@ -158,3 +158,26 @@ def test_folder_without_tokenizer_and_bad_check_texts(tmp_path, pruned_folder):
 def test_missing_optional_dependency_names_the_extra():
     with pytest.raises(ImportError, match=r'`not_a_module_hf_compress`.*pip install "hf-compress\[onnx\]"'):
         require("not_a_module_hf_compress")
+
+
+WORDS = ("w1 w2 w3", "w4 w5", "w6 w7 w8 w9 w10 w11")
+# AutoTokenizer loads a Qwen2/3 folder's tokenizer.json as byte-level BPE, which drops the word-level test vocabulary
+WORD_LEVEL_FAMILIES = [f for f in FAMILIES if not f.startswith("qwen")]
+
+
+@pytest.mark.parametrize("family", WORD_LEVEL_FAMILIES)
+def test_every_family_exports_within_tolerance(tmp_path, family):
+    model = tiny_model(family, "seq_cls")
+    folder = save_folder(model, tiny_tokenizer(), tmp_path / family)
+
+    result = export_onnx(folder, quantize=False, check_texts=WORDS)
+
+    assert result.max_abs_diff < 1e-4  # padded rows of another shape than the traced one
+    segments = getattr(model.config, "type_vocab_size", 1) > 1
+    assert ("token_type_ids" in result.inputs) == (segments and family != "distilbert")
+
+
+def test_tokenizer_without_tokens_for_the_check_texts(tmp_path):
+    folder = save_folder(tiny_model("qwen2", "seq_cls"), tiny_tokenizer(), tmp_path / "qwen2")
+    with pytest.raises(ValueError, match="gives no tokens for `check_texts`"):
+        export_onnx(folder, quantize=False, check_texts=WORDS)
