@@ -177,8 +177,10 @@ def measure(stages: dict[str, Path], workdir: Path, size: dict, threads: int, no
                 s, {k: v[:batch] for k, v in x.items()}
             )
         if node:
+            expected = torch_labels(model, tokenizer)
             js = {dtype: node_labels(workdir / key, dtype) for dtype in ("fp32", "q8")}
-            labels[names[key]] = {"pytorch": torch_labels(model, tokenizer), **js}
+            same = {f"{dtype}_same_labels": js[dtype] == expected for dtype in js if js[dtype] is not None}
+            labels[names[key]] = {"sentences": list(SENTENCES), "pytorch": expected, **js, **same}
     print("timing ...", flush=True)
     for batch, repeats in zip((1, 32), size["repeats"]):
         fns = {name: functools.partial(call, batch) for name, call in calls.items()}

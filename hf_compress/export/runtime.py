@@ -31,7 +31,7 @@ def require(module: str) -> Any:
         raise ImportError(f"ONNX export needs `{module}`, which is not installed; run `{ONNX_EXTRA}`.") from err
 
 
-def onnx_session(model: str | os.PathLike | Any, num_threads: int | None = None) -> Any:
+def onnx_session(model: str | os.PathLike | Any, num_threads: int | None = None, spinning: bool = False) -> Any:
     """An ONNX Runtime CPU session of the graph file ``model`` with ``num_threads`` intra-op threads.
 
     Args:
@@ -40,6 +40,9 @@ def onnx_session(model: str | os.PathLike | Any, num_threads: int | None = None)
         num_threads (`int`, *optional*):
             `SessionOptions.intra_op_num_threads` (inter-op is 1: the graphs run sequentially); ONNX Runtime's
             default (all physical cores) when `None`.
+        spinning (`bool`, *optional*, defaults to `False`):
+            Let idle intra-op threads busy-wait for the next call (ONNX Runtime's default). Off here: spinning threads
+            steal the cores from whatever runs next (a PyTorch model timed in the same loop, other processes).
 
     Example:
 
@@ -59,6 +62,7 @@ def onnx_session(model: str | os.PathLike | Any, num_threads: int | None = None)
     options.inter_op_num_threads = 1
     if num_threads is not None:
         options.intra_op_num_threads = num_threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 

@@ -77,3 +77,11 @@ def test_session_threads_and_feeds(graph, tmp_path):
         onnx_session(tmp_path / "missing.onnx")
     with pytest.raises(ValueError, match="`num_threads` must be a positive integer, got 0"):
         onnx_session(path, num_threads=0)
+
+
+def test_spinning_is_off_by_default(graph):
+    path, _ = graph
+    options = onnx_session(path).get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    spinning = onnx_session(path, spinning=True).get_session_options()
+    assert spinning.get_session_config_entry("session.intra_op.allow_spinning") == "1"
