@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hf_compress.recipes.lock import check_output_dir
 from hf_compress.recipes.plan import plan_recipe
 from hf_compress.recipes.schema import RecipeError, dump_resolved, load_recipe
 from hf_compress.recipes.validate import MODEL_STAGES
@@ -155,7 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hf_compress.reporting.measure import format_table
 
     recipe = load_recipe(args.recipe, args.set)
-    out = Path(args.output_dir or Path("outputs") / recipe.name)
+    out = check_output_dir(args.output_dir or Path("outputs") / recipe.name)  # a file: one sentence, not Errno 17
     _say(f"Running recipe {recipe.name!r} ({len(recipe.stages)} stages) into {out}")
     with _stage_logging():
         reports = run_recipe(recipe, out, force=args.force)

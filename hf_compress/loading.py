@@ -19,6 +19,7 @@ import transformers
 from safetensors.torch import load_file
 from torch import nn
 
+from hf_compress.checks import check_model_path, readable_weights
 from hf_compress.models.families import get_family, unwrap
 from hf_compress.pruning.surgery import layer_structure, prune_ffn_neurons, prune_heads, record_structure
 
@@ -76,7 +77,8 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"`path` {path!r} has no model.safetensors (or index); save with `save_pretrained`.")
     state = {}
     for name in files:
-        state.update(load_file(os.path.join(path, name)))
+        with readable_weights("path", os.path.join(path, name)):
+            state.update(load_file(os.path.join(path, name)))
     return state
 
 
@@ -144,6 +146,7 @@ def from_pretrained(path: str | os.PathLike, trust_remote_code: bool = False, **
     from hf_compress.quantization.quantize import is_quantized, load_quantized
 
     path = os.fspath(path)
+    check_model_path("path", path)
     config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     cls = _model_class(config, trust_remote_code)
     recorded = (getattr(config, "hf_compress", None) or {}).get("layers")
@@ -152,11 +155,13 @@ def from_pretrained(path: str | os.PathLike, trust_remote_code: bool = False, **
         if recorded is not None:
             skeleton = (cls.from_config if cls.__name__.startswith("Auto") else cls._from_config)(config)
             _slice_to(skeleton, recorded)
-        return load_quantized(path, model=skeleton, **{k: v for k, v in kwargs.items() if k == "compute"})
+        with readable_weights("path", path):
+            return load_quantized(path, model=skeleton, **{k: v for k, v in kwargs.items() if k == "compute"})
     if recorded is None:
         if trust_remote_code:
             kwargs["trust_remote_code"] = True
-        return cls.from_pretrained(path, **kwargs)
+        with readable_weights("path", path):
+            return cls.from_pretrained(path, **kwargs)
     unknown = sorted(set(kwargs) - set(_LOAD_KWARGS))
     if unknown:
         raise ValueError(f"`kwargs` has {unknown}, unsupported for a pruned folder; supported: {list(_LOAD_KWARGS)}.")

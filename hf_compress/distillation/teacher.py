@@ -25,6 +25,8 @@ from transformers.models.auto import modeling_auto
 from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils import logging
 
+from hf_compress.checks import check_model_path, readable_weights
+
 logger = logging.get_logger(__name__)
 
 # Head -> (Auto class, class names). Checked in this order: BART is both seq2seq and masked LM.
@@ -73,7 +75,9 @@ def build_teacher(
         if eager_attention:
             init_kwargs.setdefault("attn_implementation", "eager")
         auto_class = HEADS[head][0]
-        teacher = auto_class.from_pretrained(teacher, **init_kwargs)
+        check_model_path("teacher_model", teacher)
+        with readable_weights("teacher_model", teacher):
+            teacher = auto_class.from_pretrained(teacher, **init_kwargs)
         saved = (getattr(teacher.config, "architectures", None) or [None])[0]
         if saved is not None and detect_head(saved) not in (None, head):
             raise ValueError(

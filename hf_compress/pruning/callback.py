@@ -32,7 +32,9 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 
+from hf_compress.distributed import register_auto_shutdown
 from hf_compress.models.families import unwrap
+from hf_compress.pruning.checks import check_schedule
 from hf_compress.pruning.config import PruningConfig
 from hf_compress.pruning.importance import (
     block_influence_scores,
@@ -138,6 +140,7 @@ class PruningCallback(TrainerCallback):
         self._layouts: dict = {}  # target -> `unit_layout`, valid until surgery changes the shapes
         self._hooks: list = []
         self._end_step = 0
+        register_auto_shutdown()  # under a process group: clean exit without an explicit shutdown_distributed()
 
     # ---- schedule -------------------------------------------------------------------------------------------------
 
@@ -164,11 +167,7 @@ class PruningCallback(TrainerCallback):
             )
         self._layouts = {}
         self._end_step = self.config.end_step if self.config.end_step is not None else state.max_steps
-        if self._end_step > state.max_steps:
-            logger.warning(
-                f"`end_step`={self._end_step} is past the last step {state.max_steps}; the final "
-                "sparsity will not be reached."
-            )
+        check_schedule(self.config.start_step, self.config.end_step, state.max_steps)
         if self.masks is None:
             names = list(prunable_weights(model)) if "unstructured" in self.config.targets else None
             self.masks = PruningMasks.full(model, list(self.config.targets), names)

@@ -32,6 +32,7 @@ from hf_compress.models.families import (
     neuron_slices,
     unwrap,
 )
+from hf_compress.pruning.checks import check_keeps_one
 
 # Runtime attributes of the attention modules (BERT, DistilBERT, GPT-2, Llama family) and what they hold.
 _HEAD_ATTRIBUTES: dict[str, str] = {
@@ -199,7 +200,8 @@ def prune_ffn_neurons(model: nn.Module, neurons: dict[int, list[int]]) -> nn.Mod
     """Physically remove FFN neurons: up (and gate) rows with their bias entries, down-projection columns.
 
     The result computes exactly what the original model computes with those neurons' down-projection columns zeroed.
-    Removing every neuron of a layer is allowed (the FFN then outputs its down-projection bias).
+    Removing every neuron of a layer is refused, as for heads: remove the whole block with :func:`drop_layers`.
+    Arguments are validated for all layers before anything changes.
 
     Args:
         model (`PreTrainedModel`):
@@ -218,6 +220,9 @@ def prune_ffn_neurons(model: nn.Module, neurons: dict[int, list[int]]) -> nn.Mod
     inner = unwrap(model)
     plan = _index_dict("neurons", neurons, len(get_layers(inner)))
     slices = {layer: neuron_slices(inner, layer, indices) for layer, indices in plan.items()}
+    for layer, indices in plan.items():  # the rule of `prune_heads`: a layer keeps at least one unit
+        fix = f"remove the block with `drop_layers(model, [{layer}])`"
+        check_keeps_one("neurons", layer, len(set(indices)), ffn_size(inner, layer), "FFN neurons", fix)
     _keep_complement([s for layer_slices in slices.values() for s in layer_slices])
     for layer in slices:
         container = _ffn_container(inner, layer)

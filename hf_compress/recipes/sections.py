@@ -22,6 +22,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from hf_compress.checks import check_training_arguments
+
 RESERVED_TRAINING_KEYS = ("output_dir",)  # the pipeline writes each stage into its own folder
 
 
@@ -209,7 +211,9 @@ def config_kwargs(kind: str, values: Any, path: str, distills: bool = False) -> 
     values = {key: coerce(value, hints.get(key, Any), f"{path}.{key}") for key, value in values.items()}
     extra = {"output_dir": placeholder_dir(), "report_to": "none"} if kind == "training" else {}
     try:
-        cls(**{**extra, **values})
+        built = cls(**{**extra, **values})
+        if kind == "training":  # e.g. max_steps -5, which TrainingArguments accepts and turns into 3 epochs
+            check_training_arguments(built)
     except (ValueError, TypeError) as err:
         raise _post_init_error(err, path) from None
     return values

@@ -60,6 +60,7 @@ def prune_vocabulary(stage: dict[str, Any], ctx: StageContext, out_dir: Path) ->
 
     kwargs = dict(stage.get("vocabulary") or {})
     corpus = _vocabulary_corpus(ctx, stage.get("corpus_files") or [])
+    kwargs.setdefault("eval_corpus", None if ctx.eval_dataset is None else ctx.eval_dataset["input_ids"])
     model, tokenizer, vocabulary = prune(load_model(ctx.model), ctx.tokenizer, corpus, **kwargs)
     details = {
         "vocabulary": {**vocabulary.to_dict(), "corpus_files": stage.get("corpus_files") or []},
