@@ -8,6 +8,8 @@ Each rule raises one sentence naming the parameter, the value received and the f
 * :func:`check_model_path`: a model argument that looks like a local path names an existing folder (instead of
   transformers' "Repo id must be in the form ..." for a mistyped path);
 * :func:`check_finite_weights`: a model about to be saved has no NaN / inf parameter;
+* :func:`last_complete_checkpoint`: the newest `checkpoint-<step>` folder that holds every file a finished save
+  writes (a run killed while saving leaves a half-written one, which `resume_from_checkpoint=True` would pick);
 * :func:`readable_weights`: a truncated or corrupt safetensors file is reported as a [`CorruptFileError`] naming the
   file or folder and the fix, instead of a bare `SafetensorError`.
 """
@@ -143,3 +145,25 @@ def readable_weights(name: str, path: str | os.PathLike) -> Iterator[None]:
             f"`{name}` {os.fspath(path)!r} has a truncated or corrupt safetensors file ({err}); delete it and "
             "re-save the model (or rerun the stage / resume from an earlier checkpoint)."
         ) from err
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike, required: tuple[str, ...] = ("trainer_state.json",)):
+    """The newest `checkpoint-<step>` folder of `output_dir` holding every file of `required`, or `None`.
+
+    `trainer_state.json` is written last by `Trainer._save_checkpoint`, and callbacks write theirs after it (e.g.
+    `PruningCallback`: `pruning_state.json`), so a folder missing one of them was cut short by a crash.
+
+    >>> trainer.train(resume_from_checkpoint=last_complete_checkpoint(args.output_dir))  # doctest: +SKIP
+    """
+    folder = os.fspath(output_dir)
+    if not os.path.isdir(folder):
+        return None
+    steps = [
+        (int(name.rpartition("-")[2]), os.path.join(folder, name))
+        for name in os.listdir(folder)
+        if name.startswith("checkpoint-") and name.rpartition("-")[2].isdigit()
+    ]
+    for _, path in sorted(steps, reverse=True):
+        if all(os.path.isfile(os.path.join(path, name)) for name in required):
+            return path
+    return None

@@ -349,9 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        token = getattr(args, "token", None)
-        if token:
-            message = message.replace(token, "***")
+        for secret in (getattr(args, "token", None), os.environ.get("HF_TOKEN")):  # never print a token
+            message = message.replace(secret, "***") if secret else message
         print(f"error: {message}", file=sys.stderr)
         return 2 if isinstance(err, (ValueError, FileNotFoundError, ModuleNotFoundError)) else 1
     except KeyboardInterrupt:

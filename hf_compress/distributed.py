@@ -33,15 +33,16 @@ def register_auto_shutdown() -> None:
     """Register (once per process) the ``atexit`` hook that ends a live process group cleanly; see the module doc."""
     global _registered
     if not _registered:
-        atexit.register(_shutdown_at_exit)
+        atexit.register(shutdown_live_trainers)
         _registered = True
 
 
-def _shutdown_at_exit() -> None:
+def shutdown_live_trainers() -> None:
+    """:func:`shutdown_distributed` of every live `Trainer`; a no-op without a process group (the ``atexit`` hook)."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     gc.collect()
-    shutdown_distributed(*[obj for obj in gc.get_objects() if isinstance(obj, Trainer)])
+    shutdown_distributed(*[obj for obj in gc.get_objects() if issubclass(type(obj), Trainer)])  # no __class__ lookups
 
 
 def shutdown_distributed(*trainers: Any) -> None:

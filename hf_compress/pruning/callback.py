@@ -34,7 +34,7 @@ from transformers import TrainerCallback
 
 from hf_compress.distributed import register_auto_shutdown
 from hf_compress.models.families import unwrap
-from hf_compress.pruning.checks import check_schedule
+from hf_compress.pruning.checks import check_complete_checkpoint, check_schedule
 from hf_compress.pruning.config import PruningConfig
 from hf_compress.pruning.importance import (
     block_influence_scores,
@@ -64,6 +64,7 @@ from hf_compress.pruning.unstructured import magnitude_masks, prunable_weights
 logger = logging.getLogger(__name__)
 
 STATE_NAME = "pruning_state.json"
+SAVED = (MASKS_NAME, STATE_NAME)  # what `on_save` writes, state last: a checkpoint without both was cut short
 
 
 def _check_not_peft(model: torch.nn.Module) -> None:
@@ -172,6 +173,7 @@ class PruningCallback(TrainerCallback):
             names = list(prunable_weights(model)) if "unstructured" in self.config.targets else None
             self.masks = PruningMasks.full(model, list(self.config.targets), names)
         if state.global_step > 0:
+            check_complete_checkpoint(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), SAVED)
             self._restore(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), model)
         elif self._is_pruning_step(0):
             self._prune(0, args, model, optimizer, train_dataloader)

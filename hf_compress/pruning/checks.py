@@ -2,11 +2,17 @@
 
 * :func:`check_schedule`: a schedule that starts or ends past the last training step would leave the model (partly)
   unpruned while the run looks fine, so it is refused in `on_train_begin`, before any step;
+* :func:`check_complete_checkpoint`: a checkpoint that a crash cut short (no masks / pruning state) is never
+  resumed from as if it were whole;
 * :func:`check_keeps_one`: neither every head nor every FFN neuron of a layer may go (one rule for both: remove the
   whole block with `drop_layers` instead).
 """
 
 from __future__ import annotations
+
+import os
+
+from hf_compress.checks import last_complete_checkpoint
 
 
 def check_schedule(start_step: int, end_step: int | None, max_steps: int) -> None:
@@ -32,4 +38,18 @@ def check_keeps_one(name: str, layer: int, removed: int, total: int, unit: str, 
     if total > 0 and removed >= total:
         raise ValueError(
             f"`{name}[{layer}]` removes all {total} {unit} of layer {layer}; keep at least one, or {fix}."
+        )
+
+
+def check_complete_checkpoint(folder: str, required: tuple[str, ...]) -> None:
+    """Raise a `ValueError` when the checkpoint `folder` exists but lacks one of `required` (a save cut short)."""
+    if not os.path.isdir(folder):
+        return
+    missing = [name for name in required if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        previous = last_complete_checkpoint(os.path.dirname(folder), ("trainer_state.json", *required))
+        raise ValueError(
+            f"`resume_from_checkpoint` {folder!r} is incomplete (no {', '.join(missing)}: the run stopped while "
+            f"saving it); resume from {previous!r} instead"
+            + (", e.g. `resume_from_checkpoint=last_complete_checkpoint(output_dir)`." if previous else ".")
         )
