@@ -7,6 +7,7 @@ Each rule raises one sentence naming the parameter, the value received and the f
   asked (``max_steps`` other than ``-1`` or ``> 0``, no epochs, non-finite rates);
 * :func:`check_model_path`: a model argument that looks like a local path names an existing folder (instead of
   transformers' "Repo id must be in the form ..." for a mistyped path);
+* :func:`check_label_values`: class labels of a dataset lie in `[0, num_labels)` (or are -100);
 * :func:`check_finite_weights`: a model about to be saved has no NaN / inf parameter;
 * :func:`last_complete_checkpoint`: the newest `checkpoint-<step>` folder that holds every file a finished save
   writes (a run killed while saving leaves a half-written one, which `resume_from_checkpoint=True` would pick);
@@ -109,6 +110,22 @@ def check_model_path(name: str, value: Any) -> None:
     if looks_like_path(text):
         raise FileNotFoundError(
             f"`{name}` {text!r} does not exist; pass an existing model folder (one with config.json) or a Hub id."
+        )
+
+
+def check_label_values(labels: Any, num_labels: int, name: str = "num_labels") -> None:
+    """Raise a `ValueError` when a class label of `labels` (ints, -100 ignored) is outside `[0, num_labels)`.
+
+    Checked when the data and the label count meet (a recipe stage's start), instead of an `IndexError` deep in
+    the loss kernel on some later batch.
+    """
+    flat = (v for row in labels for v in (row if isinstance(row, (list, tuple)) else [row]))  # token labels too
+    values = {int(v) for v in flat if v is not None and int(v) != -100}
+    bad = sorted(v for v in values if not 0 <= v < num_labels)
+    if bad:
+        raise ValueError(
+            f"`{name}` is {num_labels} but the data has labels {bad[:5]} outside [0, {num_labels}); set `{name}` to "
+            f"{max(values) + 1} or fix the label column."
         )
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from hf_compress.checks import check_label_values
 from hf_compress.recipes.data import data_collator, load_text_dataset, resolve_model_path
 from hf_compress.recipes.stages.report import card, evaluate
 from hf_compress.recipes.stages.vocabulary import prune_vocabulary
@@ -119,6 +120,7 @@ class StageContext:
     @property
     def num_labels(self) -> int:
         if self.spec["model"].get("num_labels"):
+            check_label_values(self.train_dataset["labels"], int(self.spec["model"]["num_labels"]), "model.num_labels")
             return int(self.spec["model"]["num_labels"])
         names = getattr(self.train_dataset.features["labels"], "names", None)
         return len(names) if names else len(set(self.train_dataset["labels"]))
