@@ -39,8 +39,11 @@ TRAIN = {"max_steps": 2, "per_device_train_batch_size": 4, "use_cpu": True, "dis
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
+    return make_workspace(tmp_path_factory.mktemp("bad_inputs"))
+
+
+def make_workspace(root: Path) -> Path:
     """Inputs every case may read: a teacher folder, a tsv, a recipe, corrupt files; cases must change none."""
-    root = tmp_path_factory.mktemp("bad_inputs")
     teacher = tiny_model("bert", "seq_cls", num_labels=2)
     teacher.save_pretrained(root / "teacher")
     tiny_tokenizer().save_pretrained(root / "teacher")

@@ -30,7 +30,7 @@ from hf_compress.checks import last_complete_checkpoint
 from hf_compress.cli import main
 from hf_compress.pruning.callback import SAVED
 from hf_compress.pruning.surgery import prune_heads
-from hf_compress.recipes.lock import LOCK_NAME, OutputLockedError, output_lock
+from hf_compress.recipes.lock import LOCK_NAME, OutputLockedError, acquire_output_lock, output_lock
 from hf_compress.recipes.schema import RecipeError, load_recipe
 from tests.conftest import ROOT, tiny_model, tiny_tokenizer, write_tsv
 from tests.scripts.checkpoint_script import build_trainer
@@ -196,6 +196,11 @@ def test_lock_refuses_a_second_holder_and_is_released_by_a_killed_one(tmp_path):
         assert path == out / LOCK_NAME
     with output_lock(out, enabled=False) as path:  # non-main processes take nothing
         assert path is None
+    lock = acquire_output_lock(out)  # the one-line form: held until released or dropped
+    with pytest.raises(OutputLockedError):
+        acquire_output_lock(out)
+    del lock
+    acquire_output_lock(out).release()
 
 
 @pytest.mark.xfail(strict=True, reason="lock not wired")
@@ -211,7 +216,7 @@ def test_a_second_cli_run_on_the_same_folder_is_refused(inputs, tmp_path):
             env=ENV,
             capture_output=True,
             text=True,
-            timeout=60,  # refused right after start-up once wired; unwired, it trains until this timeout
+            timeout=45,  # refused right after start-up once wired; unwired, it trains until this timeout
         )
         assert second.returncode == 1 and "is in use by another hf-compress run" in second.stderr
         assert (out / ".student.tmp").is_dir()  # the first run's work is untouched
