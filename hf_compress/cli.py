@@ -31,6 +31,7 @@ from transformers import AutoTokenizer, pipeline
 
 from hf_compress.distributed import shutdown_distributed
 from hf_compress.loading import from_pretrained
+from hf_compress.recipes.lock import check_output_dir
 from hf_compress.recipes.pipeline import run_recipe
 from hf_compress.recipes.plan import plan_recipe
 from hf_compress.recipes.schema import MODEL_STAGES, RecipeError, dump_resolved
@@ -157,7 +158,7 @@ def final_model_folder(out: str | Path) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.set)
-    out = Path(args.output_dir or Path("outputs") / recipe.name)
+    out = check_output_dir(args.output_dir or Path("outputs") / recipe.name)  # a file: one sentence, not Errno 17
     _say(f"Running recipe {recipe.name!r} ({len(recipe.stages)} stages) into {out}")
     with _stage_logging():
         reports = run_recipe(recipe, out, force=args.force)
@@ -336,9 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        token = getattr(args, "token", None)
-        if token:
-            message = message.replace(token, "***")
+        for secret in (getattr(args, "token", None), os.environ.get("HF_TOKEN")):  # never print a token
+            message = message.replace(secret, "***") if secret else message
         print(f"error: {message}", file=sys.stderr)
         return 2 if isinstance(err, (ValueError, FileNotFoundError, ModuleNotFoundError)) else 1
     except KeyboardInterrupt:

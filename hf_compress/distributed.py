@@ -5,18 +5,44 @@ then exits with that wrapper still referenced (a finished ``Trainer`` holds it),
 during interpreter shutdown and the process can abort with ``terminate called without an active exception`` —
 the run's work is done and saved, but the exit status is non-zero. :func:`shutdown_distributed` unwraps the
 trainers, frees the wrappers and destroys the group while Python is still fully alive.
+
+Scripts need not call it: creating a `DistillationTrainer` or a `PruningCallback` calls
+:func:`register_auto_shutdown`, which registers an ``atexit`` hook (run before interpreter teardown, while Python is
+fully alive) that does the same for every live `Trainer`. The explicit call stays available, e.g. to end the group
+early; the hook is then a no-op.
 """
 
 from __future__ import annotations
 
+import atexit
 import gc
 from typing import Any
 
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from transformers import Trainer
+
+_registered = False
+
 
 def _unwrap(value: Any) -> Any:
-    from torch.nn.parallel import DistributedDataParallel
-
     return value.module if isinstance(value, DistributedDataParallel) else value
+
+
+def register_auto_shutdown() -> None:
+    """Register (once per process) the ``atexit`` hook that ends a live process group cleanly; see the module doc."""
+    global _registered
+    if not _registered:
+        atexit.register(shutdown_live_trainers)
+        _registered = True
+
+
+def shutdown_live_trainers() -> None:
+    """:func:`shutdown_distributed` of every live `Trainer`; a no-op without a process group (the ``atexit`` hook)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()
+    shutdown_distributed(*[obj for obj in gc.get_objects() if issubclass(type(obj), Trainer)])  # no __class__ lookups
 
 
 def shutdown_distributed(*trainers: Any) -> None:
@@ -34,8 +60,6 @@ def shutdown_distributed(*trainers: Any) -> None:
     >>> shutdown_distributed(trainer)  # doctest: +SKIP
     ```
     """
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return
     for trainer in trainers:

@@ -29,6 +29,7 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import PrefixChange, convert_and_load_state_dict_in_model
 from transformers.modeling_utils import LoadStateDictConfig, revert_weight_conversion
 
+from hf_compress.checks import check_model_path, readable_weights
 from hf_compress.models.families import get_family, unwrap
 from hf_compress.models.hub_ids import hub_id
 from hf_compress.pruning.experts import prune_expert_neurons, prune_experts
@@ -97,7 +98,8 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"`path` {path!r} has no model.safetensors (or index); save with `save_pretrained`.")
     state = {}
     for name in files:
-        state.update(load_file(os.path.join(path, name)))
+        with readable_weights("path", os.path.join(path, name)):
+            state.update(load_file(os.path.join(path, name)))
     return state
 
 
@@ -192,6 +194,7 @@ def from_pretrained(path: str | os.PathLike, trust_remote_code: bool = False, **
     >>> model = hf_compress.from_pretrained("pruned-model")  # doctest: +SKIP
     """
     path = os.fspath(path)
+    check_model_path("path", path)
     hub = {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
     config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
     cls = _model_class(config, trust_remote_code)
@@ -200,12 +203,14 @@ def from_pretrained(path: str | os.PathLike, trust_remote_code: bool = False, **
         skeleton = (cls.from_config if cls.__name__.startswith("Auto") else cls._from_config)(config)
         if recorded is not None:
             _slice_to(skeleton, recorded)
-        return load_quantized_weights(skeleton, local_folder(path, **hub), kwargs.get("compute"))
+        with readable_weights("path", path):
+            return load_quantized_weights(skeleton, local_folder(path, **hub), kwargs.get("compute"))
     legacy = _legacy_pruned_heads(config) if recorded is None else None
     if recorded is None and legacy is None:
         if trust_remote_code:
             kwargs["trust_remote_code"] = True
-        return cls.from_pretrained(path, **hub, **kwargs)
+        with readable_weights("path", path):
+            return cls.from_pretrained(path, **hub, **kwargs)
     unknown = sorted(set(kwargs) - set(_LOAD_KWARGS))
     if unknown:
         raise ValueError(f"`kwargs` has {unknown}, unsupported for a pruned folder; supported: {list(_LOAD_KWARGS)}.")

@@ -14,6 +14,7 @@ import yaml
 import hf_compress.cli
 import hf_compress.reporting.hub
 from hf_compress.cli import DEMO_SENTENCES, QUICK_OVERRIDES, demo_predictions, main, packaged_recipe
+from hf_compress.recipes.lock import LOCK_NAME
 from hf_compress.recipes.schema import REPO_ROOT
 from tests.conftest import free_port, tiny_model, tiny_tokenizer
 
@@ -79,7 +80,7 @@ def test_run_end_to_end_then_resume_report_and_card(inputs, tmp_path, capsys, mo
     assert main(["run", str(recipe), "--output-dir", str(out), "--set", "stages.student.training.max_steps=3"]) == 0
     printed = capsys.readouterr().out
     names = ["teacher", "student", "pruned", "int8", "evaluate", "card"]
-    assert sorted(p.name for p in out.iterdir()) == sorted([*names, "recipe.yaml"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*names, "recipe.yaml", LOCK_NAME])
     for name in names:
         assert json.loads((out / name / "report.json").read_text())["status"] == "done"
     assert json.loads((out / "student" / "report.json").read_text())["train"]["train_runtime"] > 0
@@ -317,7 +318,10 @@ def test_accelerate_launch_two_processes_prints_once(inputs, tmp_path):
     }
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["evaluate", "recipe.yaml", "student", "teacher"]
+    expected = sorted([LOCK_NAME, "evaluate", "recipe.yaml", "student", "teacher"])
+    assert sorted(p.name for p in out.iterdir()) == expected
+        [LOCK_NAME, "evaluate", "recipe.yaml", "student", "teacher"]
+    )
     assert result.stdout.count("Running recipe 'tiny-cli'") == 1
     assert result.stdout.count("\nstage ") == 1 and result.stdout.count("Outputs: ") == 1
 

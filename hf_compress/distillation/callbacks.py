@@ -18,6 +18,8 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
+from hf_compress.checks import check_finite_weights
+
 logger = logging.get_logger(__name__)
 
 
@@ -52,6 +54,14 @@ class CardWriter(Protocol):
 
     def write(self, folder: str, final: bool = True, **card_kwargs: Any) -> Any:
         """Write the card into `folder` (`card_kwargs`: `model_name`, `base_model`, `datasets`, `methods`, ...)."""
+
+
+class FiniteWeightsCheck(TrainerCallback):
+    """Refuse to write a checkpoint whose weights hold NaN or inf: checked at the end of a step that will save."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if control.should_save and model is not None:
+            check_finite_weights(model, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
 
 class HiddenProjectionCheckpoint(TrainerCallback):

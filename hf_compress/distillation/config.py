@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from transformers import TrainingArguments
 
+from hf_compress.checks import check_finite, check_training_arguments
+
 
 @dataclass
 class DistillationConfig(TrainingArguments):
@@ -96,11 +98,13 @@ class DistillationConfig(TrainingArguments):
     )
 
     def __post_init__(self):
-        super().__post_init__()
+        # parsed before TrainingArguments, whose bare json.loads of "{..." strings names no field when it fails
         for name in ("layer_map", "teacher_model_init_kwargs"):  # JSON strings not starting with "{" included
             value = getattr(self, name)
             if isinstance(value, str):
                 setattr(self, name, _parse_json_dict(name, value))
+        super().__post_init__()
+        check_training_arguments(self)
         if self.layer_map is not None:
             self.layer_map = _int_layer_map(self.layer_map)
         validate_distillation_options({name: getattr(self, name) for name in DISTILLATION_DEFAULTS})
@@ -117,6 +121,8 @@ def distillation_options(args: TrainingArguments) -> dict[str, Any]:
 
     Missing fields take [`DISTILLATION_DEFAULTS`]; `args` is never modified.
     """
+    if args is not None:
+        check_training_arguments(args)
     options = {name: getattr(args, name, default) for name, default in DISTILLATION_DEFAULTS.items()}
     for name in ("layer_map", "teacher_model_init_kwargs"):
         if isinstance(options[name], str):
@@ -130,6 +136,8 @@ def distillation_options(args: TrainingArguments) -> dict[str, Any]:
 
 def validate_distillation_options(options: dict[str, Any]) -> None:
     """Raise a one-sentence `ValueError` for the first invalid distillation option."""
+    for name in ("temperature", "alpha", "jsd_beta", "hidden_loss_weight", "attention_loss_weight"):
+        check_finite(name, options[name])
     if not options["temperature"] > 0:
         raise ValueError(f"`temperature` must be > 0, got {options['temperature']}.")
     if not 0 <= options["alpha"] <= 1:

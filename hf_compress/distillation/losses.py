@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from hf_compress.checks import check_finite
 from hf_compress.distillation.chunked import IGNORE_INDEX, ChunkedKD, TopKLogits
 
 Divergence = Literal["kl", "reverse_kl", "jsd", "mse"]
@@ -94,6 +95,7 @@ def soft_divergence(
 def _check_divergence(divergence: str, temperature: float, beta: float) -> None:
     if divergence not in DIVERGENCES:
         raise ValueError(f"`divergence` must be one of {list(DIVERGENCES)}, got {divergence!r}.")
+    check_finite("temperature", temperature)
     if temperature <= 0:
         raise ValueError(f"`temperature` must be > 0, got {temperature}.")
     if divergence == "jsd" and not 0 < beta < 1:

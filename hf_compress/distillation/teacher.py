@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils import logging
 
+from hf_compress.checks import check_model_path, readable_weights
 from hf_compress.models.heads import HEADS, LM_HEADS, detect_head
 
 logger = logging.get_logger(__name__)
@@ -61,7 +62,9 @@ def build_teacher(
         init_kwargs = {"trust_remote_code": False, **init_kwargs}
         if eager_attention:
             init_kwargs.setdefault("attn_implementation", "eager")
-        teacher = HEADS[head].auto().from_pretrained(teacher, **init_kwargs)
+        check_model_path("teacher_model", teacher)
+        with readable_weights("teacher_model", teacher):
+            teacher = HEADS[head].auto().from_pretrained(teacher, **init_kwargs)
         saved = (getattr(teacher.config, "architectures", None) or [None])[0]
         if saved is not None and detect_head(saved) not in (None, head):
             raise ValueError(

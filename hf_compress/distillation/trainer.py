@@ -18,11 +18,25 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArgu
 from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils import logging
 
+from hf_compress.checks import check_finite_weights
 from hf_compress.distillation.cache import CACHE_COLUMNS, TeacherCacheCollator, has_teacher_cache, pop_teacher_outputs
-from hf_compress.distillation.callbacks import CardWriter, HiddenProjection, HiddenProjectionCheckpoint
+from hf_compress.distillation.callbacks import (
+    CardWriter,
+    FiniteWeightsCheck,
+    HiddenProjection,
+    HiddenProjectionCheckpoint,
+)
+from hf_compress.distillation.checks import (
+    LabelChecker,
+    check_finite_components,
+    check_input_vocabulary,
+    check_layer_map,
+    label_classes,
+)
 from hf_compress.distillation.config import default_layer_map, distillation_options
 from hf_compress.distillation.losses import attention_loss, distillation_loss, hidden_state_loss, soft_loss
 from hf_compress.distillation.teacher import DISTILLED_HEADS, build_teacher, check_compatible, distilled_head
+from hf_compress.distributed import register_auto_shutdown
 
 __all__ = ["DistillationTrainer"]
 
@@ -121,6 +135,9 @@ class DistillationTrainer(Trainer):
                 self.add_callback(callback_class())
         for writer in self.card_writers:
             writer.set_trainer(self)
+        self.add_callback(FiniteWeightsCheck())  # never write a checkpoint of NaN / inf weights
+        self._check_labels = LabelChecker(label_classes(student, self._head))
+        register_auto_shutdown()  # under a process group: clean exit without an explicit shutdown_distributed()
 
     @property
     def card_writers(self) -> list[CardWriter]:
@@ -143,11 +160,14 @@ class DistillationTrainer(Trainer):
 
     def _check_compatible(self, student: nn.Module, teacher: nn.Module) -> None:
         check_compatible(student, teacher, self._head, self.processing_class)
+        check_input_vocabulary(student, teacher, self.processing_class)
 
     def _configure_intermediate_losses(self, student: nn.Module, teacher: nn.Module) -> None:
         kd = self.distillation_args
         self.layer_map: dict[int, int] = {}
         self.hidden_projection = None
+        if teacher is not None and kd["layer_map"]:  # checked whether or not a hidden / attention loss reads it
+            check_layer_map(kd["layer_map"], student.config.num_hidden_layers, teacher.config.num_hidden_layers)
         if kd["hidden_loss_weight"] == 0 and kd["attention_loss_weight"] == 0:
             return
         if teacher is None:
@@ -162,12 +182,6 @@ class DistillationTrainer(Trainer):
             )
         n_student, n_teacher = student.config.num_hidden_layers, teacher.config.num_hidden_layers
         self.layer_map = kd["layer_map"] or default_layer_map(n_student, n_teacher)
-        for s, t in self.layer_map.items():
-            if not (0 <= s < n_student and 0 <= t < n_teacher):
-                raise ValueError(
-                    f"`layer_map` entry {s}: {t} is out of range for a {n_student}-layer student and "
-                    f"{n_teacher}-layer teacher; use 0-based layer indices."
-                )
         if kd["attention_loss_weight"] > 0:
             heads = (student.config.num_attention_heads, teacher.config.num_attention_heads)
             if heads[0] != heads[1]:
@@ -216,6 +230,7 @@ class DistillationTrainer(Trainer):
         teacher_outputs = pop_teacher_outputs(inputs)
         pairs = TARGETS.get(self._head, {"logits": "labels"})
         targets = {key: inputs.pop(key) for key in list(pairs.values()) if key in inputs}
+        self._check_labels(targets.get("labels"), self.state.global_step, 1 - kd["alpha"])
         if self._head == "seq2seq_lm" and "labels" in targets and "decoder_input_ids" not in inputs:
             student = unwrap_peft_model(self.accelerator.unwrap_model(model))
             inputs["decoder_input_ids"] = student.prepare_decoder_input_ids_from_labels(labels=targets["labels"])
@@ -241,6 +256,7 @@ class DistillationTrainer(Trainer):
         if kd["attention_loss_weight"] > 0:
             components["loss_attention"] = self._attention_loss(outputs, teacher_outputs, inputs.get("attention_mask"))
             aux = aux + kd["attention_loss_weight"] * components["loss_attention"]
+        check_finite_components(components, self.state.global_step)  # before backward and the optimizer step
 
         # Token terms are sums over the whole accumulated (and, averaged across devices, global) batch divided by
         # `num_items_in_batch`; the Trainer then neither divides by accumulation steps nor lets DDP average them away.
@@ -356,6 +372,7 @@ class DistillationTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the student as `Trainer` does, plus the model card of each [`CardWriter`] callback."""
         # Public hook: no callback event fires on `save_model`.
+        check_finite_weights(self.model, output_dir or self.args.output_dir)
         super().save_model(output_dir, _internal_call)
         if not _internal_call and self.args.should_save:
             for writer in self.card_writers:

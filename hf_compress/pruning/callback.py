@@ -40,7 +40,9 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
+from hf_compress.distributed import register_auto_shutdown
 from hf_compress.models.families import get_family, unwrap
+from hf_compress.pruning.checks import check_complete_checkpoint, check_schedule
 from hf_compress.pruning.config import PruningConfig
 from hf_compress.pruning.importance import (
     block_influence_scores,
@@ -71,6 +73,7 @@ from hf_compress.pruning.unstructured import magnitude_masks, prunable_weights
 logger = logging.get_logger(__name__)
 
 STATE_NAME = "pruning_state.json"
+SAVED = (MASKS_NAME, STATE_NAME)  # what `on_save` writes, state last: a checkpoint without both was cut short
 
 
 def _check_not_peft(model: torch.nn.Module) -> None:
@@ -139,6 +142,7 @@ class PruningCallback(TrainerCallback):
         self._hooks: list = []
         self._end_step = 0
         self._updates = 0  # pruning steps that changed the masks in this run (logged as `pruning/updates`)
+        register_auto_shutdown()  # under a process group: clean exit without an explicit shutdown_distributed()
 
     # ---- schedule -------------------------------------------------------------------------------------------------
 
@@ -173,16 +177,14 @@ class PruningCallback(TrainerCallback):
         self._layouts = {}
         self._updates = 0
         self._end_step = self.config.end_step if self.config.end_step is not None else state.max_steps
-        if self._end_step > state.max_steps:
-            logger.warning(
-                f"`end_step`={self._end_step} is past the last step {state.max_steps}; the final "
-                "sparsity will not be reached."
-            )
+        check_schedule(self.config.start_step, self.config.end_step, state.max_steps)
         if self.masks is None:
             names = list(prunable_weights(model)) if "unstructured" in self.config.targets else None
             self.masks = PruningMasks.full(model, list(self.config.targets), names)
         if state.global_step > 0:
-            self._restore(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"), model)
+            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            check_complete_checkpoint(folder, SAVED)
+            self._restore(folder, model)
         elif self._is_pruning_step(0):
             self._prune(0, args, model, optimizer, train_dataloader)
         self._apply(model, optimizer)

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from hf_compress.checks import readable_weights
 from hf_compress.models.families import ffn_size, get_layers, head_counts, head_slices, neuron_slices, unwrap
 from hf_compress.pruning.importance import normalize_per_layer
 from hf_compress.pruning.schedules import units_to_remove
@@ -178,7 +179,8 @@ def save_masks(masks: PruningMasks, path: str, extra: dict[str, torch.Tensor] | 
 
 def load_masks(path: str) -> tuple[PruningMasks, dict[str, torch.Tensor]]:
     """Read a file written by :func:`save_masks`: ``(masks, extra)``."""
-    tensors = load_file(path)
+    with readable_weights("path", path):  # e.g. a checkpoint's masks file cut short by a crash
+        tensors = load_file(path)
     extra = {k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")}
     return PruningMasks.from_state_dict(tensors), extra
 

@@ -41,6 +41,7 @@ from hf_compress.models.families import (
     unwrap,
 )
 from hf_compress.models.table import HEAD_ATTRIBUTES, PER_LAYER_CONFIG
+from hf_compress.pruning.checks import check_keeps_one
 
 
 def _index_dict(name: str, value: Any, num_layers: int) -> dict[int, list[int]]:
@@ -264,7 +265,8 @@ def prune_ffn_neurons(model: nn.Module, neurons: dict[int, list[int]]) -> nn.Mod
     """Physically remove FFN neurons: up (and gate) rows with their bias entries, down-projection columns.
 
     The result computes exactly what the original model computes with those neurons' down-projection columns zeroed.
-    Removing every neuron of a layer is allowed (the FFN then outputs its down-projection bias).
+    Removing every neuron of a layer is refused, as for heads: remove the whole block with :func:`drop_layers`.
+    Arguments are validated for all layers before anything changes.
 
     Args:
         model (`PreTrainedModel`):
@@ -289,6 +291,9 @@ def prune_ffn_neurons(model: nn.Module, neurons: dict[int, list[int]]) -> nn.Mod
             "`hf_compress.pruning.experts.prune_expert_neurons`."
         )
     slices = {layer: neuron_slices(inner, layer, indices) for layer, indices in plan.items()}
+    for layer, indices in plan.items():  # the rule of `prune_heads`: a layer keeps at least one unit
+        fix = f"remove the block with `drop_layers(model, [{layer}])`"
+        check_keeps_one("neurons", layer, len(set(indices)), ffn_size(inner, layer), "FFN neurons", fix)
     _keep_complement([s for layer_slices in slices.values() for s in layer_slices])
     for layer in slices:
         container = _ffn_container(inner, layer)

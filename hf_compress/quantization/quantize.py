@@ -16,6 +16,7 @@ import warnings
 
 from torch import nn
 
+from hf_compress.quantization.checks import check_not_quantized
 from hf_compress.quantization.layers import (
     CLIP_RATIOS,
     COMPUTE_MODES,
@@ -95,6 +96,7 @@ def quantize_model(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch `nn.Module`, got {type(model).__name__}.")
+    check_not_quantized(model)
     check_compute(compute)
     if embedding_bits not in (4, 8):
         raise ValueError(f"`embedding_bits` must be 4 or 8, got {embedding_bits}.")

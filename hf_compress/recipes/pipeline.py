@@ -20,6 +20,7 @@ import torch
 from accelerate import PartialState
 from transformers.utils import logging
 
+from hf_compress.recipes.lock import acquire_output_lock
 from hf_compress.recipes.schema import Recipe, Stage, dump_resolved, recipe_hash
 from hf_compress.recipes.stages import STAGES
 from hf_compress.recipes.stages.context import StageContext
@@ -140,23 +141,26 @@ def run_recipe(
     recipe = _as_recipe(recipe)
     out = Path(output_dir)
     state = _process_state(recipe)
-    if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".recipe.yaml.tmp").write_text(dump_resolved(recipe))
-        os.replace(out / ".recipe.yaml.tmp", out / "recipe.yaml")
-    state.wait_for_everyone()
+    lock = acquire_output_lock(out, enabled=state.is_main_process)  # a second run on `out` refuses, never interleaves
+    try:
+        if state.is_main_process:
+            (out / ".recipe.yaml.tmp").write_text(dump_resolved(recipe))
+            os.replace(out / ".recipe.yaml.tmp", out / "recipe.yaml")
+        state.wait_for_everyone()
 
-    ctx = StageContext.from_recipe(recipe, out, is_main_process=state.is_main_process)
-    reports = []
-    for stage in recipe.stages:
-        digest = recipe_hash(stage, recipe)
-        final = out / stage.name
-        report = None if force else _finished(final, digest)
-        skipped = report is not None
-        if skipped:
-            logger.info(f"Stage {stage.name!r} ({stage.type}): done with the same config, skipping")
-        else:
-            report = _run_stage(stage, ctx, out, digest, state)
-        ctx.add_finished(stage.name, stage.type, final, report)
-        reports.append({**report, "skipped": skipped})
-    return reports
+        ctx = StageContext.from_recipe(recipe, out, is_main_process=state.is_main_process)
+        reports = []
+        for stage in recipe.stages:
+            digest = recipe_hash(stage, recipe)
+            final = out / stage.name
+            report = None if force else _finished(final, digest)
+            skipped = report is not None
+            if skipped:
+                logger.info(f"Stage {stage.name!r} ({stage.type}): done with the same config, skipping")
+            else:
+                report = _run_stage(stage, ctx, out, digest, state)
+            ctx.add_finished(stage.name, stage.type, final, report)
+            reports.append({**report, "skipped": skipped})
+        return reports
+    finally:
+        lock.release()

@@ -24,6 +24,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from transformers import TrainingArguments
 
+from hf_compress.checks import check_training_arguments
 from hf_compress.distillation.config import DistillationConfig
 from hf_compress.distillation.student import make_student
 from hf_compress.pruning.config import PruningConfig
@@ -201,7 +202,9 @@ def config_kwargs(kind: str, values: Any, path: str, distills: bool = False) -> 
     values = {key: coerce(value, hints.get(key, Any), f"{path}.{key}") for key, value in values.items()}
     extra = {"output_dir": placeholder_dir(), "report_to": "none"} if kind == "training" else {}
     try:
-        cls(**{**extra, **values})
+        built = cls(**{**extra, **values})
+        if kind == "training":  # e.g. max_steps -5, which TrainingArguments accepts and turns into 3 epochs
+            check_training_arguments(built)
     except (ValueError, TypeError) as err:
         raise _post_init_error(err, path) from None
     return values

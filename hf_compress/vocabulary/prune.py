@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from hf_compress.reporting.measure import model_size_bytes
+from hf_compress.vocabulary.checks import check_corpus_keeps_tokens, check_coverage, coverage
 from hf_compress.vocabulary.tokenizer import (
     backend_json,
     bpe_closure,
@@ -198,6 +199,8 @@ def prune_vocabulary(
     min_count: int = 1,
     extra_ids: Iterable[int] | None = None,
     fallback: Literal["unk"] = "unk",
+    eval_corpus: Iterable | None = None,
+    min_coverage: float = 0.5,
 ):
     """Restrict ``model`` and ``tokenizer`` to the token ids used by a corpus.
 
@@ -219,6 +222,9 @@ def prune_vocabulary(
         min_count (`int`, *optional*, defaults to `1`): keep an id only if it occurs at least this often.
         extra_ids (`Iterable[int]`, *optional*): ids kept regardless of the corpus.
         fallback (`str`, *optional*, defaults to `"unk"`): what removed tokens become; one of `FALLBACKS`.
+        eval_corpus (`Iterable`, *optional*): evaluation texts or id sequences; the share of their (non-special)
+            tokens the kept vocabulary covers must be at least ``min_coverage``, checked before anything changes.
+        min_coverage (`float`, *optional*, defaults to `0.5`): the smallest accepted coverage of ``eval_corpus``.
 
     Returns:
         `tuple`: ``(model, tokenizer, report)`` with ``report`` a [`VocabularyReport`].
@@ -254,10 +260,14 @@ def prune_vocabulary(
             raise ValueError(f"`{name}` must hold ids in [0, {rows}), got {sorted(bad)[:5]}.")
     keep = {i for i, c in counts.items() if c >= min_count} | extra | _config_ids(model, rows)
     keep |= required_ids(tokenizer, data, token_ids)
+    special = set(tokenizer.all_special_ids) | required_ids(tokenizer, data, token_ids)
+    check_corpus_keeps_tokens(counts, special, min_count)  # only special tokens would survive
     if keep_special:
         keep |= set(tokenizer.all_special_ids)
     if data["model"]["type"] == "BPE":
         keep = bpe_closure(data["model"], keep)
+    if eval_corpus is not None:  # before anything changes
+        check_coverage(coverage(_count_ids(tokenizer, eval_corpus), keep, special), min_coverage)
     kept_ids = sorted(keep)
     old_to_new = {old: new for new, old in enumerate(kept_ids)}
     new_tokenizer = rebuild_tokenizer(tokenizer, prune_json(data, old_to_new), old_to_new)

@@ -140,12 +140,13 @@ def test_removing_every_head_of_a_layer_is_refused():
     torch.testing.assert_close(_hidden(model), before)
 
 
-def test_removing_every_ffn_neuron_leaves_the_down_bias():
-    model, reference = tiny_model("bert"), tiny_model("bert")
-    prune_ffn_neurons(model, {1: list(range(32))})
-    with torch.no_grad():
-        block_module(reference, 1, "down").weight.zero_()
-    torch.testing.assert_close(_hidden(model), _hidden(reference), atol=1e-5, rtol=1e-5)
+def test_removing_every_ffn_neuron_is_refused_like_every_head():
+    model = tiny_model("bert")
+    before = _hidden(model)
+    with pytest.raises(ValueError, match=r"`neurons\[1\]` removes all 32 FFN neurons.*drop_layers\(model, \[1\]\)"):
+        prune_ffn_neurons(model, {0: [1], 1: list(range(32))})
+    assert block_module(model, 0, "down").weight.shape[1] == 32  # validated before anything changed
+    torch.testing.assert_close(_hidden(model), before)
 
 
 def test_partial_gqa_group_is_refused_without_changes():

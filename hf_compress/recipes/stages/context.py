@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, TrainingArguments
 
+from hf_compress.checks import check_label_values
 from hf_compress.distillation.config import DistillationConfig
 from hf_compress.loading import from_pretrained, save_pretrained
 from hf_compress.models.builtin import resolve_model_path
@@ -115,6 +116,7 @@ class StageContext:
     @property
     def num_labels(self) -> int:
         if self.recipe.model.num_labels:
+            check_label_values(self.train_dataset["labels"], self.recipe.model.num_labels, "model.num_labels")
             return self.recipe.model.num_labels
         names = getattr(self.train_dataset.features["labels"], "names", None)
         return len(names) if names else len(set(self.train_dataset["labels"]))

@@ -54,7 +54,8 @@ def run(stage: Stage, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     many sentences / tokens used a removed id (the tokenizer now re-splits those words or maps them to unk).
     """
     corpus = _vocabulary_corpus(ctx, stage.corpus_files)
-    model, tokenizer, vocabulary = prune_vocabulary(load_model(ctx.model), ctx.tokenizer, corpus, **stage.vocabulary)
+    kwargs = {"eval_corpus": None if ctx.eval_dataset is None else ctx.eval_dataset["input_ids"], **stage.vocabulary}
+    model, tokenizer, vocabulary = prune_vocabulary(load_model(ctx.model), ctx.tokenizer, corpus, **kwargs)
     details = {"vocabulary": {**vocabulary.to_dict(), "corpus_files": stage.corpus_files}, "input": ctx.model}
     if ctx.eval_dataset is not None:
         special = set(ctx.tokenizer.all_special_ids)
