@@ -5,6 +5,7 @@
     hf-compress report outputs/qs                  # table of every stage's report.json
     hf-compress card outputs/qs                    # (re)write the final model's README.md
     hf-compress push outputs/qs my-user/minilm-sst2-int8 --private
+    hf-compress export outputs/qs                  # onnx/model.onnx + model_quantized.onnx (transformers.js layout)
     hf-compress demo [--quick]                     # the packaged quick-start recipe into ./outputs/quickstart
 
 User errors (bad recipe, missing file, invalid value) print one ``error: ...`` line on stderr and exit with status 2,
@@ -30,7 +31,9 @@ from accelerate import PartialState
 from transformers import AutoTokenizer, pipeline
 
 from hf_compress.distributed import shutdown_distributed
+from hf_compress.export import export_onnx, float_source
 from hf_compress.loading import from_pretrained
+from hf_compress.quantization.quantize import is_quantized
 from hf_compress.recipes.lock import check_output_dir
 from hf_compress.recipes.pipeline import run_recipe
 from hf_compress.recipes.plan import plan_recipe
@@ -39,7 +42,7 @@ from hf_compress.recipes.stages.card import card_metadata
 from hf_compress.recipes.validate import load_recipe
 from hf_compress.reporting.cards import write_card
 from hf_compress.reporting.hub import push_folder
-from hf_compress.reporting.measure import format_table, summary_row
+from hf_compress.reporting.measure import format_table, human_bytes, summary_row
 from hf_compress.shipped import shipped_path
 
 # `demo --quick`: the quick-start stages on a small slice of SST-2 (a couple of minutes on 2 CPU cores)
@@ -227,6 +230,28 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    folder = final_model_folder(args.dir)
+    if is_quantized(json.loads((folder / "config.json").read_text())):  # our int8 layers: export their float stage
+        folder = Path(float_source(folder) or folder)
+    result = export_onnx(folder, args.output, quantize=not args.no_quantize, opset=args.opset)
+    print(
+        format_table(
+            [{"file": Path(result.model).name, "bytes": human_bytes(result.model_bytes)}]
+            + (
+                [{"file": Path(result.quantized).name, "bytes": human_bytes(result.quantized_bytes)}]
+                if result.quantized
+                else []
+            )
+        )
+    )
+    print(
+        f"\nExported {folder} to {Path(result.output) / 'onnx'} (max |ONNX Runtime - PyTorch| "
+        f"{result.max_abs_diff:.2e}); load it with optimum's ORTModel*, onnxruntime or transformers.js."
+    )
+    return 0
+
+
 DEMO_SENTENCES = ("This new framework is fantastic!", "The plot was dull and the acting was even worse.")
 
 
@@ -304,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true", help="Create the repository as private.")
     p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login); never printed.")
     p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("export", help="Export a model folder (or a run's final model) to ONNX + ONNX Runtime int8.")
+    p.add_argument("dir", help="Output folder of `hf-compress run`, or one model folder.")
+    p.add_argument("--output", default=None, help="Folder to write (default: the model folder itself).")
+    p.add_argument("--no-quantize", action="store_true", help="Skip onnx/model_quantized.onnx.")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17).")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="Run the packaged quick-start recipe into ./outputs/quickstart.")
     p.add_argument("--quick", action="store_true", help="Small slice and few steps: " + ", ".join(QUICK_OVERRIDES))

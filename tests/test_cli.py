@@ -14,6 +14,7 @@ import yaml
 import hf_compress.cli
 import hf_compress.reporting.hub
 from hf_compress.cli import DEMO_SENTENCES, QUICK_OVERRIDES, demo_predictions, main, packaged_recipe
+from hf_compress.quantization.quantize import quantize_model
 from hf_compress.recipes.lock import LOCK_NAME
 from hf_compress.recipes.schema import REPO_ROOT
 from tests.conftest import free_port, tiny_model, tiny_tokenizer
@@ -320,8 +321,6 @@ def test_accelerate_launch_two_processes_prints_once(inputs, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     expected = sorted([LOCK_NAME, "evaluate", "recipe.yaml", "student", "teacher"])
     assert sorted(p.name for p in out.iterdir()) == expected
-        [LOCK_NAME, "evaluate", "recipe.yaml", "student", "teacher"]
-    )
     assert result.stdout.count("Running recipe 'tiny-cli'") == 1
     assert result.stdout.count("\nstage ") == 1 and result.stdout.count("Outputs: ") == 1
 
@@ -329,7 +328,6 @@ def test_accelerate_launch_two_processes_prints_once(inputs, tmp_path):
 def test_demo_predictions_load_the_final_folder_into_a_pipeline(tmp_path, capsys):
     """The demo ends with `pipeline("text-classification")` on the final (int8, pruned) model of the run."""
     from hf_compress.pruning import prune_heads
-    from hf_compress.quantization.quantize import quantize_model
 
     model = tiny_model(
         "bert",
@@ -348,3 +346,18 @@ def test_demo_predictions_load_the_final_folder_into_a_pipeline(tmp_path, capsys
     assert [p["label"] in ("negative", "positive") for p in predictions] == [True] * len(DEMO_SENTENCES)
     out = capsys.readouterr().out
     assert all(sentence in out for sentence in DEMO_SENTENCES) and str(folder) in out
+
+
+def test_export_command_exports_the_float_stage_of_a_run(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    run = fake_output(tmp_path / "run")  # teacher, student and int8 stage folders with a recipe.yaml
+    student = tiny_model("bert", "seq_cls")
+    student.save_pretrained(run / "student")
+    tiny_tokenizer().save_pretrained(run / "student")
+    quantize_model(student).save_pretrained(run / "int8")
+    assert main(["export", str(run), "--output", str(tmp_path / "repo")]) == 0  # int8 is last: its float stage
+    assert (tmp_path / "repo" / "onnx" / "model.onnx").is_file()
+    assert (tmp_path / "repo" / "onnx" / "model_quantized.onnx").is_file()
+    assert "Exported" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "missing")]) == 2
+    assert "error: `DIR`" in capsys.readouterr().err

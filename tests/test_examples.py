@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from hf_compress.loading import from_pretrained
 from hf_compress.models.families import head_counts
 from tests.conftest import tiny_model, tiny_tokenizer, write_tsv

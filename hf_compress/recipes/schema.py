@@ -25,7 +25,9 @@ class RecipeError(ValueError):
 
 Task = Literal["sequence-classification", "causal-lm"]
 TASKS: tuple[str, ...] = get_args(Task)
-StageType = Literal["finetune_teacher", "distill", "prune", "prune_vocabulary", "quantize", "evaluate", "card"]
+StageType = Literal[
+    "finetune_teacher", "distill", "prune", "prune_vocabulary", "quantize", "evaluate", "card", "export_onnx"
+]
 Recovery = Literal["distill", "finetune", "none"]
 
 # stage type -> the sections (besides `name` and `type`) it accepts
@@ -37,6 +39,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "quantize": ("quantization",),
     "evaluate": (),
     "card": (),
+    "export_onnx": ("export",),
 }
 MODEL_STAGES = ("finetune_teacher", "distill", "prune", "prune_vocabulary", "quantize")  # stages that write a model
 TRAINING_STAGES = ("finetune_teacher", "distill", "prune")
@@ -89,6 +92,7 @@ class Stage:
     student: dict[str, Any] = field(default_factory=dict)
     pruning: dict[str, Any] = field(default_factory=dict)
     quantization: dict[str, Any] = field(default_factory=dict)
+    export: dict[str, Any] = field(default_factory=dict)  # export_onnx kwargs (quantize, opset, per_channel, ...)
     recovery: Recovery = "distill"
     vocabulary: dict[str, Any] = field(default_factory=dict)  # prune_vocabulary kwargs (min_count, extra_ids, ...)
     corpus_files: list[str] = field(default_factory=list)  # .txt files (one text a line) counted with the train set

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from hf_compress.export import export_onnx
 from hf_compress.quantization.quantize import quantize_model
 from hf_compress.recipes.checks import check_corpus_files, check_data, check_stage_order, check_teacher
 from hf_compress.recipes.schema import (
@@ -97,6 +98,8 @@ def _stage(raw: Any, index: int) -> Stage:
     if kind == "prune_vocabulary":
         # model, tokenizer and corpus come from the pipeline (the corpus: train texts + `corpus_files`)
         stage.vocabulary = function_kwargs(prune_vocabulary, stage.vocabulary, f"{path}.vocabulary", skip=3)
+    if kind == "export_onnx":  # folder and output come from the pipeline
+        stage.export = function_kwargs(export_onnx, stage.export, f"{path}.export", skip=2)
     if kind == "distill":
         stage.student = student_kwargs(stage.student, f"{path}.student")
     return stage

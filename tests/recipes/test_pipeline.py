@@ -15,6 +15,8 @@ from hf_compress.loading import from_pretrained
 from hf_compress.models.families import ffn_size, get_layers, head_counts
 from hf_compress.recipes.lock import LOCK_NAME
 from hf_compress.recipes.pipeline import read_report, run_recipe
+from hf_compress.recipes.schema import RecipeError
+from hf_compress.recipes.validate import validate
 from tests.conftest import tiny_model, tiny_tokenizer, write_tsv
 
 TRAIN = {
@@ -336,3 +338,27 @@ def test_vocabulary_on_the_teacher_teaches_with_the_pruned_ids_and_resumes(files
     again = run_recipe(vocab_recipe(files, data, changed), out)
     assert [r["skipped"] for r in again] == [True, False, False]
     assert again[1]["teacher"] == str(out / "vocab") and again[1]["train"]["train_loss"] > 0
+
+
+def test_export_onnx_stage_exports_the_float_stage_behind_int8_and_measures_both_graphs(files, tmp_path):
+    pytest.importorskip("onnxruntime")
+    one_shot = {"targets": {"heads": 0.5}, "schedule": "one_shot", "scope": "local"}
+    stages = [
+        {"name": "teacher", "type": "finetune_teacher", "training": TRAIN},
+        {"name": "cut", "type": "prune", "recovery": "none", "pruning": one_shot},
+        {"name": "int8", "type": "quantize"},
+        {"name": "onnx", "type": "export_onnx", "export": {"opset": 17}},
+    ]
+    reports = run_recipe(make_recipe(files, stages), tmp_path / "run")
+    export = reports[-1]
+    folder = tmp_path / "run" / "onnx"
+    assert export["source"] == "cut" and (folder / "onnx" / "model.onnx").is_file()
+    assert (folder / "onnx" / "model_quantized.onnx").is_file() and (folder / "tokenizer.json").is_file()
+    assert export["max_abs_diff"] < 1e-4  # checked against PyTorch after export
+    for graph in ("onnx", "onnx_int8"):
+        correct = export[graph]["metrics"]["accuracy"] * 32
+        assert correct == pytest.approx(round(correct), abs=1e-9)
+        assert set(export[graph]["latency_ms"]) == {"1", "32"} and export[graph]["bytes"] > 0
+    assert export["onnx_int8"]["bytes"] == export["quantized_bytes"]  # tiny graphs: int8 overhead may outweigh
+    with pytest.raises(RecipeError, match=r"`stages\[0\].export.opsett` is not a export_onnx\(\) field"):
+        validate(make_recipe(files, [{"type": "export_onnx", "export": {"opsett": 17}}]))

@@ -3,7 +3,7 @@
 Each function is ``run(stage, ctx, out_dir) -> dict`` (see :mod:`hf_compress.recipes.stages.context`).
 """
 
-from hf_compress.recipes.stages import card, distill, evaluate, finetune, prune, quantize, vocabulary
+from hf_compress.recipes.stages import card, distill, evaluate, export, finetune, prune, quantize, vocabulary
 
 STAGES = {
     "finetune_teacher": finetune.run,
@@ -13,6 +13,7 @@ STAGES = {
     "quantize": quantize.run,
     "evaluate": evaluate.run,
     "card": card.run,
+    "export_onnx": export.run,
 }
 
 __all__ = ["STAGES"]

@@ -23,13 +23,12 @@ from hf_compress.reporting.measure import compare, format_table, model_report, s
 logger = logging.get_logger(__name__)
 
 
-def _latency_inputs(dataset, collator, model, rows: int = 32) -> dict[str, torch.Tensor] | None:
-    """Real eval rows (dynamically padded, no labels) for timing; ``None`` lets the report use dummy ids."""
+def latency_inputs(dataset, collator, keys: set[str], rows: int = 32) -> dict[str, torch.Tensor] | None:
+    """Real eval rows (dynamically padded, only the columns in ``keys``) for timing; ``None`` without eval rows."""
     if dataset is None or len(dataset) == 0:
         return None
     batch = collator([dataset[i] for i in range(min(rows, len(dataset)))])
-    keys = forward_keys(model) - {"labels"}
-    return {k: v for k, v in batch.items() if k in keys}
+    return {k: v for k, v in batch.items() if k in keys and k != "labels"}
 
 
 def _reference(ctx: StageContext) -> dict[str, Any]:
@@ -56,7 +55,9 @@ def run(stage: Stage, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
         folder = entry["path"] if Path(entry["path"]).is_dir() else None
         eval_dataset = ctx.datasets_for(entry["tokenizer"])[1]  # each model with its own (maybe pruned) tokenizer
         collator = data_collator(ctx.tokenizer_for(entry["tokenizer"]), ctx.task)
-        report = model_report(model, folder, latency_inputs=_latency_inputs(eval_dataset, collator, model))
+        report = model_report(
+            model, folder, latency_inputs=latency_inputs(eval_dataset, collator, forward_keys(model))
+        )
         metrics = entry["report"].get("metrics")
         if metrics is None and eval_dataset is not None:
             metrics = evaluate_model(model, eval_dataset, collator, ctx.task)
