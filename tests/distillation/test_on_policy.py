@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -17,7 +19,10 @@ from hf_compress.distillation.on_policy import (
     split_prompts,
 )
 from hf_compress.distillation.trainer import DistillationTrainer
-from tests.conftest import tiny_model, tiny_tokenizer
+from tests.conftest import ROOT, accelerate_launch, tiny_model, tiny_tokenizer
+from tests.scripts.on_policy_script import train
+
+SCRIPT = ROOT / "tests" / "scripts" / "on_policy_script.py"
 
 CHAT_TEMPLATE = (  # "w0" opens the assistant turn
     "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ ' w0 ' }}{% endif %}"
@@ -189,3 +194,15 @@ def test_guards(tmp_path):
     student, teacher = tiny_model("bert", "seq_cls"), tiny_model("bert", "seq_cls", seed=1)
     with pytest.raises(ValueError, match="causal LM student"):
         DistillationTrainer(model=student, teacher_model=teacher, args=args)
+
+
+@pytest.mark.slow
+def test_two_processes_generate_and_match_one(tmp_path):
+    _, single = train(str(tmp_path / "one"), batch_size=8)
+    (tmp_path / "two").mkdir()
+    accelerate_launch([str(SCRIPT), "--output_dir", str(tmp_path / "two"), "--batch_size", "4"], num_processes=2)
+    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and [r["generated"] for r in ranks] == [3, 3]
+    assert ranks[0]["weight_sum"] == pytest.approx(ranks[1]["weight_sum"], abs=1e-9)  # DDP kept the ranks in sync
+    assert ranks[0]["weight_sum"] == pytest.approx(single["weight_sum"], rel=1e-6)
+    assert ranks[0]["losses"] == pytest.approx(single["losses"], rel=1e-4) and len(set(single["losses"])) == 3

@@ -26,6 +26,7 @@ def test_unsharded_model_is_masked_and_pruned_in_place():
     assert removed["ffn_neurons"] == {0: list(range(16))} and model.model.layers[0].mlp.up_proj.out_features == 16
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 def test_fsdp2_two_processes_match_unsharded(tmp_path):
     command = [
