@@ -63,14 +63,17 @@ def sgd_step(model, batch) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl, one GPU per process)")
     cli = parser.parse_args()
-    mesh = init_device_mesh("cpu", (int(os.environ["WORLD_SIZE"]),))
+    device = cli.device
+    mesh = init_device_mesh(device, (int(os.environ["WORLD_SIZE"]),))
     rank = dist.get_rank()
-    batch = tiny_inputs(4, 8, seed=3)  # the same batch on every rank: FSDP's averaged gradient is the plain one
+    # The same batch on every rank: FSDP's averaged gradient is the plain one.
+    batch = {k: v.to(device) for k, v in tiny_inputs(4, 8, seed=3).items()}
     checks: dict[str, float | bool | int] = {}
 
     # Unsharded reference.
-    reference = tiny_model("llama", "causal_lm", seed=0).train()
+    reference = tiny_model("llama", "causal_lm", seed=0).to(device).train()
     ref_scores = {t: unit_scores(reference, t, "magnitude") for t in TARGETS}
     ref_masks = choose(reference, ref_scores)
     mask_weights(reference, ref_masks)
@@ -78,7 +81,7 @@ def main() -> None:
     mask_weights(reference, ref_masks)
 
     # Sharded student: one FSDP2 unit per layer plus the root.
-    student = tiny_model("llama", "causal_lm", seed=0).train()
+    student = tiny_model("llama", "causal_lm", seed=0).to(device).train()
     for layer in get_layers(student):
         fully_shard(layer, mesh=mesh)
     fully_shard(student, mesh=mesh)
@@ -107,6 +110,7 @@ def main() -> None:
     if rank == 0:
         pruned = tiny_model("llama", "causal_lm", seed=5)
         pruned.load_state_dict(state)
+        pruned = pruned.to(device)
         removed = remove_masked(pruned, masks, TARGETS)
         remove_masked(reference, ref_masks, TARGETS)
         ref_state = reference.state_dict()
@@ -120,8 +124,8 @@ def main() -> None:
         checks["pruned_logits_diff"] = float(diff.abs().max())
 
     # Sharded teacher: same logits, half the parameters on each rank.
-    teacher_ref = tiny_model("llama", "causal_lm", seed=1, hidden_size=32)
-    teacher = shard_teacher(tiny_model("llama", "causal_lm", seed=1, hidden_size=32), mesh)
+    teacher_ref = tiny_model("llama", "causal_lm", seed=1, hidden_size=32).to(device)
+    teacher = shard_teacher(tiny_model("llama", "causal_lm", seed=1, hidden_size=32).to(device), mesh)
     with torch.no_grad():
         checks["teacher_logits_diff"] = float((teacher(**batch).logits - teacher_ref(**batch).logits).abs().max())
     local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in teacher.parameters())
