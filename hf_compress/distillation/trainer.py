@@ -2,8 +2,10 @@
 
 Overridden: `__init__` and `compute_loss`, plus `create_optimizer` (to train the hidden-state projection), `log` (to
 flush the loss components), `save_model` and `create_model_card` (to write the model card, see
-[`~hf_compress.distillation.callbacks.CardWriter`]) and one private method, `_set_signature_columns_if_needed` (to
-keep cached teacher columns: no public hook exists). The hidden-state projection is checkpointed and resumed by a
+[`~hf_compress.distillation.callbacks.CardWriter`]), `get_batch_samples` (on-policy / sequence-level KD: completions
+are generated before the Trainer counts the step's label tokens, see [`~hf_compress.distillation.on_policy`]) and one
+private method, `_set_signature_columns_if_needed` (to keep cached teacher and prompt/completion columns: no public
+hook exists). The hidden-state projection is checkpointed and resumed by a
 callback ([`~hf_compress.distillation.callbacks.HiddenProjectionCheckpoint`]); the training loop, saving,
 evaluation and distribution are the Trainer's.
 """
