@@ -52,6 +52,23 @@ class DistillationConfig(TrainingArguments):
             Keyword arguments (or a JSON string) for `from_pretrained` when the teacher is given as a path, e.g.
             `{"dtype": "bfloat16"}`. `trust_remote_code` defaults to `False`.
 
+        > On-policy and sequence-level distillation (causal LMs, prompt/completion data; see
+        > [`~hf_compress.distillation.on_policy`])
+
+        on_policy_ratio (`float`, *optional*, defaults to `0.0`):
+            Fraction of optimizer steps whose completions the student generates (GKD's lambda), in [0, 1]: 0 trains
+            on the dataset's completions, 1 is fully on-policy. Loss on completion tokens only; generated batches
+            use the soft term only (no cross-entropy on the student's own tokens).
+        seq_kd (`bool`, *optional*, defaults to `False`):
+            Sequence-level KD: the steps not drawn on-policy train on teacher-generated completions (soft and hard
+            terms) instead of the dataset's.
+        max_new_tokens (`int`, *optional*, defaults to `128`):
+            Longest generated completion.
+        generation_temperature (`float`, *optional*, defaults to `1.0`):
+            Sampling temperature of generated completions, >= 0 (0 is greedy).
+        generation_top_p (`float`, *optional*, defaults to `1.0`):
+            Nucleus (top-p) mass of generated completions, in (0, 1].
+
     >>> from transformers import HfArgumentParser
     >>> (config,) = HfArgumentParser(DistillationConfig).parse_args_into_dataclasses(
     ...     ["--output_dir", "out", "--temperature", "2.0", "--alpha", "0.9"]
@@ -95,6 +112,21 @@ class DistillationConfig(TrainingArguments):
         metadata={
             "help": 'JSON kwargs for from_pretrained when the teacher is a path, e.g. \'{"dtype": "bfloat16"}\'.'
         },
+    )
+
+    on_policy_ratio: float = field(
+        default=0.0,
+        metadata={"help": "Fraction of steps whose completions the student generates (GKD lambda), in [0, 1]."},
+    )
+    seq_kd: bool = field(
+        default=False, metadata={"help": "Train the other steps on teacher-generated completions (sequence KD)."}
+    )
+    max_new_tokens: int = field(default=128, metadata={"help": "Longest generated completion (tokens)."})
+    generation_temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature of generated completions (>= 0; 0 is greedy)."}
+    )
+    generation_top_p: float = field(
+        default=1.0, metadata={"help": "Nucleus (top-p) mass of generated completions, in (0, 1]."}
     )
 
     def __post_init__(self):
@@ -153,6 +185,15 @@ def validate_distillation_options(options: dict[str, Any]) -> None:
     for name in ("hidden_loss_weight", "attention_loss_weight"):
         if options[name] < 0:
             raise ValueError(f"`{name}` must be >= 0, got {options[name]}.")
+    if not 0 <= options["on_policy_ratio"] <= 1:
+        raise ValueError(f"`on_policy_ratio` must be in [0, 1], got {options['on_policy_ratio']}.")
+    if int(options["max_new_tokens"]) < 1:
+        raise ValueError(f"`max_new_tokens` must be >= 1, got {options['max_new_tokens']}.")
+    if not options["generation_temperature"] >= 0:
+        value = options["generation_temperature"]
+        raise ValueError(f"`generation_temperature` must be >= 0 (0 is greedy), got {value}.")
+    if not 0 < options["generation_top_p"] <= 1:
+        raise ValueError(f"`generation_top_p` must be in (0, 1], got {options['generation_top_p']}.")
     for name in ("layer_map", "teacher_model_init_kwargs"):
         if options[name] is not None and not isinstance(options[name], dict):
             raise ValueError(f"`{name}` must be a dict or a JSON string, got {type(options[name]).__name__}.")

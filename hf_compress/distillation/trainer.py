@@ -2,14 +2,17 @@
 
 Overridden: `__init__` and `compute_loss`, plus `create_optimizer` (to train the hidden-state projection), `log` (to
 flush the loss components), `save_model` and `create_model_card` (to write the model card, see
-[`~hf_compress.distillation.callbacks.CardWriter`]) and one private method, `_set_signature_columns_if_needed` (to
-keep cached teacher columns: no public hook exists). The hidden-state projection is checkpointed and resumed by a
+[`~hf_compress.distillation.callbacks.CardWriter`]), `get_batch_samples` (on-policy / sequence-level KD: completions
+are generated before the Trainer counts the step's label tokens, see [`~hf_compress.distillation.on_policy`]) and one
+private method, `_set_signature_columns_if_needed` (to keep cached teacher and prompt/completion columns: no public
+hook exists). The hidden-state projection is checkpointed and resumed by a
 callback ([`~hf_compress.distillation.callbacks.HiddenProjectionCheckpoint`]); the training loop, saving,
 evaluation and distribution are the Trainer's.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -35,6 +38,14 @@ from hf_compress.distillation.checks import (
 )
 from hf_compress.distillation.config import default_layer_map, distillation_options
 from hf_compress.distillation.losses import attention_loss, distillation_loss, hidden_state_loss, soft_loss
+from hf_compress.distillation.on_policy import (
+    GENERATED_KEY,
+    TRL_COLUMNS,
+    check_generation_options,
+    is_on_policy_step,
+    rollout,
+    special_token_ids,
+)
 from hf_compress.distillation.teacher import DISTILLED_HEADS, build_teacher, check_compatible, distilled_head
 from hf_compress.distributed import register_auto_shutdown
 
@@ -120,6 +131,10 @@ class DistillationTrainer(Trainer):
         if self.teacher_model is not None:
             self._check_compatible(student, self.teacher_model)
         self._configure_intermediate_losses(student, self.teacher_model)
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        live = self.teacher_model is not None
+        self._generates = check_generation_options(self.distillation_args, self._head, sharded, live)
+        self._special_ids = special_token_ids(student, self.processing_class) if self._generates else None
         logger.info(
             f"DistillationTrainer teacher mode: {self.teacher_mode} ("
             + ("stored teacher logits, no teacher forward" if self.teacher_mode == "cached" else "teacher forward")
@@ -202,6 +217,29 @@ class DistillationTrainer(Trainer):
             self.hidden_projection = self.accelerator.prepare_model(projection)
             self.add_callback(HiddenProjectionCheckpoint(projection))
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        # Public hook: completions are generated before the Trainer counts the step's label tokens.
+        kd = self.distillation_args
+        if not self._generates:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        batches = list(itertools.islice(epoch_iterator, num_batches))
+        step = self.state.global_step
+        on_policy = is_on_policy_step(step, kd["on_policy_ratio"], self.args.seed)
+        if on_policy or kd["seq_kd"]:
+            model = self.accelerator.unwrap_model(self.model) if on_policy else self.teacher_model
+            options = dict(
+                max_new_tokens=kd["max_new_tokens"],
+                temperature=kd["generation_temperature"],
+                top_p=kd["generation_top_p"],
+                seed=self.args.seed,
+                step=step,
+                generated_by="student" if on_policy else "teacher",
+            )
+            eos, pad = self._special_ids
+            options.update(eos_token_id=eos, pad_token_id=pad)
+            batches = [rollout(model, batch, **options) for batch in batches]
+        return super().get_batch_samples(iter(batches), len(batches), device)
+
     def create_optimizer(self, model=None):
         # Public hook: the projection is trained with the student but is not one of its parameters.
         optimizer = super().create_optimizer(model)
@@ -216,7 +254,8 @@ class DistillationTrainer(Trainer):
         # Private, no public hook: the Trainer drops dataset columns the student's `forward` does not accept.
         """The Trainer keeps the columns of the model's `forward`; cached teacher columns must survive too."""
         super()._set_signature_columns_if_needed()
-        self._signature_columns += [c for c in CACHE_COLUMNS if c not in self._signature_columns]
+        extra = CACHE_COLUMNS + TRL_COLUMNS  # TRL_COLUMNS: text for `PromptCompletionCollator`
+        self._signature_columns += [c for c in extra if c not in self._signature_columns]
 
     # ---- loss --------------------------------------------------------------------------------------------------
 
@@ -227,6 +266,8 @@ class DistillationTrainer(Trainer):
         if self._head == "qa":  # targets are not `labels`: the Trainer does not count them
             num_items_in_batch = None
         inputs = dict(inputs)
+        # Student-generated completions: soft term only (no cross-entropy on the student's own samples).
+        alpha = 1.0 if inputs.pop(GENERATED_KEY, None) == "student" else kd["alpha"]
         teacher_outputs = pop_teacher_outputs(inputs)
         pairs = TARGETS.get(self._head, {"logits": "labels"})
         targets = {key: inputs.pop(key) for key in list(pairs.values()) if key in inputs}
@@ -248,7 +289,9 @@ class DistillationTrainer(Trainer):
             )
         outputs = model(**inputs, **flags)
 
-        token_loss, components = self._logit_terms(outputs, teacher_outputs, inputs, targets, num_items_in_batch)
+        token_loss, components = self._logit_terms(
+            outputs, teacher_outputs, inputs, targets, num_items_in_batch, alpha
+        )
         aux = 0.0
         if kd["hidden_loss_weight"] > 0:
             components["loss_hidden"] = self._hidden_loss(outputs, teacher_outputs, inputs.get("attention_mask"))
@@ -286,7 +329,7 @@ class DistillationTrainer(Trainer):
         with context:
             return self.teacher_model(**inputs, **teacher_flags)
 
-    def _logit_terms(self, outputs, teacher_outputs, inputs, targets, num_items_in_batch):
+    def _logit_terms(self, outputs, teacher_outputs, inputs, targets, num_items_in_batch, alpha):
         """`alpha * soft + (1 - alpha) * hard` over the head's logits (start and end logits averaged for QA)."""
         kd = self.distillation_args
         common = dict(
@@ -312,7 +355,7 @@ class DistillationTrainer(Trainer):
                     student,
                     teacher,
                     labels,
-                    alpha=kd["alpha"],
+                    alpha=alpha,
                     shift_labels=self._head == "causal_lm",
                     num_items_in_batch=num_items_in_batch,
                     label_smoothing=self.args.label_smoothing_factor,

@@ -16,7 +16,8 @@ Event by event (transformers ``Trainer`` loop):
   saves the small model. Unstructured zeros stay in the dense weights.
 
 Distributed runs (DDP): importance scores are averaged over ranks and the resulting masks are broadcast from rank 0, so
-every rank applies identical masks. FSDP / DeepSpeed (sharded parameters) are refused.
+every rank applies identical masks. The Trainer's FSDP / DeepSpeed paths are refused until verified on a GPU
+(``bench/verify_sharded_gpu.py``); raw FSDP2 students use :mod:`hf_compress.pruning.sharded`.
 
 Logging: ``sparsity/<target>`` and ``pruning/updates`` (how many pruning steps changed the masks in this run) are added
 to the logs dict and to ``state.log_history``. The ``report_to`` integrations (TensorBoard, W&B, MLflow ...) are
@@ -67,7 +68,8 @@ from hf_compress.pruning.masks import (
     select_units,
 )
 from hf_compress.pruning.schedules import is_pruning_step, sparsity_at
-from hf_compress.pruning.surgery import drop_layers, prune_ffn_neurons, prune_heads, skip_layers
+from hf_compress.pruning.sharded import remove_masked
+from hf_compress.pruning.surgery import skip_layers
 from hf_compress.pruning.unstructured import magnitude_masks, prunable_weights
 
 logger = logging.get_logger(__name__)
@@ -166,8 +168,10 @@ class PruningCallback(TrainerCallback):
         _check_not_peft(model)
         if args.fsdp or args.deepspeed:
             raise ValueError(
-                f"`args.fsdp`={args.fsdp!r} / `args.deepspeed`={args.deepspeed!r} shard parameters, which "
-                "PruningCallback cannot mask; train with plain DDP (`accelerate launch --multi_gpu`) instead."
+                f"`args.fsdp`={args.fsdp!r} / `args.deepspeed`={args.deepspeed!r} shard parameters through paths "
+                "not verified yet (Trainer-level FSDP / ZeRO-3: bench/verify_sharded_gpu.py needs a GPU), which "
+                "PruningCallback cannot mask; train with plain DDP (`accelerate launch --multi_gpu`) instead, or "
+                "use the raw FSDP2 helpers of `hf_compress.pruning.sharded`."
             )
         if "ffn_neurons" in self.config.targets and get_family(model).experts is not None:
             raise ValueError(
@@ -395,15 +399,5 @@ class PruningCallback(TrainerCallback):
 
     def _physical_removal(self, model) -> None:
         targets = self.config.structured_targets
-        if not targets:
-            return
-        dropped = self.masks.removed("layers") if "layers" in targets else []
-        heads = {k: v for k, v in self.masks.removed("heads").items() if k not in dropped}
-        neurons = {k: v for k, v in self.masks.removed("ffn_neurons").items() if k not in dropped}
-        if heads:
-            prune_heads(model, heads)
-        if neurons:
-            prune_ffn_neurons(model, neurons)
-        if dropped:
-            drop_layers(model, dropped)
-        self.removed = {"heads": heads, "ffn_neurons": neurons, "layers": dropped}
+        if targets:
+            self.removed = remove_masked(model, self.masks, list(targets))

@@ -45,7 +45,8 @@ def test_every_distillation_field_has_help():
     names = set(DISTILLATION_DEFAULTS)
     assert names == {
         "temperature", "alpha", "distillation_loss", "jsd_beta", "loss_chunk_size", "hidden_loss_weight",
-        "hidden_loss", "layer_map", "attention_loss_weight", "teacher_model_init_kwargs",
+        "hidden_loss", "layer_map", "attention_loss_weight", "teacher_model_init_kwargs", "on_policy_ratio", "seq_kd",
+        "max_new_tokens", "generation_temperature", "generation_top_p",
     }  # fmt: skip
     for f in dataclasses.fields(DistillationConfig):
         if f.name in names:

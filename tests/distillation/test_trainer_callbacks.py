@@ -14,7 +14,8 @@ from hf_compress.distillation.trainer import DistillationTrainer
 from hf_compress.reporting.card_callback import ModelCardCallback
 from tests.conftest import tiny_inputs, tiny_model
 
-OVERRIDES = {"__init__", "compute_loss", "create_optimizer", "log", "save_model", "create_model_card"}
+OVERRIDES = {"__init__", "compute_loss", "create_optimizer", "log", "save_model", "create_model_card",
+             "get_batch_samples"}  # fmt: skip
 PRIVATE_OVERRIDES = {"_set_signature_columns_if_needed"}  # no public hook keeps the cached teacher columns
 
 
