@@ -39,9 +39,10 @@ from transformers import logging as hf_logging
 from hf_compress.export import evaluate_onnx, export_onnx, float_source, onnx_session, run_onnx
 from hf_compress.export.runtime import pad_batch
 from hf_compress.loading import from_pretrained, save_pretrained
+from hf_compress.models.builtin import resolve_model_path
 from hf_compress.pruning.surgery import prune_ffn_neurons, prune_heads
 from hf_compress.quantization.quantize import quantize_int8
-from hf_compress.recipes.data import load_raw_split, resolve_model_path
+from hf_compress.recipes.data import load_raw_split
 from hf_compress.reporting.measure import folder_size_bytes, format_table
 from hf_compress.vocabulary.prune import prune_vocabulary
 

@@ -48,8 +48,8 @@ from hf_compress.integrations.sentence_transformers import (
     read_mrpc,
     save_sentence_transformer,
 )
+from hf_compress.models.builtin import resolve_model_path
 from hf_compress.models.families import ffn_size, get_layers, head_counts
-from hf_compress.recipes.data import resolve_model_path
 from hf_compress.reporting.measure import count_parameters, folder_size_bytes, format_table
 from hf_compress.vocabulary.prune import vocabulary_coverage
 

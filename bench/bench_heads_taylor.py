@@ -36,10 +36,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers import logging as hf_logging
 
 from hf_compress import DistillationConfig, DistillationTrainer, from_pretrained, save_pretrained
+from hf_compress.models.builtin import cache_dir
 from hf_compress.models.families import get_layers, head_counts
 from hf_compress.pruning import prune_heads
 from hf_compress.pruning.importance import layer_unit_scores, unit_layout
-from hf_compress.models.builtin import cache_dir
 from hf_compress.recipes.data import data_collator, load_raw_split, load_text_dataset
 from hf_compress.recipes.stages.context import evaluate_model
 from hf_compress.reporting.measure import count_parameters, format_table

@@ -36,9 +36,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, d
 from transformers import logging as hf_logging
 
 from hf_compress.distillation import DistillationConfig, DistillationTrainer
+from hf_compress.models.builtin import resolve_model_path
 from hf_compress.pruning import drop_layers
 from hf_compress.pruning.importance import block_influence_scores
-from hf_compress.models.builtin import resolve_model_path
 from hf_compress.reporting.measure import count_parameters, format_table
 
 DATA = Path(__file__).resolve().parents[1] / "data"

@@ -41,8 +41,8 @@ from transformers import logging as hf_logging
 
 from hf_compress import DistillationConfig, DistillationTrainer, PruningCallback, PruningConfig, make_student
 from hf_compress.loading import save_pretrained
-from hf_compress.quantization.quantize import is_quantized, quantize_model
 from hf_compress.models.builtin import cache_dir, resolve_model_path
+from hf_compress.quantization.quantize import is_quantized, quantize_model
 from hf_compress.recipes.data import data_collator, load_raw_split, load_text_dataset
 from hf_compress.recipes.stages.context import evaluate_model
 from hf_compress.reporting.measure import count_parameters, folder_size_bytes, format_table

@@ -23,8 +23,8 @@ from transformers import AutoTokenizer
 
 from hf_compress.cli import MODEL_STAGES, stage_reports
 from hf_compress.loading import from_pretrained
-from hf_compress.recipes.data import data_collator, load_text_dataset
 from hf_compress.models.builtin import resolve_model_path
+from hf_compress.recipes.data import data_collator, load_text_dataset
 from hf_compress.reporting.measure import format_table
 
 

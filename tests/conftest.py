@@ -249,6 +249,7 @@ def free_port() -> int:
 
 
 ROOT = Path(__file__).resolve().parents[1]
+collect_ignore_glob = ["scripts/*", "export/js/*"]  # launched as scripts, never imported by pytest
 
 
 def accelerate_launch(args: list[str], num_processes: int = 2, timeout: int = 120) -> subprocess.CompletedProcess:

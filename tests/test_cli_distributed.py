@@ -7,6 +7,7 @@ import yaml
 
 from hf_compress.loading import from_pretrained
 from hf_compress.models.families import get_layers, head_counts
+from hf_compress.recipes.lock import LOCK_NAME
 from tests.conftest import accelerate_launch, tiny_model, tiny_tokenizer, write_tsv
 
 ROWS, BATCH, STEPS = 32, 4, 3
@@ -41,7 +42,8 @@ def test_recipe_runs_on_two_processes(tmp_path):
     result = accelerate_launch(command, timeout=180)
 
     assert result.stdout.count("Outputs:") == 1  # only the main process prints the tables
-    assert sorted(p.name for p in out.iterdir()) == ["int8", "pruned", "recipe.yaml", "student"]  # no .tmp left
+    expected = sorted([LOCK_NAME, "int8", "pruned", "recipe.yaml", "student"])
+    assert sorted(p.name for p in out.iterdir()) == expected  # no .tmp left
     reports = {name: json.loads((out / name / "report.json").read_text()) for name in ("student", "pruned", "int8")}
     assert all(report["status"] == "done" for report in reports.values())
     # both ranks trained: the global batch is 2 x BATCH, so STEPS steps cover this fraction of an epoch

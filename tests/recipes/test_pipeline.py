@@ -198,7 +198,9 @@ def test_evaluate_alone_uses_the_recipe_teacher(files, tmp_path):
     evaluation = json.loads((tmp_path / "run" / "evaluate" / "evaluation.json").read_text())
     assert list(evaluation["models"]) == ["teacher"] and report["summary"] == {}
     correct = evaluation["models"]["teacher"]["metrics"]["accuracy"] * 32  # measured on the 32 eval rows
-    assert correct == pytest.approx(round(correct), abs=1e-9) and evaluation["models"]["teacher"]["params"] > 0
+    assert (
+        correct == pytest.approx(round(correct), abs=1e-9) and evaluation["models"]["teacher"]["params"]["total"] > 0
+    )
 
 
 def test_causal_lm_recipe_reports_perplexity(files, tmp_path):
