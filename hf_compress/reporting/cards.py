@@ -48,21 +48,32 @@ def card_base_model(*names: str | None) -> str | None:
     return next((name for name in names if hub_id(name)), None)
 
 
-def load_code(repo_id: str, config: Mapping | None = None) -> str:
-    """The exact Python that loads ``repo_id`` given its ``config.json`` dict.
+def load_code(repo_id: str, config: Mapping | None = None, onnx: bool = False) -> str:
+    """The exact Python that loads ``repo_id`` given its ``config.json`` dict (and its ONNX graphs, with ``onnx``).
 
     >>> print(load_code("me/tiny", {"architectures": ["BertForMaskedLM"]}))
     from transformers import AutoModelForMaskedLM
     <BLANKLINE>
     model = AutoModelForMaskedLM.from_pretrained("me/tiny")
     """
-    auto_class = head_of((config or {}).get("architectures")).auto_class
+    head = head_of((config or {}).get("architectures"))
     if config is not None and needs_hf_compress(config):
-        return (
+        code = (
             "import hf_compress\n\n"
             f'model = hf_compress.from_pretrained("{repo_id}")  # rebuilds the compressed layers from config.json'
         )
-    return f'from transformers import {auto_class}\n\nmodel = {auto_class}.from_pretrained("{repo_id}")'
+    else:
+        code = f'from transformers import {head.auto_class}\n\nmodel = {head.auto_class}.from_pretrained("{repo_id}")'
+    if not onnx:
+        return code
+    ort_class = head.auto_class.replace("AutoModel", "ORTModel")
+    return (
+        f"{code}\n\n# ONNX Runtime (onnx/model_quantized.onnx: dynamic int8), no hf_compress needed\n"
+        f"from optimum.onnxruntime import {ort_class}\n\n"
+        f'model = {ort_class}.from_pretrained("{repo_id}", subfolder="onnx", file_name="model_quantized.onnx")\n\n'
+        "# transformers.js (JavaScript):\n"
+        f'# const pipe = await pipeline("{head.pipeline_task}", "{repo_id}", {{ dtype: "q8" }});'
+    )
 
 
 def _limitations(config: Mapping | None, report: Mapping | None, reports: list) -> list[str]:
@@ -79,7 +90,10 @@ def _limitations(config: Mapping | None, report: Mapping | None, reports: list) 
             "dequantised on the fly, and the folder needs `hf_compress` to load."
         )
     elif config and needs_hf_compress(config):
-        items.append("The layers have non-uniform shapes recorded in config.json, so loading needs `hf_compress`.")
+        items.append(
+            "The layers have non-uniform shapes recorded in config.json, so loading needs `hf_compress`; "
+            "its ONNX export (`hf-compress export`) runs in ONNX Runtime and transformers.js without it."
+        )
     items.append(
         "A compressed student can lose more accuracy than the table shows on data unlike the evaluation "
         "set; re-evaluate on your own data."
@@ -112,6 +126,7 @@ def render_card(
     training: str | None = None,
     reference_name: str | None = None,
     tags: list[str] | None = None,
+    onnx: bool = False,
 ) -> ModelCard:
     """Render the model card of a compressed model (offline).
 
@@ -133,6 +148,8 @@ def render_card(
             ``"<base_model> (reference)"``.
         tags (`list[str]`, *optional*): the methods used, defaults to ``["distillation", "pruning"]``;
             ``"hf-compress"`` is always added.
+        onnx (`bool`, *optional*, defaults to `False`): the folder has `onnx/model.onnx` (an `hf-compress export`
+            folder): the card also shows how to load it with optimum's ONNX Runtime classes and transformers.js.
 
     Example:
 
@@ -213,7 +230,7 @@ def render_card(
         methods=methods_text,
         table=format_table(rows, markdown=True) if rows else "",
         measurement_note=note,
-        load_code=load_code(repo_id or model_name, config),
+        load_code=load_code(repo_id or model_name, config, onnx=onnx),
         recipe=(recipe or "").strip(),
         training=(training or "").strip(),
         limitations=_limitations(config, report, [report, reference_report]),
@@ -241,6 +258,7 @@ def write_card(folder: str | Path, model_name: str | None = None, **kwargs) -> M
     config_file = folder / "config.json"
     if "config" not in kwargs and config_file.is_file():
         kwargs["config"] = json.loads(config_file.read_text())
+    kwargs.setdefault("onnx", (folder / "onnx" / "model.onnx").is_file())  # an `hf-compress export` folder
     card = render_card(model_name or folder.resolve().name, **kwargs)
     card.save(folder / "README.md")
     return card

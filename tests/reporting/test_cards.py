@@ -213,3 +213,11 @@ def test_card_base_model_is_the_first_hub_id(tmp_path):
     assert card_base_model(str(local), "org/student") == "org/student"  # a local folder has no Hub page
     assert card_base_model("org/teacher", "org/student") == "org/teacher"
     assert card_base_model(None, "./student", "not a/valid/id") is None
+
+
+def test_load_code_of_an_exported_folder_shows_onnx_runtime_and_transformers_js():
+    code = load_code("me/tiny", {"architectures": ["BertForSequenceClassification"]}, onnx=True)
+    assert "AutoModelForSequenceClassification.from_pretrained" in code
+    assert 'ORTModelForSequenceClassification.from_pretrained("me/tiny", subfolder="onnx"' in code
+    assert 'pipeline("text-classification", "me/tiny", { dtype: "q8" })' in code
+    assert "ORTModel" not in load_code("me/tiny", {"architectures": ["BertForSequenceClassification"]})
