@@ -1,0 +1,68 @@
+import copy
+
+import pytest
+import torch
+import transformers
+
+from hf_compress.pruning.activations import activation_scores, block_skip_scores
+from hf_compress.pruning.budget import Shape, apply_shape, candidate_shapes, count_parameters, search_budget
+from hf_compress.pruning.hidden import first_output
+from tests.conftest import ENCODERS, tiny_inputs, tiny_model
+
+BATCHES = [tiny_inputs(seed=1), tiny_inputs(seed=2)]
+
+
+def _lm(family):
+    return tiny_model(family, "masked_lm" if family in ENCODERS else "causal_lm")
+
+
+def _params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_counts_match_the_pruned_model_exactly(family):
+    model = _lm(family)
+    scores, layers = activation_scores(model, BATCHES), block_skip_scores(model, BATCHES)
+    for shape, counted in candidate_shapes(model, int(0.8 * _params(model)))[:3]:
+        pruned = apply_shape(copy.deepcopy(model), shape, scores, layers)
+        assert counted == _params(pruned) == count_parameters(model, shape)
+        assert pruned.config.hidden_size == shape.hidden and pruned.config.num_hidden_layers == shape.layers
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_head_width_families_keep_hidden_over_head_dim_heads(family):
+    for shape, _ in candidate_shapes(_lm(family), 7000, slack=0.5):
+        assert shape.heads * 4 == shape.hidden
+
+
+def test_search_returns_a_shape_within_budget_and_its_table(family, capsys):
+    model = _lm(family)
+    budget = int(0.7 * _params(model))
+    before = first_output(model, BATCHES[0])
+    result = search_budget(model, budget, BATCHES, max_candidates=3)
+    assert _params(result.model) <= budget
+    assert len(result.table) == 3 and sum(row["chosen"] for row in result.table) == 1
+    chosen = next(row for row in result.table if row["chosen"])
+    assert chosen["kl"] == min(row["kl"] for row in result.table)
+    assert Shape(chosen["layers"], chosen["hidden"], chosen["heads"], chosen["ffn"]) == result.shape
+    assert chosen["params"] == _params(result.model)
+    assert "params" in capsys.readouterr().out
+    torch.testing.assert_close(first_output(model, BATCHES[0]), before)  # the input model is untouched
+
+
+def test_budget_result_reloads_with_plain_from_pretrained(tmp_path):
+    model = tiny_model("qwen3", "causal_lm")
+    result = search_budget(model, int(0.6 * _params(model)), BATCHES, max_candidates=2, verbose=False)
+    result.model.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(first_output(reloaded, BATCHES[0]), first_output(result.model, BATCHES[0]))
+
+
+def test_impossible_budgets_are_one_sentence_errors():
+    model = tiny_model("llama", "causal_lm")
+    with pytest.raises(ValueError, match="below the smallest candidate"):
+        candidate_shapes(model, 100)
+    with pytest.raises(ValueError, match="`budget` must be a positive number of parameters, got -5"):
+        candidate_shapes(model, -5)
+    with pytest.raises(ValueError, match="`layer_importance` must be"):
+        search_budget(model, 5000, BATCHES, layer_importance="random")
