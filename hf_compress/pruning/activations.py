@@ -148,6 +148,29 @@ def activation_scores(model: nn.Module, batches: Iterable[dict]) -> ActivationSc
     )
 
 
+def hidden_weight_scores(model: nn.Module, method: str = "magnitude") -> torch.Tensor:
+    """One weight-based score per hidden channel: L2 norm of everything written to it, or Taylor ``sum |w * grad|``.
+
+    The writers are those of :func:`~hf_compress.pruning.hidden.hidden_layout` (embeddings, o / down projections,
+    head transforms); a channel they all leave at zero scores 0.
+    """
+    if method not in ("magnitude", "taylor"):
+        raise ValueError(f"`method` must be 'magnitude' or 'taylor' for hidden scores, got {method!r}.")
+    layout = hidden_layout(model)
+    total = torch.zeros(layout.size)
+    seen = set()
+    for module, name, dim in layout.writers:
+        param = getattr(module, name)
+        if id(param) in seen or (method == "taylor" and param.grad is None):
+            continue
+        seen.add(id(param))
+        values = param.detach().float() if method == "magnitude" else (param.detach() * param.grad).float().abs()
+        other = [d for d in range(values.dim()) if d != dim]
+        values = values.square() if method == "magnitude" else values
+        total += (values.sum(other) if other else values).cpu()
+    return total.sqrt() if method == "magnitude" else total
+
+
 def kl_to_reference(logits: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over (unmasked) positions of ``KL(softmax(reference) || softmax(logits))`` along the last dim."""
     ref = reference.float().log_softmax(-1)

@@ -11,8 +11,8 @@ Event by event (transformers ``Trainer`` loop):
   weights and the optimizer state.
 * ``on_save``: write ``pruning_masks.safetensors`` and ``pruning_state.json`` into the checkpoint folder.
 * ``on_log``: add ``sparsity/<target>`` to the logs.
-* ``on_train_end``: physically remove masked heads / neurons / layers (``surgery``), so ``trainer.save_model()``
-  saves the small model. Unstructured zeros stay in the dense weights.
+* ``on_train_end``: physically remove masked heads / neurons / hidden channels / layers (``surgery``), so
+  ``trainer.save_model()`` saves the small model. Unstructured zeros stay in the dense weights.
 
 Distributed runs (DDP): importance scores are averaged over ranks and the resulting masks are broadcast from rank 0, so
 every rank applies identical masks. FSDP / DeepSpeed (sharded parameters) are refused.
@@ -33,7 +33,9 @@ from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 
 from hf_compress.models.families import unwrap
+from hf_compress.pruning.activations import activation_scores, block_skip_scores, hidden_weight_scores
 from hf_compress.pruning.config import PruningConfig
+from hf_compress.pruning.hidden import prune_hidden
 from hf_compress.pruning.importance import (
     block_influence_scores,
     head_groups,
@@ -268,6 +270,8 @@ class PruningCallback(TrainerCallback):
         for target in self.config.structured_targets:
             if target == "layers":
                 scores = {"layers": layer_scores(model, "taylor")}
+            elif target == "hidden":
+                scores = {"hidden": hidden_weight_scores(model, "taylor")}
             else:
                 layout = self._layout(model, target)
                 scores = {f"{target}.{i}": layer_unit_scores(n, rows, "taylor") for i, (n, rows) in layout.items()}
@@ -281,7 +285,9 @@ class PruningCallback(TrainerCallback):
             logger.warning(f"No Taylor scores were accumulated before pruning {target}; using magnitude instead.")
             importance = "magnitude"
         if target == "layers":
-            if importance == "block_influence":
+            if importance == "activation":  # the damage of skipping each block
+                scores = block_skip_scores(model, self._calibration(args, train_dataloader))
+            elif importance == "block_influence":
                 # ShortGPT removes the blocks that change their input the least: low influence = low importance.
                 scores = block_influence_scores(model, self._calibration(args, train_dataloader))
             elif importance == "taylor":
@@ -289,7 +295,16 @@ class PruningCallback(TrainerCallback):
             else:
                 scores = layer_scores(model, "magnitude")
             return {0: _mean_over_ranks(scores, args.device)}
-        if importance == "taylor":
+        if target == "hidden":
+            if importance == "activation":
+                scores = activation_scores(model, self._calibration(args, train_dataloader)).hidden
+            else:
+                scores = self._taylor["hidden"] if importance == "taylor" else hidden_weight_scores(model)
+            return {0: _mean_over_ranks(scores, args.device)}
+        if importance == "activation":
+            found = activation_scores(model, self._calibration(args, train_dataloader))
+            scores = found.head_group_scores(unwrap(model)) if target == "heads" else found.ffn_neurons
+        elif importance == "taylor":
             scores = {int(k.split(".")[1]): v for k, v in self._taylor.items() if k.startswith(f"{target}.")}
         else:
             scores = unit_scores(model, target, "magnitude", layout=self._layout(model, target))
@@ -299,7 +314,9 @@ class PruningCallback(TrainerCallback):
         """The first ``calibration_batches`` training batches, read in order by a fresh loader (no shuffling; its
         iterator still draws one base seed from the global RNG)."""
         if train_dataloader is None:
-            raise ValueError("`importance`='block_influence' needs the Trainer's training data for calibration.")
+            raise ValueError(
+                f"`importance`={self.config.importance!r} needs the Trainer's training data for calibration."
+            )
         loader = DataLoader(
             train_dataloader.dataset,
             batch_size=args.per_device_train_batch_size,
@@ -317,7 +334,8 @@ class PruningCallback(TrainerCallback):
             sparsity = self._target_sparsity(target, step)
             # Skip scoring when the masks would come back unchanged. Block influence still runs: its calibration
             # DataLoader advances the global RNG, which the rest of training depends on.
-            if config.importance != "block_influence" and not self._removes_more(model, target, sparsity):
+            calibrated = config.importance in ("block_influence", "activation")
+            if not calibrated and not self._removes_more(model, target, sparsity):
                 continue
             if target == "unstructured":
                 weights = prunable_weights(model)
@@ -325,8 +343,9 @@ class PruningCallback(TrainerCallback):
                 masks.weights = {name: keep & masks.weights[name].to(keep.device) for name, keep in new.items()}
                 continue
             scores = self._scores(target, args, model, train_dataloader)
-            if target == "layers":
-                masks.layers = select_units(scores, {0: masks.layers}, sparsity, "local", min_keep=1)[0]
+            if target in ("layers", "hidden"):
+                chosen = select_units(scores, {0: getattr(masks, target)}, sparsity, "local", min_keep=1)[0]
+                setattr(masks, target, chosen)
             elif target == "ffn_neurons":
                 masks.ffn_neurons = select_units(scores, masks.ffn_neurons, sparsity, config.scope, min_keep=1)
             else:
@@ -340,8 +359,8 @@ class PruningCallback(TrainerCallback):
         masks, scope = self.masks, self.config.scope
         if target == "unstructured":
             return removes_more(masks.weights, sparsity, scope)
-        if target == "layers":
-            return removes_more({0: masks.layers}, sparsity, "local")
+        if target in ("layers", "hidden"):
+            return removes_more({0: getattr(masks, target)}, sparsity, "local")
         if target == "ffn_neurons":
             return removes_more(masks.ffn_neurons, sparsity, scope)
         layout = self._layout(model, "heads")  # the unit is a head group: `view(groups, -1)` of a layer's heads
@@ -371,6 +390,8 @@ class PruningCallback(TrainerCallback):
                 if target == "heads":
                     alive = {k: v.repeat_interleave(len(head_groups(model, k)[0])) for k, v in alive.items()}
                 setattr(self.masks, target, alive)
+        if "hidden" in self.config.targets:
+            self.masks.hidden = hidden_weight_scores(model) > 0
         weights = prunable_weights(model)
         self.masks.weights = {name: weights[name].detach().cpu() != 0 for name in self.masks.weights}
 
@@ -387,6 +408,9 @@ class PruningCallback(TrainerCallback):
             surgery.prune_heads(model, heads)
         if neurons:
             surgery.prune_ffn_neurons(model, neurons)
+        hidden = self.masks.removed("hidden") if "hidden" in targets else []
+        if hidden:  # after heads: BERT-like configs then express `hidden / head_dim` heads
+            prune_hidden(model, hidden, verify=False)  # no copy at the end of training; tests cover the families
         if dropped:
             surgery.drop_layers(model, dropped)
-        self.removed = {"heads": heads, "ffn_neurons": neurons, "layers": dropped}
+        self.removed = {"heads": heads, "ffn_neurons": neurons, "hidden": hidden, "layers": dropped}

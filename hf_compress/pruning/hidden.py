@@ -201,6 +201,19 @@ def zero_hidden_channels(model: nn.Module, channels: Sequence[int] | torch.Tenso
     return model
 
 
+def hidden_carriers(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+    """``(parameter, dim)`` of every writer and norm parameter along which :func:`zero_hidden_channels` zeroes."""
+    layout = hidden_layout(model)
+    out = [(getattr(module, name), dim) for module, name, dim in layout.writers]
+    for norm in layout.norms:
+        out += [
+            (getattr(norm.module, name), 0)
+            for name in ("weight", "bias")
+            if getattr(norm.module, name, None) is not None
+        ]
+    return out
+
+
 def _final_norm(model: nn.Module, layout: HiddenLayout) -> Norm:
     norm = getattr(model.base_model, "norm", None)
     match = [n for n in layout.norms if n.module is norm]

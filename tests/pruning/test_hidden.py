@@ -1,12 +1,17 @@
 import math
+import shutil
 
 import pytest
 import torch
 import transformers
 from torch import nn
 
+from hf_compress.distillation.config import DistillationConfig
+from hf_compress.distillation.trainer import DistillationTrainer
 from hf_compress.models import families
 from hf_compress.pruning import drop_layers, prune_heads, prune_hidden
+from hf_compress.pruning.callback import PruningCallback
+from hf_compress.pruning.config import PruningConfig
 from hf_compress.pruning.hidden import (
     centre_layer_norms,
     check_zero_channel_oracle,
@@ -172,3 +177,77 @@ def test_unknown_hidden_size_parameter_is_refused():
     model.extra.scale = nn.Parameter(torch.ones(3, 16))
     with pytest.raises(ValueError, match="'extra.scale' of shape \\(3, 16\\)"):
         prune_hidden(model, CHANNELS)
+
+
+# ---- inside training: PruningCallback with the "hidden" target -----------------------------------------------------
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, n: int = 16, seq: int = 8):
+        self.ids = torch.randint(3, 64, (n, seq), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
+
+
+def _run(model, folder, config, resume=None, max_steps=8, save_steps=None):
+    saving = dict(save_strategy="steps", save_steps=save_steps) if save_steps else dict(save_strategy="no")
+    args = DistillationConfig(
+        str(folder),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        learning_rate=5e-2,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        alpha=0.5,
+        temperature=2.0,
+        **saving,
+    )
+    callback = PruningCallback(config)
+    trainer = DistillationTrainer(
+        model=model,
+        teacher_model=tiny_model("llama", "causal_lm", seed=1),
+        args=args,
+        train_dataset=_Tokens(),
+        callbacks=[callback],
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, callback
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "activation"])
+def test_hidden_target_inside_distillation_ends_smaller_and_reloads(importance, tmp_path):
+    student = tiny_model("llama", "causal_lm", seed=2).train()
+    config = PruningConfig(
+        targets={"hidden": 0.25, "heads": 0.5}, schedule="linear", start_step=1, end_step=4, importance=importance
+    )
+    before = sum(p.numel() for p in student.parameters())
+    trainer, callback = _run(student, tmp_path, config, max_steps=6)
+    assert student.config.hidden_size == 12 and len(callback.removed["hidden"]) == 4
+    assert sum(p.numel() for p in student.parameters()) < 0.8 * before
+    assert trainer.teacher_model.config.hidden_size == 16
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "final").eval()
+    torch.testing.assert_close(_logits(reloaded), _logits(student.eval()), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "activation"])
+def test_hidden_target_resumes_bit_identically(importance, tmp_path):
+    config = PruningConfig(
+        targets={"hidden": 0.25}, schedule="cubic", start_step=2, end_step=8, frequency=2, importance=importance
+    )
+    full = tiny_model("llama", "causal_lm").train()
+    _, full_cb = _run(full, tmp_path / "a", config, max_steps=10, save_steps=5)
+    shutil.copytree(tmp_path / "a" / "checkpoint-5", tmp_path / "b" / "checkpoint-5")
+    resumed = tiny_model("llama", "causal_lm").train()
+    _, resumed_cb = _run(
+        resumed, tmp_path / "b", config, max_steps=10, save_steps=5, resume=str(tmp_path / "b" / "checkpoint-5")
+    )
+    assert resumed_cb.removed == full_cb.removed and len(full_cb.removed["hidden"]) == 4
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
