@@ -51,11 +51,13 @@ class Shape:
 
 @dataclass
 class BudgetResult:
-    """The chosen shape, the pruned model and one row per scored candidate (shape, params, KL)."""
+    """The chosen shape, the pruned copy, one row per scored candidate (shape, params, KL), and what was removed
+    (:func:`shape_removals`, indices of the input model)."""
 
     shape: Shape
     model: nn.Module
     table: list[dict] = field(default_factory=list)
+    removed: dict = field(default_factory=dict)
 
 
 def _base_shape(model: nn.Module) -> Shape:
@@ -170,29 +172,49 @@ def _lowest(scores: torch.Tensor, count: int) -> list[int]:
     return sorted(scores.argsort()[:count].tolist()) if count > 0 else []
 
 
-def apply_shape(model: nn.Module, shape: Shape, scores: ActivationScores, layer_scores: torch.Tensor) -> nn.Module:
-    """Prune ``model`` in place to ``shape``: lowest-scoring head groups, neurons, hidden channels, then blocks.
+def shape_removals(model: nn.Module, shape: Shape, scores: ActivationScores, layer_scores: torch.Tensor) -> dict:
+    """What pruning ``model`` to ``shape`` removes: the lowest-scoring head groups, neurons, channels and blocks.
 
-    Heads go first so that, where head width is ``hidden_size / num_heads``, the hidden pruning sees the final head
-    count and writes it to the config.
+    Returns the surgery arguments ``{"heads": {layer: [...]}, "ffn_neurons": {layer: [...]}, "hidden": [...],
+    "layers": [...]}``, all indices of the current ``model``.
     """
     inner = unwrap(model)
     base = _base_shape(inner)
     layers = range(base.layers)
     groups = scores.head_group_scores(inner)
-    group = len(head_groups(inner, 0)[0])
-    drop_groups = (base.heads - shape.heads) // group
+    drop_groups = (base.heads - shape.heads) // len(head_groups(inner, 0)[0])
     heads = {}
     for layer in layers:
         units = head_groups(inner, layer)
         heads[layer] = [h for g in _lowest(groups[layer], drop_groups) for h in units[g]]
-    prune_heads(inner, heads)
-    prune_ffn_neurons(inner, {layer: _lowest(scores.ffn_neurons[layer], base.ffn - shape.ffn) for layer in layers})
-    prune_hidden(inner, _lowest(scores.hidden, base.hidden - shape.hidden), verify=False)
-    drop = _lowest(layer_scores, base.layers - shape.layers)
-    if drop:
-        drop_layers(inner, drop)
+    return {
+        "heads": {layer: h for layer, h in heads.items() if h},
+        "ffn_neurons": {
+            layer: n for layer in layers if (n := _lowest(scores.ffn_neurons[layer], base.ffn - shape.ffn))
+        },
+        "hidden": _lowest(scores.hidden, base.hidden - shape.hidden),
+        "layers": _lowest(layer_scores, base.layers - shape.layers),
+    }
+
+
+def apply_removals(model: nn.Module, removed: dict) -> nn.Module:
+    """Apply :func:`shape_removals`' result in place: heads, neurons, hidden channels, then blocks.
+
+    Heads go first so that, where head width is ``hidden_size / num_heads``, the hidden pruning sees the final head
+    count and writes it to the config.
+    """
+    prune_heads(model, removed.get("heads", {}))
+    prune_ffn_neurons(model, removed.get("ffn_neurons", {}))
+    if removed.get("hidden"):
+        prune_hidden(model, removed["hidden"], verify=False)
+    if removed.get("layers"):
+        drop_layers(model, removed["layers"])
     return model
+
+
+def apply_shape(model: nn.Module, shape: Shape, scores: ActivationScores, layer_scores: torch.Tensor) -> nn.Module:
+    """Prune ``model`` in place to ``shape`` (:func:`shape_removals` then :func:`apply_removals`)."""
+    return apply_removals(model, shape_removals(model, shape, scores, layer_scores))
 
 
 @torch.no_grad()
@@ -276,19 +298,20 @@ def search_budget(
         ]
     rows, best = [], None
     for shape, params in candidates:
-        candidate = apply_shape(copy.deepcopy(inner), shape, scores, layer_scores).eval()
+        removed = shape_removals(inner, shape, scores, layer_scores)
+        candidate = apply_removals(copy.deepcopy(inner), removed).eval()
         kl = _kl(candidate, batches, references)
         rows.append({**asdict(shape), "params": params, "kl": kl})
         if best is None or kl < best[0]:
-            best = (kl, shape, candidate)
+            best = (kl, shape, candidate, removed)
         else:
             del candidate
     inner.train(was_training)
-    kl, shape, pruned = best
+    kl, shape, pruned, removed = best
     for row in rows:
         row["chosen"] = row["kl"] == kl and Shape(row["layers"], row["hidden"], row["heads"], row["ffn"]) == shape
     if verbose:
         print(format_table(rows))
     if math.isnan(kl):
         raise ValueError("`batches` gave a NaN KL for every candidate; check the calibration inputs.")
-    return BudgetResult(shape=shape, model=pruned, table=rows)
+    return BudgetResult(shape=shape, model=pruned, table=rows, removed=removed)

@@ -34,6 +34,7 @@ from transformers import TrainerCallback
 
 from hf_compress.models.families import unwrap
 from hf_compress.pruning.activations import activation_scores, block_skip_scores, hidden_weight_scores
+from hf_compress.pruning.budget import search_budget
 from hf_compress.pruning.config import PruningConfig
 from hf_compress.pruning.hidden import prune_hidden
 from hf_compress.pruning.importance import (
@@ -140,6 +141,7 @@ class PruningCallback(TrainerCallback):
         self._layouts: dict = {}  # target -> `unit_layout`, valid until surgery changes the shapes
         self._hooks: list = []
         self._end_step = 0
+        self.budget_table: list[dict] = []  # the budget search's candidates (with `config.budget`)
 
     # ---- schedule -------------------------------------------------------------------------------------------------
 
@@ -330,6 +332,9 @@ class PruningCallback(TrainerCallback):
     @torch.no_grad()
     def _prune(self, step: int, args, model, optimizer, train_dataloader) -> None:
         config, masks = self.config, dataclasses.replace(self.masks)  # a new object: `self.masks` stays as it was
+        if config.budget is not None:
+            self.masks = _broadcast(self._budget_masks(args, model, train_dataloader), args.device)
+            return
         for target in config.targets:
             sparsity = self._target_sparsity(target, step)
             # Skip scoring when the masks would come back unchanged. Block influence still runs: its calibration
@@ -354,6 +359,21 @@ class PruningCallback(TrainerCallback):
         self._taylor = {}
         if logger.isEnabledFor(logging.INFO):
             logger.info(f"Pruning step {step}: sparsity {self.masks.sparsity()}")
+
+    def _budget_masks(self, args, model, train_dataloader) -> PruningMasks:
+        """Masks of the shape the budget search picks (rank 0 prints the candidates table)."""
+        batches = list(self._calibration(args, train_dataloader))
+        count = self.config.budget_candidates
+        verbose = args.process_index == 0
+        result = search_budget(unwrap(model), self.config.budget, batches, max_candidates=count, verbose=verbose)
+        self.budget_table = result.table
+        masks = PruningMasks.full(model, list(self.config.targets))
+        for target in ("heads", "ffn_neurons"):
+            for layer, indices in result.removed[target].items():
+                getattr(masks, target)[layer][indices] = False
+        for target in ("hidden", "layers"):
+            getattr(masks, target)[result.removed[target]] = False
+        return masks
 
     def _removes_more(self, model, target: str, sparsity: float) -> bool:
         masks, scope = self.masks, self.config.scope

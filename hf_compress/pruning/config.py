@@ -59,6 +59,14 @@ class PruningConfig:
             Rank units across all layers (scores normalised per layer) or remove the same fraction in every layer.
         min_heads_per_layer (`int`, defaults to `1`):
             Attention heads every layer keeps.
+        budget (`int`, *optional*):
+            Prune to at most this many parameters instead of per-target fractions: at `start_step` the budget search
+            (:func:`~hf_compress.pruning.budget.search_budget`) enumerates uniform shapes (depth, hidden, heads, FFN),
+            prunes each one-shot by activation importance, keeps the one of lowest KL to the current model on
+            `calibration_batches`, and masks its heads / neurons / hidden channels / blocks until the end of training.
+            Exclusive with `target` / `sparsity` / `targets`; implies `schedule="one_shot"`.
+        budget_candidates (`int`, defaults to `8`):
+            How many of the largest shapes within `budget` the search prunes and scores.
         calibration_batches (`int`, defaults to `8`):
             Training batches (read in order, without shuffling) used to compute block influence and activations.
 
@@ -97,9 +105,27 @@ class PruningConfig:
         default="global", metadata={"help": "Rank units across all layers (global) or within each layer (local)."}
     )
     min_heads_per_layer: int = field(default=1, metadata={"help": "Attention heads every layer keeps (>= 1)."})
-    calibration_batches: int = field(default=8, metadata={"help": "Training batches used to compute block influence."})
+    budget: int | None = field(
+        default=None, metadata={"help": "Prune to at most this many parameters (budget search at start_step)."}
+    )
+    budget_candidates: int = field(default=8, metadata={"help": "Shapes within the budget scored by KL."})
+    calibration_batches: int = field(
+        default=8, metadata={"help": "Training batches used for block influence, activations and the budget search."}
+    )
 
     def __post_init__(self):
+        if self.budget is not None:
+            if not isinstance(self.budget, int) or self.budget <= 0:
+                raise ValueError(f"`budget` must be a positive number of parameters, got {self.budget!r}.")
+            if self.target is not None or self.sparsity is not None or self.targets is not None:
+                raise ValueError(
+                    f"`budget` ({self.budget}) replaces per-target fractions, got "
+                    f"{self.targets or self.target or self.sparsity!r} too; pass one of them."
+                )
+            self.targets = {name: 0.0 for name in STRUCTURED}  # the search decides what each target loses
+            self.schedule = "one_shot"
+        if self.budget_candidates < 1:
+            raise ValueError(f"`budget_candidates` must be >= 1, got {self.budget_candidates}.")
         self.targets = self._resolve_targets()
         if self.schedule not in SCHEDULE_NAMES:
             raise ValueError(f"`schedule` must be one of {list(SCHEDULE_NAMES)}, got {self.schedule!r}.")

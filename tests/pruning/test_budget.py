@@ -3,9 +3,12 @@ import copy
 import pytest
 import torch
 import transformers
+from transformers import Trainer, TrainingArguments
 
 from hf_compress.pruning.activations import activation_scores, block_skip_scores
 from hf_compress.pruning.budget import Shape, apply_shape, candidate_shapes, count_parameters, search_budget
+from hf_compress.pruning.callback import PruningCallback
+from hf_compress.pruning.config import PruningConfig
 from hf_compress.pruning.hidden import first_output
 from tests.conftest import ENCODERS, tiny_inputs, tiny_model
 
@@ -66,3 +69,37 @@ def test_impossible_budgets_are_one_sentence_errors():
         candidate_shapes(model, -5)
     with pytest.raises(ValueError, match="`layer_importance` must be"):
         search_budget(model, 5000, BATCHES, layer_importance="random")
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, n: int = 16, seq: int = 8):
+        self.ids = torch.randint(3, 64, (n, seq), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
+
+
+def test_budget_option_of_the_callback_trains_the_chosen_shape(tmp_path, capsys):
+    model = tiny_model("llama", "causal_lm").train()
+    budget = int(0.7 * _params(model))
+    config = PruningConfig(budget=budget, calibration_batches=2, budget_candidates=3)
+    assert config.schedule == "one_shot" and set(config.targets) == {"heads", "ffn_neurons", "hidden", "layers"}
+    callback = PruningCallback(config)
+    args = TrainingArguments(
+        str(tmp_path), max_steps=3, per_device_train_batch_size=4, report_to="none", use_cpu=True, disable_tqdm=True
+    )
+    Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=[callback]).train()
+    chosen = next(row for row in callback.budget_table if row["chosen"])
+    assert _params(model) == chosen["params"] <= budget
+    assert model.config.hidden_size == chosen["hidden"] and model.config.num_hidden_layers == chosen["layers"]
+    assert "params" in capsys.readouterr().out
+
+
+def test_budget_excludes_per_target_fractions():
+    with pytest.raises(ValueError, match="`budget` \\(100\\) replaces per-target fractions"):
+        PruningConfig(budget=100, targets={"heads": 0.5})
+    with pytest.raises(ValueError, match="`budget` must be a positive number of parameters, got 0"):
+        PruningConfig(budget=0)
