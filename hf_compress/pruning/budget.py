@@ -168,6 +168,30 @@ def candidate_shapes(
     return close or within[:8]
 
 
+def plan_budget(model: nn.Module, budget: int, max_candidates: int = 8) -> list[str]:
+    """Dry-run lines of a budget search (``hf-compress check``): the candidates the search would score, with counts.
+
+    Works on a meta-device model. The model is then pruned (arbitrary indices) to the largest candidate, so the plan's
+    later rows show a shape the search may pick; the real choice (lowest KL) needs the weights.
+    """
+    candidates = candidate_shapes(model, budget)[:max_candidates]
+    lines = [f"budget {budget:,} parameters -> {len(candidates)} candidate shapes scored by KL (largest shown next):"]
+    lines += [
+        f"    layers {s.layers:>3}  hidden {s.hidden:>5}  heads {s.heads:>3}  ffn {s.ffn:>6}  params {n:>13,}"
+        for s, n in candidates
+    ]
+    shape = candidates[0][0]
+    base = _base_shape(unwrap(model))
+    removed = {
+        "heads": {i: list(range(base.heads - shape.heads)) for i in range(base.layers) if base.heads > shape.heads},
+        "ffn_neurons": {i: list(range(base.ffn - shape.ffn)) for i in range(base.layers) if base.ffn > shape.ffn},
+        "hidden": list(range(base.hidden - shape.hidden)),
+        "layers": list(range(shape.layers, base.layers)),
+    }
+    apply_removals(unwrap(model), removed)
+    return lines
+
+
 def _lowest(scores: torch.Tensor, count: int) -> list[int]:
     return sorted(scores.argsort()[:count].tolist()) if count > 0 else []
 

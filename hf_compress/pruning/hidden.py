@@ -94,6 +94,8 @@ def _add_projection(layout: HiddenLayout, module: nn.Module, read: bool, write: 
 
 def _gain_offset(module: nn.Module) -> float:
     """0 for ``weight * x_hat`` norms, 1 for ``(1 + weight) * x_hat`` norms: probed with the weight set to zero."""
+    if module.weight.is_meta:  # shapes only (dry-run plans): the offset changes no count
+        return 0.0
     probe = torch.ones(1, module.weight.shape[0], dtype=module.weight.dtype, device=module.weight.device)
     params = {"weight": torch.zeros_like(module.weight)}
     with torch.no_grad():

@@ -46,6 +46,10 @@ def _prune_plan(model, name: str, pruning: dict[str, Any]) -> tuple[int, list[st
     from hf_compress.pruning.unstructured import prunable_weights
 
     config, lines, zeroed = PruningConfig(**pruning), [], 0
+    if config.budget is not None:
+        from hf_compress.pruning.budget import plan_budget
+
+        return 0, [f"  {name}: {line}" for line in plan_budget(model, config.budget, config.budget_candidates)]
     for target, sparsity in config.targets.items():
         total = len(get_layers(model))
         if target == "unstructured":
@@ -54,6 +58,16 @@ def _prune_plan(model, name: str, pruning: dict[str, Any]) -> tuple[int, list[st
             lines.append(
                 f"  {name}: unstructured {sparsity:.0%} of {len(prunable_weights(model))} Linear weights "
                 f"({weights:,} values, output head excluded) -> {zeroed:,} zeros"
+            )
+            continue
+        if target == "hidden":
+            from hf_compress.pruning.hidden import prune_hidden
+
+            size = model.config.hidden_size
+            k = units_to_remove(sparsity, size)
+            prune_hidden(model, list(range(k)), verify=False)
+            lines.append(
+                f"  {name}: hidden {sparsity:.0%} of {size} channels -> {k} removed (embeddings, norms, heads)"
             )
             continue
         where = _where(model, target)

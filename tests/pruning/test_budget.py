@@ -6,7 +6,14 @@ import transformers
 from transformers import Trainer, TrainingArguments
 
 from hf_compress.pruning.activations import activation_scores, block_skip_scores
-from hf_compress.pruning.budget import Shape, apply_shape, candidate_shapes, count_parameters, search_budget
+from hf_compress.pruning.budget import (
+    Shape,
+    apply_shape,
+    candidate_shapes,
+    count_parameters,
+    plan_budget,
+    search_budget,
+)
 from hf_compress.pruning.callback import PruningCallback
 from hf_compress.pruning.config import PruningConfig
 from hf_compress.pruning.hidden import first_output
@@ -103,3 +110,15 @@ def test_budget_excludes_per_target_fractions():
         PruningConfig(budget=100, targets={"heads": 0.5})
     with pytest.raises(ValueError, match="`budget` must be a positive number of parameters, got 0"):
         PruningConfig(budget=0)
+
+
+def test_plan_lists_the_candidates_and_prunes_a_meta_model_to_the_largest():
+    model = tiny_model("qwen3", "causal_lm")
+    budget = int(0.7 * _params(model))
+    with torch.device("meta"):
+        meta = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(model.config))
+    lines = plan_budget(meta, budget)
+    largest = candidate_shapes(model, budget)[0]
+    assert lines[0].startswith(f"budget {budget:,} parameters")
+    assert f"params {largest[1]:>13,}" in lines[1]
+    assert _params(meta) == largest[1] <= budget
