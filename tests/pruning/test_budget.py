@@ -3,8 +3,10 @@ import copy
 import pytest
 import torch
 import transformers
+import yaml
 from transformers import Trainer, TrainingArguments
 
+from hf_compress.cli import main
 from hf_compress.pruning.activations import activation_scores, block_skip_scores
 from hf_compress.pruning.budget import (
     Shape,
@@ -17,7 +19,8 @@ from hf_compress.pruning.budget import (
 from hf_compress.pruning.callback import PruningCallback
 from hf_compress.pruning.config import PruningConfig
 from hf_compress.pruning.hidden import first_output
-from tests.conftest import ENCODERS, tiny_inputs, tiny_model
+from hf_compress.recipes.schema import REPO_ROOT
+from tests.conftest import ENCODERS, tiny_inputs, tiny_model, tiny_tokenizer, write_recipe
 
 BATCHES = [tiny_inputs(seed=1), tiny_inputs(seed=2)]
 
@@ -122,3 +125,25 @@ def test_plan_lists_the_candidates_and_prunes_a_meta_model_to_the_largest():
     assert lines[0].startswith(f"budget {budget:,} parameters")
     assert f"params {largest[1]:>13,}" in lines[1]
     assert _params(meta) == largest[1] <= budget
+
+
+def test_shipped_minitron_recipe_plans_the_budget_with_a_tiny_stand_in(tmp_path, capsys, monkeypatch):
+    source = REPO_ROOT / "recipes" / "smollm2_minitron.yaml"
+    raw = yaml.safe_load(source.read_text())
+    assert raw["model"]["teacher"] == "builtin:SmolLM2-135M" and raw["stages"][0]["pruning"]["budget"] == 70_000_000
+    folder = tmp_path / "recipes"
+    lm = tiny_model("llama", "causal_lm")
+    lm.save_pretrained(folder / "tiny-llama")
+    tiny_tokenizer().save_pretrained(folder / "tiny-llama")
+    for key in ("train", "eval"):
+        (folder / raw["data"][key]).parent.mkdir(parents=True, exist_ok=True)
+        (folder / raw["data"][key]).write_text("w1 w2 w3\nw4 w5\n")
+    budget = int(0.7 * _params(lm))
+    text = source.read_text().replace("builtin:SmolLM2-135M", "tiny-llama").replace("70000000", str(budget))
+    path = write_recipe(folder, text, name=source.name)
+    monkeypatch.chdir(tmp_path)
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    largest = candidate_shapes(lm, budget)[0][1]
+    assert f"minitron: budget {budget:,} parameters -> 6 candidate shapes" in out
+    assert f"{largest:,}" in out.split("Expected shapes")[1]  # the plan's size row is the largest candidate
