@@ -12,8 +12,8 @@ Event by event (transformers ``Trainer`` loop):
 * ``on_save``: write ``pruning_masks.safetensors`` and ``pruning_state.json`` into the checkpoint folder.
 * ``on_log``: add ``sparsity/<target>`` and ``pruning/updates`` to the logs (from a helper callback placed before the
   ``report_to`` integrations, see below).
-* ``on_train_end``: physically remove masked heads / neurons / layers (``surgery``), so ``trainer.save_model()``
-  saves the small model. Unstructured zeros stay in the dense weights.
+* ``on_train_end``: physically remove masked heads / neurons / hidden channels / layers (``surgery``), so
+  ``trainer.save_model()`` saves the small model. Unstructured zeros stay in the dense weights.
 
 Distributed runs (DDP): importance scores are averaged over ranks and the resulting masks are broadcast from rank 0, so
 every rank applies identical masks. The Trainer's FSDP / DeepSpeed paths are refused until verified on a GPU
@@ -43,6 +43,8 @@ from transformers.utils import logging
 
 from hf_compress.distributed import register_auto_shutdown
 from hf_compress.models.families import get_family, unwrap
+from hf_compress.pruning.activations import activation_scores, block_skip_scores, hidden_weight_scores
+from hf_compress.pruning.budget import search_budget
 from hf_compress.pruning.checks import check_complete_checkpoint, check_schedule
 from hf_compress.pruning.config import PruningConfig
 from hf_compress.pruning.importance import (
@@ -145,6 +147,7 @@ class PruningCallback(TrainerCallback):
         self._end_step = 0
         self._updates = 0  # pruning steps that changed the masks in this run (logged as `pruning/updates`)
         register_auto_shutdown()  # under a process group: clean exit without an explicit shutdown_distributed()
+        self.budget_table: list[dict] = []  # the budget search's candidates (with `config.budget`)
 
     # ---- schedule -------------------------------------------------------------------------------------------------
 
@@ -288,6 +291,8 @@ class PruningCallback(TrainerCallback):
         for target in self.config.structured_targets:
             if target == "layers":
                 scores = {"layers": layer_scores(model, "taylor")}
+            elif target == "hidden":
+                scores = {"hidden": hidden_weight_scores(model, "taylor")}
             else:
                 layout = self._layout(model, target)
                 scores = {f"{target}.{i}": layer_unit_scores(n, rows, "taylor") for i, (n, rows) in layout.items()}
@@ -301,7 +306,9 @@ class PruningCallback(TrainerCallback):
             logger.warning(f"No Taylor scores were accumulated before pruning {target}; using magnitude instead.")
             importance = "magnitude"
         if target == "layers":
-            if importance == "block_influence":
+            if importance == "activation":  # the damage of skipping each block
+                scores = block_skip_scores(model, self._calibration(args, train_dataloader))
+            elif importance == "block_influence":
                 # ShortGPT removes the blocks that change their input the least: low influence = low importance.
                 scores = block_influence_scores(model, self._calibration(args, train_dataloader))
             elif importance == "taylor":
@@ -309,7 +316,16 @@ class PruningCallback(TrainerCallback):
             else:
                 scores = layer_scores(model, "magnitude")
             return {0: _mean_over_ranks(scores, args.device)}
-        if importance == "taylor":
+        if target == "hidden":
+            if importance == "activation":
+                scores = activation_scores(model, self._calibration(args, train_dataloader)).hidden
+            else:
+                scores = self._taylor["hidden"] if importance == "taylor" else hidden_weight_scores(model)
+            return {0: _mean_over_ranks(scores, args.device)}
+        if importance == "activation":
+            found = activation_scores(model, self._calibration(args, train_dataloader))
+            scores = found.head_group_scores(unwrap(model)) if target == "heads" else found.ffn_neurons
+        elif importance == "taylor":
             scores = {int(k.split(".")[1]): v for k, v in self._taylor.items() if k.startswith(f"{target}.")}
         else:
             scores = unit_scores(model, target, "magnitude", layout=self._layout(model, target))
@@ -319,7 +335,9 @@ class PruningCallback(TrainerCallback):
         """The first ``calibration_batches`` training batches, read in order by a fresh loader (no shuffling; its
         iterator still draws one base seed from the global RNG)."""
         if train_dataloader is None:
-            raise ValueError("`importance`='block_influence' needs the Trainer's training data for calibration.")
+            raise ValueError(
+                f"`importance`={self.config.importance!r} needs the Trainer's training data for calibration."
+            )
         loader = DataLoader(
             train_dataloader.dataset,
             batch_size=args.per_device_train_batch_size,
@@ -333,11 +351,15 @@ class PruningCallback(TrainerCallback):
     @torch.no_grad()
     def _prune(self, step: int, args, model, optimizer, train_dataloader) -> None:
         config, masks = self.config, dataclasses.replace(self.masks)  # a new object: `self.masks` stays as it was
+        if config.budget is not None:
+            self.masks = _broadcast(self._budget_masks(args, model, train_dataloader), args.device)
+            return
         for target in config.targets:
             sparsity = self._target_sparsity(target, step)
             # Skip scoring when the masks would come back unchanged. Block influence still runs: its calibration
             # DataLoader advances the global RNG, which the rest of training depends on.
-            if config.importance != "block_influence" and not self._removes_more(model, target, sparsity):
+            calibrated = config.importance in ("block_influence", "activation")
+            if not calibrated and not self._removes_more(model, target, sparsity):
                 continue
             if target == "unstructured":
                 weights = prunable_weights(model)
@@ -345,8 +367,9 @@ class PruningCallback(TrainerCallback):
                 masks.weights = {name: keep & masks.weights[name].to(keep.device) for name, keep in new.items()}
                 continue
             scores = self._scores(target, args, model, train_dataloader)
-            if target == "layers":
-                masks.layers = select_units(scores, {0: masks.layers}, sparsity, "local", min_keep=1)[0]
+            if target in ("layers", "hidden"):
+                chosen = select_units(scores, {0: getattr(masks, target)}, sparsity, "local", min_keep=1)[0]
+                setattr(masks, target, chosen)
             elif target == "ffn_neurons":
                 masks.ffn_neurons = select_units(scores, masks.ffn_neurons, sparsity, config.scope, min_keep=1)
             else:
@@ -359,12 +382,27 @@ class PruningCallback(TrainerCallback):
         if logger.isEnabledFor(logging.INFO):  # `sparsity()` counts every mask
             logger.info(f"Pruning step {step}: sparsity {self.masks.sparsity()}")
 
+    def _budget_masks(self, args, model, train_dataloader) -> PruningMasks:
+        """Masks of the shape the budget search picks (rank 0 prints the candidates table)."""
+        batches = list(self._calibration(args, train_dataloader))
+        count = self.config.budget_candidates
+        verbose = args.process_index == 0
+        result = search_budget(unwrap(model), self.config.budget, batches, max_candidates=count, verbose=verbose)
+        self.budget_table = result.table
+        masks = PruningMasks.full(model, list(self.config.targets))
+        for target in ("heads", "ffn_neurons"):
+            for layer, indices in result.removed[target].items():
+                getattr(masks, target)[layer][indices] = False
+        for target in ("hidden", "layers"):
+            getattr(masks, target)[result.removed[target]] = False
+        return masks
+
     def _removes_more(self, model, target: str, sparsity: float) -> bool:
         masks, scope = self.masks, self.config.scope
         if target == "unstructured":
             return removes_more(masks.weights, sparsity, scope)
-        if target == "layers":
-            return removes_more({0: masks.layers}, sparsity, "local")
+        if target in ("layers", "hidden"):
+            return removes_more({0: getattr(masks, target)}, sparsity, "local")
         if target == "ffn_neurons":
             return removes_more(masks.ffn_neurons, sparsity, scope)
         layout = self._layout(model, "heads")  # the unit is a head group: `view(groups, -1)` of a layer's heads
@@ -394,6 +432,8 @@ class PruningCallback(TrainerCallback):
                 if target == "heads":
                     alive = {k: v.repeat_interleave(len(head_groups(model, k)[0])) for k, v in alive.items()}
                 setattr(self.masks, target, alive)
+        if "hidden" in self.config.targets:
+            self.masks.hidden = hidden_weight_scores(model) > 0
         weights = prunable_weights(model)
         self.masks.weights = {name: weights[name].detach().cpu() != 0 for name in self.masks.weights}
 

@@ -6,10 +6,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
-TARGETS = ("unstructured", "heads", "ffn_neurons", "layers")
-STRUCTURED = ("heads", "ffn_neurons", "layers")
+TARGETS = ("unstructured", "heads", "ffn_neurons", "layers", "hidden")
+STRUCTURED = ("heads", "ffn_neurons", "hidden", "layers")
 SCHEDULE_NAMES = ("one_shot", "linear", "cubic")
-IMPORTANCE_NAMES = ("magnitude", "taylor", "block_influence")
+IMPORTANCE_NAMES = ("magnitude", "taylor", "block_influence", "activation")
 
 
 @dataclass
@@ -28,7 +28,9 @@ class PruningConfig:
 
         target (`str` or `list[str]`, *optional*, defaults to `"unstructured"`):
             `"unstructured"` (individual weights of `nn.Linear` / `Conv1D`), `"heads"` (attention heads, whole
-            query groups under grouped-query attention), `"ffn_neurons"` or `"layers"` (whole blocks). A list or a
+            query groups under grouped-query attention), `"ffn_neurons"`, `"layers"` (whole blocks) or `"hidden"`
+            (hidden-size channels of the residual stream, Minitron width pruning; see
+            :func:`~hf_compress.pruning.prune_hidden`). A list or a
             comma-separated string prunes several targets to the same `sparsity`. Exclusive with `targets`.
         sparsity (`float`, *optional*, defaults to `0.5`):
             Final fraction of each target removed, in [0, 1). Exclusive with `targets`.
@@ -48,15 +50,25 @@ class PruningConfig:
 
         > How
 
-        importance (`Literal["magnitude", "taylor", "block_influence"]`, defaults to `"magnitude"`):
+        importance (`Literal["magnitude", "taylor", "block_influence", "activation"]`, defaults to `"magnitude"`):
             Score of each unit: L2 magnitude of its weights, first-order Taylor `|w * grad|` accumulated since the
-            previous pruning step, or (layers only) ShortGPT block influence `1 - cos(input, output)`.
+            previous pruning step, (layers only) ShortGPT block influence `1 - cos(input, output)`, or Minitron
+            activations on `calibration_batches` (mean `|activation|` of hidden channels / heads / neurons, and the
+            damage of skipping each block for layers).
         scope (`Literal["global", "local"]`, defaults to `"global"`):
             Rank units across all layers (scores normalised per layer) or remove the same fraction in every layer.
         min_heads_per_layer (`int`, defaults to `1`):
             Attention heads every layer keeps.
+        budget (`int`, *optional*):
+            Prune to at most this many parameters instead of per-target fractions: at `start_step` the budget search
+            (:func:`~hf_compress.pruning.budget.search_budget`) enumerates uniform shapes (depth, hidden, heads, FFN),
+            prunes each one-shot by activation importance, keeps the one of lowest KL to the current model on
+            `calibration_batches`, and masks its heads / neurons / hidden channels / blocks until the end of training.
+            Exclusive with `target` / `sparsity` / `targets`; implies `schedule="one_shot"`.
+        budget_candidates (`int`, defaults to `8`):
+            How many of the largest shapes within `budget` the search prunes and scores.
         calibration_batches (`int`, defaults to `8`):
-            Training batches (read in order, without shuffling) used to compute block influence.
+            Training batches (read in order, without shuffling) used to compute block influence and activations.
 
     Example:
 
@@ -85,16 +97,35 @@ class PruningConfig:
         default=None, metadata={"help": "Step reaching the final sparsity (default: last training step)."}
     )
     frequency: int = field(default=1, metadata={"help": "Prune every `frequency` steps after start_step."})
-    importance: Literal["magnitude", "taylor", "block_influence"] = field(
-        default="magnitude", metadata={"help": "Importance score: magnitude, taylor, block_influence (layers only)."}
+    importance: Literal["magnitude", "taylor", "block_influence", "activation"] = field(
+        default="magnitude",
+        metadata={"help": "Importance score: magnitude, taylor, block_influence (layers only), activation."},
     )
     scope: Literal["global", "local"] = field(
         default="global", metadata={"help": "Rank units across all layers (global) or within each layer (local)."}
     )
     min_heads_per_layer: int = field(default=1, metadata={"help": "Attention heads every layer keeps (>= 1)."})
-    calibration_batches: int = field(default=8, metadata={"help": "Training batches used to compute block influence."})
+    budget: int | None = field(
+        default=None, metadata={"help": "Prune to at most this many parameters (budget search at start_step)."}
+    )
+    budget_candidates: int = field(default=8, metadata={"help": "Shapes within the budget scored by KL."})
+    calibration_batches: int = field(
+        default=8, metadata={"help": "Training batches used for block influence, activations and the budget search."}
+    )
 
     def __post_init__(self):
+        if self.budget is not None:
+            if not isinstance(self.budget, int) or self.budget <= 0:
+                raise ValueError(f"`budget` must be a positive number of parameters, got {self.budget!r}.")
+            if self.target is not None or self.sparsity is not None or self.targets is not None:
+                raise ValueError(
+                    f"`budget` ({self.budget}) replaces per-target fractions, got "
+                    f"{self.targets or self.target or self.sparsity!r} too; pass one of them."
+                )
+            self.targets = {name: 0.0 for name in STRUCTURED}  # the search decides what each target loses
+            self.schedule = "one_shot"
+        if self.budget_candidates < 1:
+            raise ValueError(f"`budget_candidates` must be >= 1, got {self.budget_candidates}.")
         self.targets = self._resolve_targets()
         if self.schedule not in SCHEDULE_NAMES:
             raise ValueError(f"`schedule` must be one of {list(SCHEDULE_NAMES)}, got {self.schedule!r}.")
@@ -117,8 +148,11 @@ class PruningConfig:
                 f"`importance`='block_influence' scores whole layers only, got targets {list(self.targets)}; "
                 "use 'magnitude' or 'taylor' for the other targets."
             )
-        if self.importance == "taylor" and "unstructured" in self.targets:
-            raise ValueError("`importance`='taylor' is not supported for the 'unstructured' target; use 'magnitude'.")
+        for name in ("taylor", "activation"):
+            if self.importance == name and "unstructured" in self.targets:
+                raise ValueError(
+                    f"`importance`={name!r} is not supported for the 'unstructured' target; use 'magnitude'."
+                )
         if self.importance == "taylor" and self.start_step == 0:
             raise ValueError(
                 "`start_step` must be >= 1 with `importance`='taylor' (gradients are needed before pruning), got 0."
@@ -153,5 +187,5 @@ class PruningConfig:
 
     @property
     def structured_targets(self) -> list[str]:
-        """The structured targets (heads, ffn_neurons, layers) among `targets`, in that order."""
+        """The structured targets (heads, ffn_neurons, hidden, layers) among `targets`, in that order."""
         return [name for name in STRUCTURED if name in self.targets]

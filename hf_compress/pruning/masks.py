@@ -3,8 +3,9 @@
 A mask is ``True`` where the structure is kept. Head and neuron masks are small per-layer boolean vectors over the
 parameter slices that ``architectures.head_slices`` / ``neuron_slices`` return; :func:`parameter_masks` turns them,
 once per pruning decision, into one broadcastable multiplier per parameter, so holding them on every training step is
-one in-place op per parameter. Layer masks are applied with forward hooks that turn a removed block into the
-identity. Unstructured masks have the shape of the weight they mask.
+one in-place op per parameter. The hidden-channel mask zeroes its channels in every writer of the residual stream and
+in the norms' gains and biases (``hidden.hidden_carriers``). Layer masks are applied with forward hooks that turn a
+removed block into the identity. Unstructured masks have the shape of the weight they mask.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from hf_compress.checks import readable_weights
 from hf_compress.models.families import ffn_size, get_layers, head_counts, head_slices, neuron_slices, unwrap
+from hf_compress.pruning.hidden import hidden_carriers, hidden_size
 from hf_compress.pruning.importance import normalize_per_layer
 from hf_compress.pruning.schedules import units_to_remove
 
@@ -77,6 +79,7 @@ class PruningMasks:
         heads (`dict[int, torch.BoolTensor]`): Layer index -> mask over its query heads.
         ffn_neurons (`dict[int, torch.BoolTensor]`): Layer index -> mask over its FFN neurons.
         layers (`torch.BoolTensor`, *optional*): Mask over the blocks.
+        hidden (`torch.BoolTensor`, *optional*): Mask over the hidden (residual-stream) channels.
         weights (`dict[str, torch.BoolTensor]`): Parameter name -> element-wise mask (unstructured pruning).
     """
 
@@ -84,11 +87,12 @@ class PruningMasks:
     ffn_neurons: dict[int, torch.Tensor] = field(default_factory=dict)
     layers: torch.Tensor | None = None
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    hidden: torch.Tensor | None = None
 
     @classmethod
     def full(cls, model: nn.Module, targets: list[str], weight_names: list[str] | None = None) -> PruningMasks:
         """All-``True`` masks of ``targets`` for ``model`` (``weight_names`` lists the unstructured parameters)."""
-        num_layers = len(get_layers(model)) if set(targets) & {"heads", "ffn_neurons", "layers"} else 0
+        num_layers = len(get_layers(model)) if set(targets) & {"heads", "ffn_neurons", "layers", "hidden"} else 0
         params = dict(unwrap(model).named_parameters())
         masks = cls()
         if "heads" in targets:
@@ -97,14 +101,17 @@ class PruningMasks:
             masks.ffn_neurons = {i: torch.ones(ffn_size(model, i), dtype=torch.bool) for i in range(num_layers)}
         if "layers" in targets:
             masks.layers = torch.ones(num_layers, dtype=torch.bool)
+        if "hidden" in targets:
+            masks.hidden = torch.ones(hidden_size(model), dtype=torch.bool)
         if "unstructured" in targets:
             masks.weights = {n: torch.ones_like(params[n], dtype=torch.bool) for n in weight_names or []}
         return masks
 
     def removed(self, target: str) -> dict[int, list[int]] | list[int]:
-        """Removed indices: ``{layer: [heads]}``, ``{layer: [neurons]}`` or ``[layers]`` (the surgery arguments)."""
-        if target == "layers":
-            return [] if self.layers is None else (~self.layers).nonzero().flatten().tolist()
+        """Removed indices: ``{layer: [heads]}``, ``{layer: [neurons]}``, ``[layers]`` or ``[hidden channels]``."""
+        if target in ("layers", "hidden"):
+            keep = getattr(self, target)
+            return [] if keep is None else (~keep).nonzero().flatten().tolist()
         per_layer = self.heads if target == "heads" else self.ffn_neurons
         return {layer: (~keep).nonzero().flatten().tolist() for layer, keep in per_layer.items() if not keep.all()}
 
@@ -122,6 +129,8 @@ class PruningMasks:
                 out[target] = sum(int((~v).sum()) for v in values) / total
         if self.layers is not None:
             out["layers"] = float((~self.layers).sum()) / self.layers.numel()
+        if self.hidden is not None:
+            out["hidden"] = float((~self.hidden).sum()) / self.hidden.numel()
         return out
 
     def _flat(self) -> dict[str, torch.Tensor]:
@@ -130,6 +139,8 @@ class PruningMasks:
         out.update({f"weights.{n}": m for n, m in self.weights.items()})
         if self.layers is not None:
             out["layers"] = self.layers
+        if self.hidden is not None:
+            out["hidden"] = self.hidden
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -157,6 +168,8 @@ class PruningMasks:
                 masks.weights[rest] = value.bool()
             elif key == "layers":
                 masks.layers = value.bool()
+            elif key == "hidden":
+                masks.hidden = value.bool()
         masks.heads = dict(sorted(masks.heads.items()))
         masks.ffn_neurons = dict(sorted(masks.ffn_neurons.items()))
         return masks
@@ -239,6 +252,9 @@ def parameter_masks(model: nn.Module, masks: PruningMasks, layouts: dict | None 
                     along[index] &= kept
     for param, dim, index in structured_slices(model, rest):
         keep_along(param, dim)[index.to(param.device)] = False
+    if masks.hidden is not None and not bool(masks.hidden.all()):
+        for param, dim in hidden_carriers(model):  # dead channels carry nothing: zero them wherever they are written
+            keep_along(param, dim).logical_and_(masks.hidden.to(param.device))
     combined: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
     for param, keeps in per_dim.values():
         mask = None

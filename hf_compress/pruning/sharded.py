@@ -29,6 +29,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from hf_compress.models.families import get_layers, unwrap
+from hf_compress.pruning.hidden import prune_hidden
 from hf_compress.pruning.importance import unit_layout, unit_scores
 from hf_compress.pruning.masks import PruningMasks, parameter_masks
 from hf_compress.pruning.surgery import drop_layers, prune_ffn_neurons, prune_heads
@@ -104,9 +105,10 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def remove_masked(model: nn.Module, masks: PruningMasks, targets: list[str]) -> dict:
-    """Physically remove the heads, FFN neurons and layers that `masks` removes from an unsharded `model`.
+    """Physically remove the heads, FFN neurons, hidden channels and layers that `masks` removes from an unsharded
+    `model`.
 
-    Returns what was removed, `{"heads": {layer: [...]}, "ffn_neurons": {...}, "layers": [...]}` (the
+    Returns what was removed, `{"heads": {layer: [...]}, "ffn_neurons": {...}, "hidden": [...], "layers": [...]}` (the
     `PruningCallback.removed` attribute). Unstructured masks stay as zeros in the dense weights.
     """
     dropped = masks.removed("layers") if "layers" in targets else []
@@ -118,9 +120,12 @@ def remove_masked(model: nn.Module, masks: PruningMasks, targets: list[str]) -> 
         prune_heads(model, heads)
     if neurons:
         prune_ffn_neurons(model, neurons)
+    hidden = masks.removed("hidden") if "hidden" in targets else []
+    if hidden:  # after heads: BERT-like configs then express `hidden / head_dim` heads
+        prune_hidden(model, hidden, verify=False)  # no copy at the end of training; tests cover the families
     if dropped:
         drop_layers(model, dropped)
-    return {"heads": heads, "ffn_neurons": neurons, "layers": dropped}
+    return {"heads": heads, "ffn_neurons": neurons, "hidden": hidden, "layers": dropped}
 
 
 def shard_teacher(teacher: nn.Module, mesh: DeviceMesh | None = None) -> nn.Module:

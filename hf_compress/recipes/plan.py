@@ -17,7 +17,9 @@ from hf_compress.distillation.student import make_student
 from hf_compress.models.builtin import resolve_model_path
 from hf_compress.models.families import ffn_size, get_family, get_layers, head_counts
 from hf_compress.models.heads import auto_class_for_task
+from hf_compress.pruning.budget import plan_budget
 from hf_compress.pruning.config import PruningConfig
+from hf_compress.pruning.hidden import prune_hidden
 from hf_compress.pruning.importance import head_groups
 from hf_compress.pruning.schedules import units_to_remove
 from hf_compress.pruning.surgery import drop_layers, prune_ffn_neurons, prune_heads
@@ -48,6 +50,8 @@ def _where(model, target: str) -> str:
 def _prune_plan(model, name: str, pruning: dict[str, Any]) -> tuple[int, list[str]]:
     """Apply the expected structured pruning to a meta ``model`` (uniform per layer); return zeroed weights, lines."""
     config, lines, zeroed = PruningConfig(**pruning), [], 0
+    if config.budget is not None:
+        return 0, [f"  {name}: {line}" for line in plan_budget(model, config.budget, config.budget_candidates)]
     for target, sparsity in config.targets.items():
         total = len(get_layers(model))
         if target == "unstructured":
@@ -56,6 +60,14 @@ def _prune_plan(model, name: str, pruning: dict[str, Any]) -> tuple[int, list[st
             lines.append(
                 f"  {name}: unstructured {sparsity:.0%} of {len(prunable_weights(model))} Linear weights "
                 f"({weights:,} values, output head excluded) -> {zeroed:,} zeros"
+            )
+            continue
+        if target == "hidden":
+            size = model.config.hidden_size
+            k = units_to_remove(sparsity, size)
+            prune_hidden(model, list(range(k)), verify=False)
+            lines.append(
+                f"  {name}: hidden {sparsity:.0%} of {size} channels -> {k} removed (embeddings, norms, heads)"
             )
             continue
         where = _where(model, target)

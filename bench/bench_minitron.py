@@ -1,0 +1,197 @@
+"""Minitron-style compression of SmolLM2-135M to about half its parameters, three ways, at the same KD token budget.
+
+1. ``depth``: drop the least influential blocks (ShortGPT block influence) until the model fits the budget.
+2. ``width``: keep every block; the budget search over hidden size, heads and FFN width only (``depth=(1.0,)``).
+3. ``search``: the budget search's choice over depth, hidden, heads and FFN together.
+
+Every student is pruned one-shot from the same calibration batches (activation importance, Minitron), then distilled
+from the full teacher (``alpha=1``, forward KL, ``T=1``) for the same steps / batches / learning rate / seed with
+``hf_compress.DistillationTrainer``; WikiText-2 test perplexity (method of ``bench_llm.py``) and evaluation
+throughput (tokens scored per second) are measured before and after recovery.
+
+Usage (from the repository root): ``python bench/bench_minitron.py --size full``; ``--size tiny`` is a smoke test
+(the tests pass ``--model`` a tiny saved Llama). Results go to ``bench/results/minitron.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+from pathlib import Path
+
+import datasets
+import torch
+from bench_llm import TEXTS, CpuStepTimer, blocks, common_args, perplexity, token_stream
+from common import RESULTS_DIR, machine_info, setup_threads, summarize, write_json
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, default_data_collator
+from transformers import logging as hf_logging
+
+from hf_compress.distillation import DistillationConfig, DistillationTrainer
+from hf_compress.pruning import drop_layers
+from hf_compress.pruning.budget import Shape, count_parameters, search_budget
+from hf_compress.pruning.importance import block_influence_scores
+from hf_compress.recipes.data import resolve_model_path
+from hf_compress.reporting.measure import format_table
+
+SIZES = {
+    "tiny": dict(seq=32, batch=2, steps=6, skip=2, calibration=2, eval_tokens=512, chunk=32, candidates=3),
+    "full": dict(seq=128, batch=4, steps=60, skip=3, calibration=4, eval_tokens=8192, chunk=256, candidates=4),
+}
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def depth_only(teacher, batches: list[dict], budget: int) -> tuple[torch.nn.Module, dict]:
+    """Drop the lowest block-influence blocks, fewest first, until the model has at most ``budget`` parameters."""
+    scores = block_influence_scores(teacher, batches)
+    config = teacher.config
+    num_layers = len(scores)
+    heads, ffn = config.num_attention_heads, config.intermediate_size
+    keep = next(
+        (
+            k
+            for k in range(num_layers, 0, -1)
+            if count_parameters(teacher, Shape(k, config.hidden_size, heads, ffn)) <= budget
+        ),
+        None,
+    )
+    if keep is None:
+        raise ValueError(f"`budget` {budget:,} cannot be reached by dropping blocks alone.")
+    drop = sorted(torch.argsort(scores)[: num_layers - keep].tolist())
+    student = drop_layers(copy.deepcopy(teacher), drop)
+    return student, {"dropped_layers": drop, "shape": vars(Shape(keep, config.hidden_size, heads, ffn))}
+
+
+def distil(teacher, student, tokenizer, train, size: dict, lr: float, out: str) -> dict:
+    config = DistillationConfig(
+        **common_args(size, lr, out), alpha=1.0, temperature=1.0, distillation_loss="kl", loss_chunk_size=size["chunk"]
+    )
+    timer = CpuStepTimer()
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=config,
+        train_dataset=train,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+        callbacks=[timer],
+    )
+    trainer.remove_callback(PrinterCallback)
+    start = time.perf_counter()
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {
+        "train_seconds": time.perf_counter() - start,
+        "step_s": summarize(timer.step_times(skip=size["skip"])),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+    }
+
+
+def _measure(model, rows) -> dict:
+    result = perplexity(model, rows)
+    return {**result, "tokens_per_s": result["tokens_scored"] / result["seconds"]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=list(SIZES), default="full", help="Steps / tokens (tiny = smoke).")
+    parser.add_argument("--model", default="builtin:SmolLM2-135M", help="Teacher: builtin name or local folder.")
+    parser.add_argument("--fraction", type=float, default=0.5, help="Parameter budget as a fraction of the teacher.")
+    parser.add_argument("--steps", type=int, default=None, help="Override the size's recovery steps.")
+    parser.add_argument("--lr", type=float, default=2e-4, help="Peak learning rate of every recovery.")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's).")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "minitron.json", help="JSON result path.")
+    args = parser.parse_args(argv)
+    size = dict(SIZES[args.size])
+    if args.steps is not None:
+        size["steps"] = args.steps
+    setup_threads(args.threads)
+    hf_logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    start = time.perf_counter()
+    path = resolve_model_path(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    budget = int(args.fraction * _params(teacher))
+    payload = {"benchmark": "minitron", "size": args.size, "machine": machine_info(), "budget": budget}
+    payload["model"] = {"name": args.model, "params": _params(teacher), "layers": teacher.config.num_hidden_layers}
+    print(f"teacher {args.model}: {_params(teacher):,} params; budget {budget:,}", flush=True)
+
+    n = size["calibration"] * size["batch"]
+    rows = blocks(token_stream(tokenizer, TEXTS["tinyshakespeare"], n * size["seq"]), size["seq"])
+    batches = [{"input_ids": rows[i : i + size["batch"]]} for i in range(0, n, size["batch"])]
+    train_rows = blocks(
+        token_stream(tokenizer, TEXTS["wikitext2_valid"], size["steps"] * size["batch"] * size["seq"]), size["seq"]
+    )
+    columns = {"input_ids": train_rows.tolist(), "attention_mask": torch.ones_like(train_rows).tolist()}
+    train = datasets.Dataset.from_dict({**columns, "labels": train_rows.tolist()}).with_format("torch")
+    rows_eval = blocks(token_stream(tokenizer, TEXTS["wikitext2_test"], size["eval_tokens"]), size["seq"])
+    teacher_eval = _measure(teacher, rows_eval)
+    payload["teacher"] = teacher_eval
+
+    students = {}
+    students["depth"] = depth_only(teacher, batches, budget)
+    grid = dict(max_candidates=size["candidates"], layer_importance="block_influence")
+    for name, extra in (("width", {"depth": (1.0,)}), ("search", {})):
+        print(f"budget search ({name}):", flush=True)
+        result = search_budget(teacher, budget, batches, **grid, **extra)
+        students[name] = (result.model, {"shape": vars(result.shape), "table": result.table})
+
+    variants = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (student, info) in students.items():
+            print(f"{name}: {info['shape']} -> distilling ...", flush=True)
+            pruned = _measure(student, rows_eval)
+            recovery = distil(teacher, student.train(), tokenizer, train, size, args.lr, f"{tmp}/{name}")
+            recovered = _measure(student, rows_eval)
+            variants[name] = {
+                **info,
+                "params": _params(student),
+                "pruned": pruned,
+                "recovered": recovered,
+                "recovery": recovery,
+                "ppl_ratio_pruned": pruned["ppl"] / teacher_eval["ppl"],
+                "ppl_ratio_recovered": recovered["ppl"] / teacher_eval["ppl"],
+                "tokens_per_s_ratio": recovered["tokens_per_s"] / teacher_eval["tokens_per_s"],
+            }
+    payload["variants"] = variants
+    payload["settings"] = {
+        "steps": size["steps"],
+        "batch": f"{size['batch']}x{size['seq']}",
+        "train_tokens": int(train_rows.numel()),
+        "train_text": "wikitext2_valid",
+        "calibration": f"{size['calibration']} batches of tinyshakespeare",
+        "learning_rate": args.lr,
+        "layer_importance": "block_influence (the search's skip-loss option costs num_layers + 1 forwards per batch)",
+    }
+    payload["total_seconds"] = time.perf_counter() - start
+    table = [
+        {
+            "variant": name,
+            "layers": v["shape"]["layers"],
+            "hidden": v["shape"]["hidden"],
+            "heads": v["shape"]["heads"],
+            "ffn": v["shape"]["ffn"],
+            "params": v["params"],
+            "ppl/teacher pruned": round(v["ppl_ratio_pruned"], 3),
+            "ppl/teacher recovered": round(v["ppl_ratio_recovered"], 3),
+            "tokens/s": round(v["recovered"]["tokens_per_s"]),
+        }
+        for name, v in variants.items()
+    ]
+    print(
+        f"\nteacher: {payload['model']['params']:,} params, ppl {teacher_eval['ppl']:.2f}, "
+        f"{teacher_eval['tokens_per_s']:.0f} tokens/s; {size['steps']} KD steps of {payload['settings']['batch']}\n"
+        + format_table(table)
+    )
+    print(f"\nwrote {write_json(payload, args.output)}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""``bench/bench_minitron.py --size tiny`` runs end to end on a tiny saved Llama + word-level tokenizer (no SmolLM2).
+
+Checks the JSON layout and what follows from the setup (every variant within the budget, depth-only keeps the width,
+width-only keeps the depth, finite perplexities), never timings or perplexity values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tests.bench.test_bench_llm import REPO, word_tokenizer
+
+LAYERS, HIDDEN = 6, 32
+
+
+@pytest.fixture(scope="module")
+def minitron(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("bench_minitron")
+    tokenizer = word_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+    )
+    LlamaForCausalLM(config).save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
+    output = root / "minitron.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = str(REPO)  # this checkout's hf_compress, not the installed one
+    command = [sys.executable, str(REPO / "bench" / "bench_minitron.py"), "--size", "tiny", "--threads", "1"]
+    command += ["--fraction", "0.7", "--model", str(root / "tiny"), "--output", str(output)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ppl/teacher recovered" in result.stdout and f"wrote {output}" in result.stdout
+    return json.loads(output.read_text())
+
+
+@pytest.mark.slow
+def test_every_variant_fits_the_budget(minitron):
+    assert minitron["benchmark"] == "minitron" and minitron["size"] == "tiny"
+    assert set(minitron["variants"]) == {"depth", "width", "search"}
+    assert minitron["budget"] == int(0.7 * minitron["model"]["params"])
+    for variant in minitron["variants"].values():
+        assert variant["params"] <= minitron["budget"]
+        for stage in ("pruned", "recovered"):
+            assert math.isfinite(variant[stage]["ppl"]) and variant[stage]["tokens_per_s"] > 0
+        assert math.isclose(variant["ppl_ratio_recovered"], variant["recovered"]["ppl"] / minitron["teacher"]["ppl"])
+
+
+@pytest.mark.slow
+def test_depth_keeps_width_and_width_keeps_depth(minitron):
+    depth, width = minitron["variants"]["depth"], minitron["variants"]["width"]
+    assert depth["shape"]["hidden"] == HIDDEN and depth["shape"]["layers"] < LAYERS
+    assert len(depth["dropped_layers"]) == LAYERS - depth["shape"]["layers"]
+    assert width["shape"]["layers"] == LAYERS and width["shape"]["hidden"] <= HIDDEN
+    assert sum(row["chosen"] for row in minitron["variants"]["search"]["table"]) == 1
