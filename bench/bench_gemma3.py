@@ -36,12 +36,11 @@ from pathlib import Path
 
 import datasets
 import torch
-from bench_llm import TEXTS, CpuStepTimer, blocks, common_args, perplexity, token_stream
+from bench_llm import TEXTS, blocks, kd_trainer, perplexity, token_stream
 from common import RESULTS_DIR, machine_info, setup_threads, summarize, write_json
-from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback, default_data_collator
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
 from transformers import logging as hf_logging
 
-from hf_compress.distillation import DistillationConfig, DistillationTrainer
 from hf_compress.pruning import drop_layers, prune_ffn_neurons, prune_heads
 from hf_compress.pruning.importance import block_influence_scores, unit_scores
 from hf_compress.reporting.measure import count_parameters, folder_size_bytes, format_table
@@ -176,19 +175,7 @@ class TimeBudget(TrainerCallback):
 
 
 def recover(teacher, student, tokenizer, train, size: dict, lr: float, minutes: float | None, out: str) -> dict:
-    config = DistillationConfig(
-        **common_args(size, lr, out), alpha=1.0, temperature=1.0, distillation_loss="kl", loss_chunk_size=size["chunk"]
-    )
-    timer = CpuStepTimer()
-    trainer = DistillationTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=config,
-        train_dataset=train,
-        processing_class=tokenizer,
-        data_collator=default_data_collator,
-        callbacks=[timer, TimeBudget(minutes)],
-    )
+    trainer, timer = kd_trainer(teacher, student, tokenizer, train, size, lr, out, [TimeBudget(minutes)])
     trainer.remove_callback(PrinterCallback)  # losses are read from the log history instead
     start = time.perf_counter()
     trainer.train()

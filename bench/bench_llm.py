@@ -166,6 +166,24 @@ def common_args(size: dict, lr: float, out: str) -> dict:
     )
 
 
+def kd_trainer(teacher, student, tokenizer, train, size: dict, lr: float, out: str, callbacks=()):
+    """Our forward-KL `DistillationTrainer` for the LM benches (chunked loss), and its CPU step timer."""
+    config = DistillationConfig(
+        **common_args(size, lr, out), alpha=1.0, temperature=1.0, distillation_loss="kl", loss_chunk_size=size["chunk"]
+    )
+    timer = CpuStepTimer()
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=config,
+        train_dataset=train,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+        callbacks=[timer, *callbacks],
+    )
+    return trainer, timer
+
+
 def run_trainer(trainer, timer: CpuStepTimer, student, rows_eval: torch.Tensor, size: dict) -> dict:
     trainer.remove_callback(PrinterCallback)  # losses are read from the log history instead
     start = time.perf_counter()
@@ -184,19 +202,7 @@ def run_trainer(trainer, timer: CpuStepTimer, student, rows_eval: torch.Tensor, 
 
 
 def recover_hf_compress(teacher, student, tokenizer, train, rows_eval, size, lr, out) -> dict:
-    config = DistillationConfig(
-        **common_args(size, lr, out), alpha=1.0, temperature=1.0, distillation_loss="kl", loss_chunk_size=size["chunk"]
-    )
-    timer = CpuStepTimer()
-    trainer = DistillationTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=config,
-        train_dataset=train,
-        processing_class=tokenizer,
-        data_collator=default_data_collator,
-        callbacks=[timer],
-    )
+    trainer, timer = kd_trainer(teacher, student, tokenizer, train, size, lr, out)
     result = run_trainer(trainer, timer, student, rows_eval, size)
     result["loss"] = (
         f"DistillationConfig(alpha=1.0, temperature=1.0, distillation_loss='kl', "

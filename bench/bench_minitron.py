@@ -23,16 +23,15 @@ from pathlib import Path
 
 import datasets
 import torch
-from bench_llm import TEXTS, CpuStepTimer, blocks, common_args, perplexity, token_stream
+from bench_llm import TEXTS, blocks, kd_trainer, perplexity, token_stream
 from common import RESULTS_DIR, machine_info, setup_threads, summarize, write_json
-from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, default_data_collator
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
 from transformers import logging as hf_logging
 
-from hf_compress.distillation import DistillationConfig, DistillationTrainer
+from hf_compress.models.builtin import resolve_model_path
 from hf_compress.pruning import drop_layers
 from hf_compress.pruning.budget import Shape, count_parameters, search_budget
 from hf_compress.pruning.importance import block_influence_scores
-from hf_compress.recipes.data import resolve_model_path
 from hf_compress.reporting.measure import format_table
 
 SIZES = {
@@ -67,19 +66,7 @@ def depth_only(teacher, batches: list[dict], budget: int) -> tuple[torch.nn.Modu
 
 
 def distil(teacher, student, tokenizer, train, size: dict, lr: float, out: str) -> dict:
-    config = DistillationConfig(
-        **common_args(size, lr, out), alpha=1.0, temperature=1.0, distillation_loss="kl", loss_chunk_size=size["chunk"]
-    )
-    timer = CpuStepTimer()
-    trainer = DistillationTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=config,
-        train_dataset=train,
-        processing_class=tokenizer,
-        data_collator=default_data_collator,
-        callbacks=[timer],
-    )
+    trainer, timer = kd_trainer(teacher, student, tokenizer, train, size, lr, out, ())
     trainer.remove_callback(PrinterCallback)
     start = time.perf_counter()
     trainer.train()

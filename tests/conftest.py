@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 import yaml
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast, TrainingArguments
 
 from hf_compress.models.families import block_module, get_family, head_counts, head_dim, kv_heads_for
 
@@ -360,3 +360,34 @@ class TokenDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return {**{k: v[i] for k, v in self.inputs.items()}, "labels": self.labels[i]}
+
+
+class RandomTokenDataset(torch.utils.data.Dataset):
+    """Fixed random sequences; ``labels`` are token ids (causal LM) or classes (sequence classification)."""
+
+    def __init__(self, n: int = 16, seq: int = 8, classes: bool = False):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(3, VOCAB, (n, seq), generator=g)
+        self.classes = classes
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        labels = self.ids[i, 0] % 3 if self.classes else self.ids[i]
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": labels}
+
+
+def train_args(tmp_path, max_steps=6, **kwargs):
+    """Small CPU `TrainingArguments` for callback tests: no saving, no reporting, one log line a step."""
+    defaults = dict(
+        per_device_train_batch_size=4,
+        learning_rate=5e-2,
+        report_to="none",
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    return TrainingArguments(str(tmp_path), max_steps=max_steps, **{**defaults, **kwargs})

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 
 from hf_compress.loading import from_pretrained
 from hf_compress.models.families import ffn_size, get_layers, head_counts, head_slices, neuron_slices
@@ -12,45 +12,15 @@ from hf_compress.pruning.callback import STATE_NAME, PruningCallback
 from hf_compress.pruning.config import PruningConfig
 from hf_compress.pruning.masks import MASKS_NAME, load_masks
 from hf_compress.pruning.unstructured import prunable_weights
-from tests.conftest import VOCAB, tiny_model
-
-
-class TokenDataset(torch.utils.data.Dataset):
-    """Fixed random sequences; ``labels`` are token ids (causal LM) or classes (sequence classification)."""
-
-    def __init__(self, n: int = 16, seq: int = 8, classes: bool = False):
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(3, VOCAB, (n, seq), generator=g)
-        self.classes = classes
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        labels = self.ids[i, 0] % 3 if self.classes else self.ids[i]
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": labels}
-
-
-def _args(tmp_path, max_steps=6, **kwargs):
-    defaults = dict(
-        per_device_train_batch_size=4,
-        learning_rate=5e-2,
-        report_to="none",
-        use_cpu=True,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-    )
-    return TrainingArguments(str(tmp_path), max_steps=max_steps, **{**defaults, **kwargs})
+from tests.conftest import RandomTokenDataset, tiny_model, train_args
 
 
 def _train(model, tmp_path, config, classes=False, callbacks=(), resume=None, **kwargs):
     callback = PruningCallback(config)
     trainer = Trainer(
         model=model,
-        args=_args(tmp_path, **kwargs),
-        train_dataset=TokenDataset(classes=classes),
+        args=train_args(tmp_path, **kwargs),
+        train_dataset=RandomTokenDataset(classes=classes),
         callbacks=[callback, *callbacks],
     )
     trainer.train(resume_from_checkpoint=resume)
@@ -124,8 +94,8 @@ def _probe_run(tmp_path, disable_reapply=False):
     probe = MaskProbe(callback)
     trainer = Trainer(
         model=model,
-        args=_args(tmp_path, max_steps=8, weight_decay=0.1),
-        train_dataset=TokenDataset(classes=True),
+        args=train_args(tmp_path, max_steps=8, weight_decay=0.1),
+        train_dataset=RandomTokenDataset(classes=True),
         callbacks=[callback, probe],
     )
     trainer.train()
@@ -231,8 +201,8 @@ def test_peft_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="merge_and_unload"):
         Trainer(
             model=model,
-            args=_args(tmp_path),
-            train_dataset=TokenDataset(),
+            args=train_args(tmp_path),
+            train_dataset=RandomTokenDataset(),
             callbacks=[PruningCallback(target="heads", sparsity=0.5)],
         )
     merged = model.merge_and_unload().requires_grad_(True)
@@ -276,7 +246,7 @@ def test_progressive_pruning_inside_distillation_trainer(tmp_path):
         )
     )
     trainer = DistillationTrainer(
-        model=student, teacher_model=teacher, args=args, train_dataset=TokenDataset(), callbacks=[callback]
+        model=student, teacher_model=teacher, args=args, train_dataset=RandomTokenDataset(), callbacks=[callback]
     )
     trainer.train()
     assert sum(head_counts(student, i)[0] for i in range(4)) == 8
@@ -300,7 +270,7 @@ def test_load_best_model_at_end_restores_the_best_checkpoint_masks(tmp_path):
         target="ffn_neurons", sparsity=0.5, schedule="linear", start_step=2, end_step=6, frequency=2, scope="local"
     )
     callback = PruningCallback(config)
-    args = _args(
+    args = train_args(
         tmp_path,
         max_steps=6,
         eval_strategy="steps",
@@ -314,8 +284,8 @@ def test_load_best_model_at_end_restores_the_best_checkpoint_masks(tmp_path):
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=TokenDataset(),
-        eval_dataset=TokenDataset(n=4),
+        train_dataset=RandomTokenDataset(),
+        eval_dataset=RandomTokenDataset(n=4),
         callbacks=[callback, PreferStep4()],
     )
     trainer.train()
@@ -327,7 +297,7 @@ def test_load_best_model_at_end_restores_the_best_checkpoint_masks(tmp_path):
 
 def test_sharded_training_is_refused(tmp_path):
     callback = PruningCallback(target="heads", sparsity=0.5)
-    args = _args(tmp_path)
+    args = train_args(tmp_path)
     args.fsdp = "full_shard"  # only read by the callback here; the Trainer itself is not built
     from transformers import TrainerControl, TrainerState
 
@@ -376,7 +346,10 @@ def _counted_run(tmp_path, importance, monkeypatch, always_rescore=False):
     callback = PruningCallback(config)
     probe = Fingerprints(callback)
     trainer = Trainer(
-        model=model, args=_args(tmp_path, max_steps=8), train_dataset=TokenDataset(), callbacks=[callback, probe]
+        model=model,
+        args=train_args(tmp_path, max_steps=8),
+        train_dataset=RandomTokenDataset(),
+        callbacks=[callback, probe],
     )
     trainer.train()
     monkeypatch.undo()

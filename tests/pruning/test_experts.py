@@ -25,8 +25,7 @@ from hf_compress.pruning.experts import (
     select_experts,
 )
 from hf_compress.pruning.surgery import drop_layers, layer_structure, prune_ffn_neurons, prune_heads, record_structure
-from tests.conftest import VOCAB, tiny_inputs, value_slices, zero_slices
-from tests.pruning.test_callback import TokenDataset
+from tests.conftest import VOCAB, RandomTokenDataset, tiny_inputs, value_slices, zero_slices
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
 WIDTH = 16  # neurons per expert
@@ -294,7 +293,7 @@ def test_pruning_callback_inside_distillation_trainer(family, tmp_path):
     )
     callback = PruningCallback(PruningConfig(targets={"heads": 0.5}, schedule="one_shot", start_step=1))
     trainer = DistillationTrainer(
-        model=student, teacher_model=teacher, args=args, train_dataset=TokenDataset(n=12), callbacks=[callback]
+        model=student, teacher_model=teacher, args=args, train_dataset=RandomTokenDataset(n=12), callbacks=[callback]
     )
     trainer.train()
     assert sum(head_counts(student, i)[0] for i in range(2)) == 4
@@ -309,7 +308,10 @@ def test_pruning_callback_refuses_ffn_neurons_of_experts(tmp_path):
     args = DistillationConfig(str(tmp_path), max_steps=1, report_to="none", use_cpu=True, save_strategy="no")
     callback = PruningCallback(PruningConfig(targets={"ffn_neurons": 0.5}))
     trainer = DistillationTrainer(
-        model=moe_model("mixtral"), teacher_model=moe_model("mixtral"), args=args, train_dataset=TokenDataset(n=4)
+        model=moe_model("mixtral"),
+        teacher_model=moe_model("mixtral"),
+        args=args,
+        train_dataset=RandomTokenDataset(n=4),
     )
     trainer.add_callback(callback)
     with pytest.raises(ValueError, match="prune_expert_neurons"):

@@ -8,8 +8,7 @@ from hf_compress.distillation.config import DistillationConfig
 from hf_compress.distillation.trainer import DistillationTrainer
 from hf_compress.pruning.callback import PruningCallback
 from hf_compress.pruning.config import PruningConfig
-from tests.conftest import tiny_model
-from tests.pruning.test_callback import TokenDataset, _args
+from tests.conftest import RandomTokenDataset, tiny_model, train_args
 
 pytest.importorskip("tensorboard")
 
@@ -41,7 +40,7 @@ def test_distillation_and_pruning_values_reach_tensorboard(tmp_path, monkeypatch
         model=student,
         teacher_model=teacher,
         args=DistillationConfig(str(tmp_path / "run"), max_steps=4, **{**_kwargs(), "report_to": ["tensorboard"]}),
-        train_dataset=TokenDataset(classes=True),
+        train_dataset=RandomTokenDataset(classes=True),
         callbacks=[PruningCallback(config)],
     )
     trainer.train()
@@ -64,8 +63,8 @@ def test_values_are_added_before_integrations_and_after_default_flow(tmp_path):
     callback = PruningCallback(PruningConfig(targets={"heads": 0.5}, schedule="one_shot", start_step=1))
     trainer = Trainer(
         model=tiny_model("bert", "seq_cls"),
-        args=_args(tmp_path, max_steps=2),
-        train_dataset=TokenDataset(classes=True),
+        args=train_args(tmp_path, max_steps=2),
+        train_dataset=RandomTokenDataset(classes=True),
         callbacks=[seen],  # stands for an integration: registered before the pruning callback
     )
     trainer.add_callback(callback)  # added after construction: registered at on_train_begin
