@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from hf_compress.models.families import expert_module, get_family, get_layers, num_experts, unwrap
+from hf_compress.pruning.importance import run_calibration
 from hf_compress.pruning.masks import select_units
 from hf_compress.pruning.surgery import prune_ffn_neurons, record_structure
 
@@ -130,20 +131,7 @@ def router_statistics(model: nn.Module, batches: Iterable[dict]) -> dict[int, Ro
         return hook
 
     handles = [_router(inner, layer).register_forward_hook(capture(layer)) for layer in layers]
-    was_training = model.training
-    model.eval()
-    count = 0
-    try:
-        for batch in batches:
-            mask[0] = batch.get("attention_mask")
-            model(**batch)
-            count += 1
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    if count == 0:
-        raise ValueError("`batches` is empty; router statistics need at least one calibration batch.")
+    run_calibration(model, batches, handles, mask, "router statistics")
     return {layer: RouterStatistics(*values) for layer, values in totals.items()}
 
 

@@ -226,7 +226,6 @@ def block_influence_scores(model: nn.Module, batches: Iterable[dict]) -> torch.T
     """
     layers = get_layers(model)
     totals = torch.zeros(len(layers))
-    count = 0
     mask: list[torch.Tensor | None] = [None]
 
     def capture(index: int):
@@ -238,7 +237,18 @@ def block_influence_scores(model: nn.Module, batches: Iterable[dict]) -> torch.T
         return hook
 
     handles = [block.register_forward_hook(capture(i), with_kwargs=True) for i, block in enumerate(layers)]
-    was_training = model.training
+    count = run_calibration(model, batches, handles, mask, "block influence")
+    return totals / count
+
+
+def run_calibration(model: nn.Module, batches: Iterable[dict], handles: list, mask: list, what: str) -> int:
+    """Forward every batch of ``batches`` in eval mode so the hooks behind ``handles`` can collect statistics.
+
+    Each batch's attention mask is put in ``mask[0]`` for the hooks; the hooks are removed and the training mode
+    restored afterwards, also on error. Returns the number of batches (an empty iterable is a one-sentence error
+    naming ``what``).
+    """
+    was_training, count = model.training, 0
     model.eval()
     try:
         for batch in batches:
@@ -250,5 +260,5 @@ def block_influence_scores(model: nn.Module, batches: Iterable[dict]) -> torch.T
             handle.remove()
         model.train(was_training)
     if count == 0:
-        raise ValueError("`batches` is empty; block influence needs at least one calibration batch.")
-    return totals / count
+        raise ValueError(f"`batches` is empty; {what} needs at least one calibration batch.")
+    return count
