@@ -378,8 +378,8 @@ class RandomTokenDataset(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": labels}
 
 
-def train_args(tmp_path, max_steps=6, **kwargs):
-    """Small CPU `TrainingArguments` for callback tests: no saving, no reporting, one log line a step."""
+def train_args(tmp_path, max_steps=6, args_class=TrainingArguments, **kwargs):
+    """Small CPU `TrainingArguments` (or ``args_class``) for callback tests: no saving, no reporting, a log a step."""
     defaults = dict(
         per_device_train_batch_size=4,
         learning_rate=5e-2,
@@ -390,4 +390,4 @@ def train_args(tmp_path, max_steps=6, **kwargs):
         disable_tqdm=True,
         seed=0,
     )
-    return TrainingArguments(str(tmp_path), max_steps=max_steps, **{**defaults, **kwargs})
+    return args_class(str(tmp_path), max_steps=max_steps, **{**defaults, **kwargs})

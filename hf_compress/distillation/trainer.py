@@ -36,6 +36,7 @@ from hf_compress.distillation.checks import (
     check_layer_map,
     label_classes,
 )
+from hf_compress.distillation.components import LossComponents
 from hf_compress.distillation.config import default_layer_map, distillation_options
 from hf_compress.distillation.losses import attention_loss, distillation_loss, hidden_state_loss, soft_loss
 from hf_compress.distillation.on_policy import (
@@ -142,9 +143,7 @@ class DistillationTrainer(Trainer):
         )
         # Our compute_loss normalises every head by `num_items_in_batch`, so let the Trainer count it for us.
         self.model_accepts_loss_kwargs = True
-        self._kd_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
-        self._kd_calls = {"train": 0, "eval": 0}
-        self._kd_window_start = 0
+        self.loss_components = LossComponents()
         for callback_class in self.default_callbacks:
             if not any(isinstance(callback, callback_class) for callback in self.callback_handler.callbacks):
                 self.add_callback(callback_class())
@@ -310,7 +309,9 @@ class DistillationTrainer(Trainer):
             token_scale = self.accelerator.num_processes // self.get_tp_size()
         aux_scale = 1 / grad_accum if scaled else 1
         loss = token_loss * token_scale + aux * aux_scale
-        self._record(model, components, token_scale, aux_scale, 1 if scaled else 1 / grad_accum)
+        mode = "train" if model.training else "eval"
+        log_scale = 1 if scaled else 1 / grad_accum
+        self.loss_components.record(mode, self.state.global_step, components, token_scale, aux_scale, log_scale)
         if return_outputs:
             drop = {"hidden_states", "attentions", "encoder_hidden_states", "decoder_hidden_states"}
             outputs = type(outputs)(**{k: v for k, v in outputs.items() if k not in drop})
@@ -383,31 +384,15 @@ class DistillationTrainer(Trainer):
 
     # ---- logging -----------------------------------------------------------------------------------------------
 
-    def _record(self, model, components, token_scale, aux_scale, log_scale) -> None:
-        """Accumulate the components with the scaling of the returned loss, so they add up to the logged loss."""
-        mode = "train" if model.training else "eval"
-        sums = self._kd_sums[mode]
-        if mode == "train" and not sums:
-            self._kd_window_start = self.state.global_step
-        for key, value in components.items():
-            scale = token_scale if key in ("loss_soft", "loss_hard") else aux_scale
-            sums[key] = sums.get(key, 0.0) + value.detach().float() * scale * log_scale
-        self._kd_calls[mode] += 1
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Public hook: the loss components are gathered across processes exactly when the Trainer logs its loss.
         mode = "train" if "loss" in logs else "eval" if "eval_loss" in logs else None
-        if mode is not None and self._kd_sums[mode]:
-            keys = sorted(self._kd_sums[mode])
-            values = torch.stack([self._kd_sums[mode][k] for k in keys]).to(self.accelerator.device)
-            values = self.accelerator.gather(values).view(-1, len(keys)).mean(0)
-            if mode == "train":
-                divisor = max(self.state.global_step - self._kd_window_start, 1)
-            else:
-                divisor = self._kd_calls[mode]
-            prefix = "" if mode == "train" else "eval_"
-            logs.update({prefix + k: v / divisor for k, v in zip(keys, values.tolist())})
-            self._kd_sums[mode], self._kd_calls[mode] = {}, 0
+        if mode is not None:
+            logs.update(
+                self.loss_components.flush(
+                    mode, self.state.global_step, self.accelerator.gather, self.accelerator.device
+                )
+            )
         super().log(logs, start_time)
 
     # ---- model card --------------------------------------------------------------------------------------------

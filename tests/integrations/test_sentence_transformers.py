@@ -27,7 +27,7 @@ from hf_compress.integrations.sentence_transformers import (  # noqa: E402
     save_sentence_transformer,
 )
 from hf_compress.models.families import ffn_size, get_layers, head_counts  # noqa: E402
-from tests.conftest import VOCAB, tiny_model, tiny_tokenizer  # noqa: E402
+from tests.conftest import VOCAB, tiny_model, tiny_tokenizer, train_args  # noqa: E402
 
 TEXTS = [" ".join(f"w{(7 * i + 3 * j) % (VOCAB - 8) + 3}" for j in range(3 + i % 4)) for i in range(24)]
 
@@ -45,17 +45,9 @@ def _embed(model, texts=TEXTS):
 
 
 def _args(tmp_path, max_steps=4, **kwargs):
-    defaults = dict(
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        report_to="none",
-        use_cpu=True,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
+    return train_args(
+        tmp_path / "run", max_steps, SentenceTransformerTrainingArguments, **{"learning_rate": 1e-2, **kwargs}
     )
-    return SentenceTransformerTrainingArguments(str(tmp_path / "run"), max_steps=max_steps, **{**defaults, **kwargs})
 
 
 def _pairs():
