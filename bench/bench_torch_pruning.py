@@ -20,6 +20,9 @@ batches). Reported side by side: parameters, accuracy before / after recovery, C
 ``ignore_mismatched_sizes=True`` (accuracy of what loads), and ``hf_compress.loading.save_pretrained`` +
 ``from_pretrained`` (logits compared with ``torch.equal``).
 
+``--llm`` runs ``bench_torch_pruning_llm.py`` instead (Torch-Pruning's LLM example on SmolLM2-135M; the other
+arguments go to it).
+
 Usage: ``python bench/bench_torch_pruning.py --size full`` (about 10 min on 2 quiet cores once the teacher is cached);
 ``--size tiny`` is a smoke test. Results go to ``bench/results/torch_pruning.json``.
 """
@@ -29,9 +32,11 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.metadata
+import sys
 import tempfile
 from pathlib import Path
 
+import bench_torch_pruning_llm
 import torch
 from bench_pruning import magnitude_plan
 from bench_sst2 import accuracy, add_common_arguments, latency, setup, timed_train, train_args
@@ -192,6 +197,9 @@ def print_tables(payload: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--llm" in argv:
+        return bench_torch_pruning_llm.main([a for a in argv if a != "--llm"])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_arguments(parser, "torch_pruning.json")
     parser.add_argument("--ratio", type=float, default=0.5, help="Fraction of heads and of FFN neurons pruned.")

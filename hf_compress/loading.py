@@ -14,6 +14,7 @@ model was also pruned) before loading the weights, so it is the one loader for e
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -33,6 +34,7 @@ from hf_compress.checks import check_model_path, readable_weights
 from hf_compress.models.families import get_family, unwrap
 from hf_compress.models.hub_ids import hub_id
 from hf_compress.pruning.experts import prune_expert_neurons, prune_experts
+from hf_compress.pruning.hidden import resize_hidden
 from hf_compress.pruning.surgery import layer_structure, prune_ffn_neurons, prune_heads, record_structure
 from hf_compress.quantization.quantize import (
     QUANTIZATION_KEY,
@@ -155,6 +157,26 @@ def _slice_to(model: nn.Module, recorded: list[dict[str, int]]) -> None:
         prune_expert_neurons(model, neurons)
 
 
+def _wide_config(model: nn.Module, recorded: list[dict[str, int]]) -> transformers.PretrainedConfig | None:
+    """A copy of ``model.config`` whose hidden size builds the recorded head width, or ``None`` when it already does.
+
+    In families whose head width is ``hidden_size / num_heads`` (BERT, RoBERTa, DistilBERT, GPT-2 ...), removing
+    hidden channels from a model with per-layer head counts leaves a config whose hidden size no longer divides into
+    heads of the recorded width; the skeleton is then built ``head_dim * num_heads`` wide and cut back with
+    :func:`~hf_compress.pruning.hidden.resize_hidden`.
+    """
+    family, config = get_family(model), model.config
+    if family.config_head_dim or family.decoder is not None:
+        return None
+    heads = getattr(config, family.heads_config)
+    dims = {entry["head_dim"] for entry in recorded}
+    if len(dims) != 1 or config.hidden_size // heads == next(iter(dims)):
+        return None
+    wide = copy.deepcopy(config)
+    wide.hidden_size = next(iter(dims)) * heads
+    return wide
+
+
 def needs_loader(config: dict) -> bool:
     """Whether a ``config.json`` dict can only be loaded by :func:`from_pretrained` (recorded shapes or int8)."""
     return is_quantized(config) or (config.get("hf_compress") or {}).get("layers") is not None
@@ -222,7 +244,12 @@ def from_pretrained(path: str | os.PathLike, trust_remote_code: bool = False, **
     if legacy is not None:
         prune_heads(model, legacy)  # a fresh model: the current head indices are the original ones
     else:
+        wide = _wide_config(model, recorded)
+        if wide is not None:  # build at a hidden size giving the recorded head width, then cut the hidden channels
+            model = build(wide, **kwargs)
         _slice_to(model, recorded)
+        if wide is not None:
+            resize_hidden(model, config.hidden_size)
     folder = local_folder(path, **hub)
     _load_strict(model, _read_state_dict(folder), folder)
     return model.eval()

@@ -4,10 +4,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import hf_compress
 import hf_compress.loading as loading
 from hf_compress.models.families import head_counts
-from hf_compress.pruning.surgery import drop_layers, prune_ffn_neurons, prune_heads
+from hf_compress.pruning.hidden import prune_hidden
+from hf_compress.pruning.surgery import drop_layers, layer_structure, prune_ffn_neurons, prune_heads
 from hf_compress.quantization.quantize import Int8Linear, quantize_model
+from hf_compress.reporting.cards import load_code
 from hf_compress.reporting.measure import model_size_bytes
 from tests.conftest import DECODERS, FAMILIES, HEADS, tiny_inputs, tiny_model
 
@@ -72,6 +75,27 @@ def test_bert_like_uniform_heads_reload_with_hf_compress(family, tmp_path):
     model = prune_heads(tiny_model(family, _head(family)), UNIFORM_HEADS)
     model.save_pretrained(tmp_path)
     _assert_same(model, loading.from_pretrained(tmp_path))
+
+
+@pytest.mark.parametrize("task", ["lm", "seq_cls"])
+def test_per_layer_heads_with_hidden_channels_removed_reload_with_hf_compress(family, task, tmp_path):
+    """Different head counts per layer and 4 of 16 hidden channels gone: no config field can say it (BERT-like head
+    width is hidden_size / num_heads; Llama-like head counts are global), so only hf_compress.from_pretrained loads."""
+    model = tiny_model(family, _head(family) if task == "lm" else task)
+    heads = {0: [0, 1], 2: [2, 3]} if family in GQA else {0: [0], 1: [1, 2], 3: [0, 1, 3]}
+    prune_heads(model, heads)
+    prune_hidden(model, [1, 5, 9, 13])
+    hf_compress.save_pretrained(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert loading.needs_loader(config) and "hf_compress.from_pretrained" in load_code("me/pruned", config)
+    assert [entry["num_heads"] for entry in config["hf_compress"]["layers"]] == (
+        [2, 4, 2, 4] if family in GQA else [3, 2, 4, 1]
+    )
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        type(model).from_pretrained(tmp_path)
+    reloaded = hf_compress.from_pretrained(tmp_path)
+    assert reloaded.config.hidden_size == 12 and layer_structure(reloaded) == layer_structure(model)
+    _assert_same(model, reloaded)
 
 
 NON_EXPRESSIBLE = [(f, s) for f in FAMILIES for s in ("one_layer_heads", "one_layer_ffn")]

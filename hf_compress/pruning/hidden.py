@@ -227,7 +227,9 @@ def _final_norm(model: nn.Module, layout: HiddenLayout) -> Norm:
     return match[0]
 
 
-def _apply(model: nn.Module, layout: HiddenLayout, index: torch.Tensor) -> None:
+def _apply(model: nn.Module, layout: HiddenLayout, index: torch.Tensor, rescale: bool = True) -> None:
+    """Slice ``index`` out of every hidden carrier; with ``rescale``, also keep the function (norm gains, epsilons,
+    embedding scale). Without it only the shapes change (a skeleton whose weights are loaded next)."""
     size = layout.size
     keep_mask = torch.ones(size, dtype=torch.bool)
     keep_mask[index] = False
@@ -244,18 +246,19 @@ def _apply(model: nn.Module, layout: HiddenLayout, index: torch.Tensor) -> None:
             kept = nn.Parameter(kept, requires_grad=param.requires_grad)
             for module, name in holders:
                 setattr(module, name, kept)
-        for norm in layout.norms:
+        for norm in layout.norms if rescale else []:
             weight = norm.module.weight
             weight.copy_((weight + norm.offset) * ratio - norm.offset)
         for embedding in layout.scaled_embeddings:
             old = float(embedding.embed_scale)
             if not math.isclose(old, math.sqrt(size), rel_tol=1e-3):
                 continue  # a scale that does not follow hidden_size stays as it is
-            embedding.weight.mul_(old / math.sqrt(new))
+            if rescale:
+                embedding.weight.mul_(old / math.sqrt(new))
             embedding.embed_scale.fill_(math.sqrt(new))
             if hasattr(embedding, "scalar_embed_scale"):
                 embedding.scalar_embed_scale = math.sqrt(new)
-            if id(embedding) in tied:
+            if rescale and id(embedding) in tied:
                 final = _final_norm(model, layout)
                 final.module.weight.copy_((final.module.weight + final.offset) * math.sqrt(new) / old - final.offset)
     for module in {id(m): m for m, _, _ in layout.readers + layout.writers}.values():
@@ -268,7 +271,8 @@ def _apply(model: nn.Module, layout: HiddenLayout, index: torch.Tensor) -> None:
     for norm in layout.norms:
         if hasattr(norm.module, "normalized_shape"):
             norm.module.normalized_shape = (new,)
-    _scale_epsilons(model, layout, size / new)
+    if rescale:
+        _scale_epsilons(model, layout, size / new)
     model.config.hidden_size = new
 
 
@@ -418,6 +422,29 @@ def prune_hidden(model: nn.Module, channels: Sequence[int] | torch.Tensor, verif
     _apply(inner, layout, index)
     _express_heads(inner)
     record_structure(inner)
+    return model
+
+
+def resize_hidden(model: nn.Module, size: int) -> nn.Module:
+    """Cut every hidden-size tensor of ``model`` to its first ``size`` channels, changing shapes only.
+
+    No gain, epsilon or weight is rescaled: this builds the skeleton of a hidden-pruned model whose saved weights
+    are loaded next (:func:`hf_compress.from_pretrained` for families whose head width is ``hidden_size / heads``,
+    built wider so that the recorded head width comes out, then cut to the saved hidden size). In place.
+
+    Args:
+        model (`PreTrainedModel`): A supported model with at least ``size`` hidden channels.
+        size (`int`): The hidden size to keep.
+
+    Returns:
+        The same `model`, with `config.hidden_size` = `size`.
+    """
+    inner = unwrap(model)
+    layout = hidden_layout(inner)
+    if not 0 < size <= layout.size:
+        raise ValueError(f"`size` must be in [1, {layout.size}] (the model's hidden size), got {size}.")
+    if size < layout.size:
+        _apply(inner, layout, torch.arange(size, layout.size), rescale=False)
     return model
 
 

@@ -144,6 +144,9 @@ def _update_uniform_fields(config: Any, family: Family, layers: list[dict[str, i
     for name, ffn in widths.items():
         if len(ffn) == 1:
             setattr(config, name, ffn.pop())
+    dims = {entry["head_dim"] for entry in layers}
+    if len(dims) == 1 and family.config_head_dim:  # some configs (Qwen2) derive it from hidden_size unless it is set
+        setattr(config, family.config_head_dim, dims.pop())
     heads = {(entry["num_heads"], entry["num_kv_heads"], entry["head_dim"]) for entry in layers}
     if len(heads) == 1 and family.config_head_dim:
         config.num_attention_heads, kv_heads, dim = heads.pop()
