@@ -31,7 +31,7 @@ from transformers.core_model_loading import PrefixChange, convert_and_load_state
 from transformers.modeling_utils import LoadStateDictConfig, revert_weight_conversion
 
 from hf_compress.checks import check_model_path, readable_weights
-from hf_compress.models.families import get_family, unwrap
+from hf_compress.models.families import FAMILIES, get_family, unwrap
 from hf_compress.models.hub_ids import hub_id
 from hf_compress.pruning.experts import prune_expert_neurons, prune_experts
 from hf_compress.pruning.hidden import resize_hidden
@@ -157,16 +157,19 @@ def _slice_to(model: nn.Module, recorded: list[dict[str, int]]) -> None:
         prune_expert_neurons(model, neurons)
 
 
-def _wide_config(model: nn.Module, recorded: list[dict[str, int]]) -> transformers.PretrainedConfig | None:
-    """A copy of ``model.config`` whose hidden size builds the recorded head width, or ``None`` when it already does.
+def _wide_config(
+    config: transformers.PretrainedConfig, recorded: list[dict[str, int]]
+) -> transformers.PretrainedConfig | None:
+    """A copy of ``config`` whose hidden size builds the recorded head width, or ``None`` when it already does.
 
     In families whose head width is ``hidden_size / num_heads`` (BERT, RoBERTa, DistilBERT, GPT-2 ...), removing
     hidden channels from a model with per-layer head counts leaves a config whose hidden size no longer divides into
     heads of the recorded width; the skeleton is then built ``head_dim * num_heads`` wide and cut back with
-    :func:`~hf_compress.pruning.hidden.resize_hidden`.
+    :func:`~hf_compress.pruning.hidden.resize_hidden`. Decided from the config alone: the narrow config may not even
+    build (BERT refuses a hidden size that is not a multiple of the head count).
     """
-    family, config = get_family(model), model.config
-    if family.config_head_dim or family.decoder is not None:
+    family = FAMILIES.get(getattr(config, "model_type", None))
+    if family is None or family.config_head_dim or family.decoder is not None:
         return None
     heads = getattr(config, family.heads_config)
     dims = {entry["head_dim"] for entry in recorded}
@@ -175,6 +178,18 @@ def _wide_config(model: nn.Module, recorded: list[dict[str, int]]) -> transforme
     wide = copy.deepcopy(config)
     wide.hidden_size = next(iter(dims)) * heads
     return wide
+
+
+def _recorded_skeleton(build, config: transformers.PretrainedConfig, recorded: list[dict[str, int]], **kwargs: Any):
+    """A freshly built model cut to the recorded per-layer shapes (and hidden size), ready for strict loading."""
+    wide = _wide_config(config, recorded)
+    # build at a hidden size giving the recorded head width, then cut the hidden channels
+    model = build(config if wide is None else wide, **kwargs)
+    get_family(model)  # recorded structure is only written for supported families
+    _slice_to(model, recorded)
+    if wide is not None:
+        resize_hidden(model, config.hidden_size)
+    return model
 
 
 def needs_loader(config: dict) -> bool:
@@ -222,9 +237,8 @@ def from_pretrained(path: str | os.PathLike, trust_remote_code: bool = False, **
     cls = _model_class(config, trust_remote_code)
     recorded = (getattr(config, "hf_compress", None) or {}).get("layers")
     if is_quantized(config.to_dict()):
-        skeleton = (cls.from_config if cls.__name__.startswith("Auto") else cls._from_config)(config)
-        if recorded is not None:
-            _slice_to(skeleton, recorded)
+        build = cls.from_config if cls.__name__.startswith("Auto") else cls._from_config
+        skeleton = build(config) if recorded is None else _recorded_skeleton(build, config, recorded)
         with readable_weights("path", path):
             return load_quantized_weights(skeleton, local_folder(path, **hub), kwargs.get("compute"))
     legacy = _legacy_pruned_heads(config) if recorded is None else None
@@ -239,17 +253,12 @@ def from_pretrained(path: str | os.PathLike, trust_remote_code: bool = False, **
     if trust_remote_code:
         kwargs["trust_remote_code"] = True
     build = cls.from_config if cls.__name__.startswith("Auto") else cls._from_config
-    model = build(config, **kwargs)
-    get_family(model)  # recorded structure is only written for supported families
     if legacy is not None:
+        model = build(config, **kwargs)
+        get_family(model)  # recorded structure is only written for supported families
         prune_heads(model, legacy)  # a fresh model: the current head indices are the original ones
     else:
-        wide = _wide_config(model, recorded)
-        if wide is not None:  # build at a hidden size giving the recorded head width, then cut the hidden channels
-            model = build(wide, **kwargs)
-        _slice_to(model, recorded)
-        if wide is not None:
-            resize_hidden(model, config.hidden_size)
+        model = _recorded_skeleton(build, config, recorded, **kwargs)
     folder = local_folder(path, **hub)
     _load_strict(model, _read_state_dict(folder), folder)
     return model.eval()

@@ -11,9 +11,16 @@ from hf_compress.loading import from_pretrained
 from hf_compress.models.families import ffn_size, get_layers, head_counts
 from hf_compress.recipes.pipeline import run_recipe
 from hf_compress.recipes.schema import REPO_ROOT
+from hf_compress.reporting.measure import model_size_bytes
 from tests.conftest import tiny_model, tiny_tokenizer, write_tsv
 
-TRAIN = {"max_steps": 4, "per_device_train_batch_size": 8, "use_cpu": True, "learning_rate": 1e-3, "disable_tqdm": True}
+TRAIN = {
+    "max_steps": 4,
+    "per_device_train_batch_size": 8,
+    "use_cpu": True,
+    "learning_rate": 1e-3,
+    "disable_tqdm": True,
+}
 
 
 def test_width_recipe_stages_shrink_every_axis_reload_and_export(tmp_path):
@@ -22,7 +29,9 @@ def test_width_recipe_stages_shrink_every_axis_reload_and_export(tmp_path):
     pruning = next(s for s in shipped["stages"] if s["type"] == "prune")["pruning"]
     assert set(pruning["targets"]) == {"heads", "ffn_neurons", "hidden"}  # the shipped recipe prunes all three
 
-    teacher = tiny_model("bert", "seq_cls", num_labels=2, hidden_size=64, intermediate_size=64)
+    # 96 -> 64 channels: a width the 4-bit groups of 64 divide and 6 heads do not (BERT then builds only from the
+    # recorded head width, as the 25x recipe's 384 -> 256 with 12 heads)
+    teacher = tiny_model("bert", "seq_cls", num_labels=2, hidden_size=96, num_attention_heads=6, intermediate_size=64)
     teacher.save_pretrained(tmp_path / "teacher")
     tiny_tokenizer().save_pretrained(tmp_path / "teacher")
     tsv = write_tsv(tmp_path / "train.tsv", rows=32)
@@ -50,20 +59,25 @@ def test_width_recipe_stages_shrink_every_axis_reload_and_export(tmp_path):
     reports = run_recipe(recipe, tmp_path / "run")
 
     pruned = from_pretrained(tmp_path / "run" / "pruned").eval()
-    assert pruned.config.hidden_size == 64 - round(pruning["targets"]["hidden"] * 64)
+    assert pruned.config.hidden_size == 96 - round(pruning["targets"]["hidden"] * 96) == 64
     assert pruned.bert.embeddings.word_embeddings.weight.shape[1] == pruned.config.hidden_size
     assert pruned.classifier.in_features == pruned.config.hidden_size
-    assert sum(head_counts(pruned)) == 4  # half of 2 layers x 4 heads
-    assert sum(ffn_size(layer) for layer in get_layers(pruned)) == 2 * 64 - round(pruning["targets"]["ffn_neurons"] * 128)
+    assert sum(head_counts(pruned, i)[0] for i in range(2)) == 6  # half of 2 layers x 6 heads
+    assert sum(ffn_size(pruned, i) for i in range(2)) == 128 - round(pruning["targets"]["ffn_neurons"] * 128)
     student = from_pretrained(tmp_path / "run" / "student")
-    assert student.config.hidden_size == 64 and len(get_layers(pruned)) == 2
+    assert student.config.hidden_size == 96 and len(get_layers(pruned)) == 2
 
     ids = torch.randint(5, pruned.config.vocab_size, (2, 7))
     again = from_pretrained(tmp_path / "run" / "pruned").eval()
     with torch.no_grad():
         assert torch.equal(pruned(input_ids=ids).logits, again(input_ids=ids).logits)
 
-    by_name = {r["name"]: r for r in reports}
     export = reports[-1]
     assert export["source"] == "pruned" and export["max_abs_diff"] < 1e-4
-    assert by_name["int4"]["size_bytes"] < by_name["pruned"]["size_bytes"]
+    assert export["onnx_int8"]["bytes"] < export["onnx"]["bytes"]
+    sizes = {
+        name: model_size_bytes(from_pretrained(tmp_path / "run" / name)) for name in ("student", "pruned", "int4")
+    }
+    assert sizes["int4"] < sizes["pruned"] < sizes["student"]
+    int4 = from_pretrained(tmp_path / "run" / "int4")
+    assert int4.config.hidden_size == 64 and int4.classifier.in_features == 64  # int8 on the recorded shapes
