@@ -29,7 +29,7 @@ def _sentence(i: int) -> str:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """A tiny SentenceTransformer teacher folder, a pairs tsv (train) and the same pairs in MRPC's txt format (eval)."""
+    """A tiny SentenceTransformer teacher folder, a pairs tsv (train), the pairs in MRPC's txt format (eval)."""
     root = tmp_path_factory.mktemp("st_inputs")
     tiny_sentence_transformer(root / "bert").save(str(root / "teacher"))
     pairs = [(_sentence(i), _sentence(i if i % 2 else i + 11), i % 2) for i in range(24)]
