@@ -3,17 +3,16 @@
 >>> from hf_compress import DistillationTrainer, DistillationConfig, PruningCallback, PruningConfig
 """
 
+from hf_compress.api import from_pretrained, make_student, prune_vocabulary, quantize_model, save_pretrained
 from hf_compress.distillation.cache import cache_teacher_outputs
 from hf_compress.distillation.config import DistillationConfig
 from hf_compress.distillation.losses import distillation_loss
-from hf_compress.distillation.student import make_student
 from hf_compress.distillation.trainer import DistillationTrainer
-from hf_compress.loading import from_pretrained, load_quantized, save_pretrained
+from hf_compress.loading import load_quantized
 from hf_compress.pruning.callback import PruningCallback
 from hf_compress.pruning.config import PruningConfig
-from hf_compress.quantization.quantize import quantize_int8, quantize_model
+from hf_compress.quantization.quantize import quantize_int8
 from hf_compress.reporting.card_callback import ModelCardCallback, write_trainer_card
-from hf_compress.vocabulary.prune import prune_vocabulary
 
 # Every DistillationTrainer writes hf_compress's model card (checkpoints, `save_model`, `push_to_hub`); registered
 # here so that `distillation/` does not import `reporting/` (see `hf_compress.distillation.callbacks.CardWriter`).

@@ -41,7 +41,7 @@ from hf_compress.recipes.schema import MODEL_STAGES, RecipeError, dump_resolved
 from hf_compress.recipes.stages.card import card_metadata
 from hf_compress.recipes.validate import load_recipe
 from hf_compress.reporting.cards import write_card
-from hf_compress.reporting.hub import push_folder
+from hf_compress.reporting.hub import ONNX_DIR, push_folder
 from hf_compress.reporting.measure import format_table, human_bytes, summary_row
 from hf_compress.shipped import shipped_path
 
@@ -222,11 +222,26 @@ def cmd_card(args: argparse.Namespace) -> int:
     return 0
 
 
+def exported_onnx(out: str | Path, folder: Path) -> Path | None:
+    """The ``onnx/`` export of ``folder``: its own, else the one of the last ``export_onnx`` stage of ``out``."""
+    if (folder / ONNX_DIR).is_dir():
+        return folder / ONNX_DIR
+    if Path(out) == folder:
+        return None
+    stages = [name for name, report in stage_reports(out) if report.get("type") == "export_onnx"]
+    return next((Path(out) / n / ONNX_DIR for n in reversed(stages) if (Path(out) / n / ONNX_DIR).is_dir()), None)
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     folder = final_model_folder(args.dir)
     token = args.token or None
-    push_folder(folder, args.repo_id, private=args.private, token=token)
-    print(f"Pushed {folder} to https://huggingface.co/{args.repo_id}" + (" (private)" if args.private else ""))
+    onnx = None if args.no_onnx else exported_onnx(args.dir, folder)
+    own = onnx == folder / ONNX_DIR  # uploaded with the folder itself
+    push_folder(folder, args.repo_id, private=args.private, token=token, onnx=True if own else onnx or False)
+    with_onnx = f" with its ONNX export ({onnx})" if onnx is not None else ""
+    print(
+        f"Pushed {folder}{with_onnx} to https://huggingface.co/{args.repo_id}" + (" (private)" if args.private else "")
+    )
     return 0
 
 
@@ -328,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("repo_id", help="Hub repository id, e.g. my-user/minilm-sst2-int8.")
     p.add_argument("--private", action="store_true", help="Create the repository as private.")
     p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login); never printed.")
+    p.add_argument(
+        "--no-onnx", action="store_true", help="Leave out the ONNX export (onnx/, or the run's export_onnx stage)."
+    )
     p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("export", help="Export a model folder (or a run's final model) to ONNX + ONNX Runtime int8.")

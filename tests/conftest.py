@@ -242,6 +242,18 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def tiny_sentence_transformer(folder, seed: int = 0, **overrides):
+    """A 4-layer, 16-wide BERT + word-level tokenizer saved to ``folder``, wrapped with mean pooling."""
+    # heavy optional dependency: only the tests that use sentence-transformers need it
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+
+    tiny_model("bert", seed=seed, **overrides).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    transformer = Transformer(str(folder))
+    return SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension())], device="cpu")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -6,7 +6,9 @@ A ``SentenceTransformer`` is an ``nn.Sequential`` whose first module (``Transfor
 * [`~hf_compress.PruningCallback`] goes into a ``SentenceTransformerTrainer`` like into any ``Trainer``
   (:func:`hf_compress.models.families.unwrap` finds the inner model); ``trainer.save_model()`` saves the small model.
 * :func:`make_sentence_student`, :func:`prune_sentence_vocabulary` and :func:`quantize_sentence_transformer` apply
-  ``make_student``, ``prune_vocabulary`` and ``quantize_int8`` to the inner model (and its tokenizer).
+  ``make_student``, ``prune_vocabulary`` and ``quantize_model`` to the inner model (and its tokenizer). The
+  top-level ``hf_compress.make_student`` / ``prune_vocabulary`` / ``quantize_model`` / ``save_pretrained`` /
+  ``from_pretrained`` call them when given a ``SentenceTransformer`` (or its folder), see :mod:`hf_compress.api`.
 * :func:`save_sentence_transformer` / :func:`load_sentence_transformer` round-trip any compressed model. Plain
   ``SentenceTransformer(folder)`` also loads the folder whenever the transformers config can express its shapes:
   dropped layers, a uniform FFN width, a pruned vocabulary, fewer heads in the Llama family. BERT, RoBERTa,
@@ -38,7 +40,7 @@ from torch import nn
 from hf_compress.distillation.student import make_student
 from hf_compress.loading import from_pretrained, needs_loader
 from hf_compress.pruning.surgery import record_structure
-from hf_compress.quantization.quantize import quantize_int8
+from hf_compress.quantization.quantize import quantize_model
 from hf_compress.vocabulary.prune import prune_vocabulary
 
 logger = logging.getLogger(__name__)
@@ -108,12 +110,12 @@ def prune_sentence_vocabulary(model: nn.Module, corpus_or_ids: Iterable, **kwarg
 
 
 def quantize_sentence_transformer(model: nn.Module, **kwargs: Any) -> nn.Module:
-    """[`~hf_compress.quantize_int8`] on the transformer of a ``SentenceTransformer``, in place; returns ``model``.
+    """[`~hf_compress.quantize_model`] on the transformer of a ``SentenceTransformer``, in place; returns ``model``.
 
     The int8 record goes into the transformer's config, so :func:`load_sentence_transformer` rebuilds the int8 modules
-    (plain ``SentenceTransformer(folder)`` cannot). ``kwargs`` are forwarded to `quantize_int8`.
+    (plain ``SentenceTransformer(folder)`` cannot). ``kwargs`` are forwarded to `quantize_model`.
     """
-    quantize_int8(transformer_module(model).auto_model, **kwargs)
+    quantize_model(transformer_module(model).auto_model, **kwargs)
     return model
 
 
@@ -135,6 +137,16 @@ def save_sentence_transformer(model: nn.Module, path: str | os.PathLike) -> bool
             "`hf_compress.integrations.sentence_transformers.load_sentence_transformer`, not `SentenceTransformer`."
         )
     return plain
+
+
+def is_sentence_transformer_folder(path: Any) -> bool:
+    """Whether ``path`` is a local folder saved by sentence-transformers (it has a ``modules.json``)."""
+    return isinstance(path, str | os.PathLike) and (Path(path) / "modules.json").is_file()
+
+
+def transformer_folder(path: str | os.PathLike) -> Path:
+    """The folder of a sentence-transformers folder's ``Transformer`` module (its config, weights and tokenizer)."""
+    return Path(path) / _transformer_entry(Path(path))["path"]
 
 
 def _transformer_entry(path: Path) -> dict:
@@ -270,11 +282,13 @@ __all__ = [
     "evaluate_mrpc",
     "evaluate_pairs",
     "is_sentence_transformer",
+    "is_sentence_transformer_folder",
     "load_sentence_transformer",
     "make_sentence_student",
     "prune_sentence_vocabulary",
     "quantize_sentence_transformer",
     "read_mrpc",
     "save_sentence_transformer",
+    "transformer_folder",
     "transformer_module",
 ]

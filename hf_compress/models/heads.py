@@ -65,8 +65,12 @@ HEADS: dict[str, Head] = {
     ),
 }
 LM_HEADS = ("seq2seq_lm", "causal_lm", "masked_lm")
-RECIPE_TASKS = {head.recipe_task: name for name, head in HEADS.items() if head.recipe_task}
 BACKBONE = Head("AutoModel", "feature-extraction", {})  # a model without a task head
+# a SentenceTransformer: the transformers backbone inside it, pooled by sentence-transformers (not a head class)
+SENTENCE_EMBEDDING = Head("AutoModel", "sentence-similarity", {}, "sentence-embedding")
+RECIPE_TASKS: dict[str, Head] = {
+    head.recipe_task: head for head in (*HEADS.values(), SENTENCE_EMBEDDING) if head.recipe_task
+}
 
 
 def detect_head(class_name: str | None) -> str | None:
@@ -93,11 +97,12 @@ def head_of(architectures: list[str] | None) -> Head:
 
 
 def auto_class_for_task(task: str) -> type:
-    """The Auto class of a recipe `model.task` (`"sequence-classification"` or `"causal-lm"`).
+    """The Auto class of a recipe `model.task` (`"sequence-classification"`, `"causal-lm"` or `"sentence-embedding"`,
+    whose backbone sits inside a ``SentenceTransformer``).
 
     >>> auto_class_for_task("causal-lm").__name__
     'AutoModelForCausalLM'
     """
     if task not in RECIPE_TASKS:
         raise ValueError(f"`task` must be one of {list(RECIPE_TASKS)}, got {task!r}.")
-    return HEADS[RECIPE_TASKS[task]].auto()
+    return RECIPE_TASKS[task].auto()

@@ -13,12 +13,15 @@ from typing import Any
 
 from huggingface_hub import try_to_load_from_cache
 
+from hf_compress.integrations.sentence_transformers import is_sentence_transformer_folder, transformer_folder
 from hf_compress.models.builtin import BUILTIN_MODELS, resolve_model_path
 from hf_compress.models.families import FAMILIES
 from hf_compress.models.hub_ids import hub_id
 from hf_compress.recipes.data import FILE_FORMATS
 from hf_compress.recipes.schema import MODEL_STAGES, TRAINING_STAGES, DataSpec, ModelSpec, RecipeError, Stage
 from hf_compress.recipes.sections import suggest
+from hf_compress.recipes.stages.sentence import TASK as SENTENCE_TASK
+from hf_compress.recipes.stages.sentence import distillation_only_keys
 
 
 def check_stage_order(stages: list[Stage], model: ModelSpec) -> None:
@@ -98,7 +101,7 @@ def resolve_model(value: str, key: str, bases: list[Path]) -> str:
             ) from None
     found = resolve_file(value, bases)
     if found is not None:
-        if not (found / "config.json").is_file():
+        if not (found / "config.json").is_file() and not is_sentence_transformer_folder(found):
             raise RecipeError(f"`{key}` folder {str(found)!r} has no config.json; point it at a saved model folder.")
         return str(found)
     if not hub_id(value):
@@ -116,7 +119,8 @@ def resolve_model(value: str, key: str, bases: list[Path]) -> str:
 
 
 def _read_config(folder: str) -> dict[str, Any]:
-    path = Path(folder) / "config.json"
+    """The transformers ``config.json`` of a model folder (of its ``Transformer`` module for sentence-transformers)."""
+    path = Path(transformer_folder(folder) if is_sentence_transformer_folder(folder) else folder) / "config.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -128,8 +132,10 @@ def check_teacher(model: ModelSpec, stages: list[Stage], bases: list[Path]) -> N
     for i, stage in enumerate(stages):
         if stage.student.get("model"):
             stage.student["model"] = resolve_model(stage.student["model"], f"stages[{i}].student.model", bases)
-    if model.task == "causal-lm" and model.num_labels is not None:
-        raise RecipeError(f"`model.num_labels` is {model.num_labels} but `model.task` is 'causal-lm'; remove it.")
+    if model.task in ("causal-lm", SENTENCE_TASK) and model.num_labels is not None:
+        raise RecipeError(f"`model.num_labels` is {model.num_labels} but `model.task` is {model.task!r}; remove it.")
+    if model.task == SENTENCE_TASK:
+        check_sentence_teacher(model, stages)
     if model.num_labels is not None and model.num_labels < 1:
         raise RecipeError(f"`model.num_labels` must be >= 1, got {model.num_labels}.")
     config = _read_config(resolve_model_path(model.teacher))
@@ -180,7 +186,30 @@ def check_teacher(model: ModelSpec, stages: list[Stage], bases: list[Path]) -> N
         )
 
 
-def _columns(path: Path, names: list[str] | None = None) -> list[str] | None:
+def check_sentence_teacher(model: ModelSpec, stages: list[Stage]) -> None:
+    """A ``sentence-embedding`` recipe: a sentence-transformers teacher, no teacher fine-tuning, embedding losses."""
+    folder = resolve_model_path(model.teacher)
+    if Path(folder).is_dir() and not is_sentence_transformer_folder(folder):
+        raise RecipeError(
+            f"`model.teacher` folder {folder!r} has no modules.json, but `model.task` is 'sentence-embedding'; give a "
+            "SentenceTransformer folder (saved with `model.save`), `builtin:all-MiniLM-L6-v2` or a Hub id."
+        )
+    unused = distillation_only_keys()
+    for i, stage in enumerate(stages):
+        if stage.type == "finetune_teacher":
+            raise RecipeError(
+                f"`stages[{i}]` (finetune_teacher) is not supported for 'sentence-embedding'; start from a trained "
+                "SentenceTransformer teacher and remove the stage."
+            )
+        extra = sorted(set(stage.training) & unused)
+        if extra:
+            raise RecipeError(
+                f"`stages[{i}].training.{extra[0]}` does not apply to 'sentence-embedding' (students regress the "
+                "teacher's sentence embeddings); remove it, and choose the loss with `hidden_loss: mse` or `cosine`."
+            )
+
+
+def _columns(path: Path, names: list[str] | None = None, task: str | None = None) -> list[str] | None:
     """Column names of a csv/tsv/jsonl file from its first line (``None`` for other formats).
 
     ``names`` (``data.column_names``) replaces the header of a headerless csv/tsv file; its length must match the
@@ -205,6 +234,8 @@ def _columns(path: Path, names: list[str] | None = None) -> list[str] | None:
         except json.JSONDecodeError:
             return None
         return list(row) if isinstance(row, dict) else None
+    if suffix == ".txt" and task == SENTENCE_TASK:  # MRPC's layout: a tab-separated header line
+        return [c.strip() for c in first.lstrip("\ufeff").split("\t")]
     return ["text"] if suffix == ".txt" else None
 
 
@@ -217,6 +248,11 @@ def check_data(data: DataSpec, model: ModelSpec, stages: list[Stage], bases: lis
                 f"`data.{key}` is {getattr(data, key)!r} but `model.task` is 'causal-lm' (text only); remove it."
             )
     data.label_column = data.label_key(model.task)
+    if model.task == SENTENCE_TASK and data.text_pair_column is None:
+        raise RecipeError(
+            "`data.text_pair_column` is missing; a 'sentence-embedding' recipe trains and evaluates on sentence pairs "
+            "(`text_column`, `text_pair_column` and a 0/1 `label_column`)."
+        )
     if data.label_names is not None and (causal or len(data.label_names) != model.num_labels):
         raise RecipeError(
             f"`data.label_names` has {len(data.label_names)} names but the model has "
@@ -252,7 +288,7 @@ def check_data(data: DataSpec, model: ModelSpec, stages: list[Stage], bases: lis
                 f"`data.{key}` file {value!r} does not exist (looked in {', '.join(map(str, bases))}); fix the path."
             )
         setattr(data, key, str(found))
-        columns = _columns(found, data.column_names)
+        columns = _columns(found, data.column_names, model.task)
         wanted = ["text_column"] + ([] if causal else ["text_pair_column", "label_column"])
         for column_key in wanted:
             column = getattr(data, column_key)

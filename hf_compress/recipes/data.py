@@ -3,7 +3,8 @@
 ``load_text_dataset`` turns a recipe's ``data`` section (a :class:`~hf_compress.recipes.schema.DataSpec`) into
 tokenised ``(train, eval)`` datasets: classification rows keep their token ids and a ``labels`` column (padding is
 left to ``DataCollatorWithPadding``), causal-LM text is concatenated and cut into ``block_size`` blocks whose labels
-are the inputs.
+are the inputs. Sentence-embedding pairs stay text (``sentence1``, ``sentence2``, a 0/1 ``label``): the
+``SentenceTransformer`` tokenises them itself.
 """
 
 from __future__ import annotations
@@ -29,6 +30,17 @@ FILE_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
     ".parquet": ("parquet", {}),
     ".txt": ("text", {}),
 }
+# sentence-embedding recipes read .txt files as MRPC's: UTF-8 with BOM, tab-separated, a header, quotes literal
+PAIR_TXT_FORMAT = ("csv", {"delimiter": "\t", "quoting": csv.QUOTE_NONE, "na_filter": False, "encoding": "utf-8-sig"})
+PAIR_COLUMNS = ("sentence1", "sentence2")  # the text columns of a sentence-embedding dataset (then `label`)
+
+
+def file_format(path: str | Path, task: str | None = None) -> tuple[str, dict[str, Any]]:
+    """The ``datasets`` builder and its kwargs for a data file of ``task`` (by extension; see ``FILE_FORMATS``)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".txt" and task == "sentence-embedding":
+        return PAIR_TXT_FORMAT
+    return FILE_FORMATS[suffix]
 
 
 def as_data_spec(data: DataSpec | Mapping[str, Any] | None) -> DataSpec:
@@ -40,10 +52,11 @@ def as_data_spec(data: DataSpec | Mapping[str, Any] | None) -> DataSpec:
     raise TypeError(f"`data` must be a DataSpec or a mapping of its fields, got {type(data).__name__}.")
 
 
-def load_raw_split(path: str | Path, column_names: list[str] | None = None) -> Dataset:
+def load_raw_split(path: str | Path, column_names: list[str] | None = None, task: str | None = None) -> Dataset:
     """Load one local csv/tsv/json/jsonl/parquet/txt file as a ``Dataset`` (txt files give one ``text`` column).
 
-    ``column_names`` names the columns of a csv/tsv file without a header line (its first line is then data).
+    ``column_names`` names the columns of a csv/tsv file without a header line (its first line is then data). For
+    ``task="sentence-embedding"`` a txt file is read as MRPC's tab-separated format (see :func:`file_format`).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -53,7 +66,7 @@ def load_raw_split(path: str | Path, column_names: list[str] | None = None) -> D
         )
     if not path.is_file():
         raise FileNotFoundError(f"`data` file {str(path)!r} does not exist; check the path in the recipe.")
-    builder, kwargs = FILE_FORMATS[suffix]
+    builder, kwargs = file_format(path, task)
     if column_names:
         if builder != "csv":
             raise ValueError(f"`data.column_names` only applies to csv/tsv files, got {str(path)!r}; remove it.")
@@ -61,7 +74,7 @@ def load_raw_split(path: str | Path, column_names: list[str] | None = None) -> D
     return load_dataset(builder, data_files=str(path), split="train", **kwargs)
 
 
-def _load_splits(spec: DataSpec) -> tuple[Dataset, Dataset | None]:
+def _load_splits(spec: DataSpec, task: str | None = None) -> tuple[Dataset, Dataset | None]:
     if spec.hub_id:
         train = load_dataset(spec.hub_id, spec.hub_config, split=spec.train_split)
         evaluation = load_dataset(spec.hub_id, spec.hub_config, split=spec.eval_split) if spec.eval_split else None
@@ -69,8 +82,8 @@ def _load_splits(spec: DataSpec) -> tuple[Dataset, Dataset | None]:
     if not spec.train:
         raise ValueError("`data.train` is missing; give a file path or a `data.hub_id`.")
     names = spec.column_names
-    evaluation = load_raw_split(spec.eval, names) if spec.eval else None
-    return load_raw_split(spec.train, names), evaluation
+    evaluation = load_raw_split(spec.eval, names, task) if spec.eval else None
+    return load_raw_split(spec.train, names, task), evaluation
 
 
 def _check_columns(dataset: Dataset, columns: list[str | None], split: str, keys: list[str]) -> None:
@@ -122,6 +135,25 @@ def _tokenize_classification(dataset: Dataset, tokenizer, spec: DataSpec, labels
     if labels is not None:
         encoded = encoded.cast_column("labels", labels)
     return encoded
+
+
+def _sentence_pairs(dataset: Dataset, spec: DataSpec, split: str) -> Dataset:
+    """``dataset`` as ``sentence1``, ``sentence2`` and an integer 0/1 ``label`` (the pair evaluator's labels)."""
+    label = spec.label_key("sentence-embedding")
+    values = sorted({int(v) for v in dataset[label]} if len(dataset) else set())
+    if set(values) - {0, 1}:
+        raise ValueError(
+            f"`data.label_column` {label!r} of the {split} data must hold 0/1 pair labels (1 = similar), got "
+            f"{values[:5]}; map the labels to 0 and 1."
+        )
+    first, second = PAIR_COLUMNS
+    return Dataset.from_dict(
+        {
+            first: [str(t) for t in dataset[spec.text_column]],
+            second: [str(t) for t in dataset[spec.text_pair_column]],
+            "label": [int(v) for v in dataset[label]],
+        }
+    )
 
 
 def _tokenize_causal_lm(dataset: Dataset, tokenizer, spec: DataSpec) -> Dataset:
@@ -183,7 +215,7 @@ def load_text_dataset(
     if task not in TASKS:
         raise ValueError(f"`task` must be one of {list(TASKS)}, got {task!r}.")
     spec = as_data_spec(data_spec)
-    train, evaluation = _load_splits(spec)
+    train, evaluation = _load_splits(spec, task)
     if task == "causal-lm":
         keys = ["text_column"]
     else:
@@ -199,12 +231,28 @@ def load_text_dataset(
             evaluation = _limit(_tokenize_causal_lm(evaluation, tokenizer, spec), spec.max_eval_samples, seed)
         return train, evaluation
 
+    if task == "sentence-embedding":
+        if spec.text_pair_column is None:
+            raise ValueError("`data.text_pair_column` is missing; a sentence-embedding dataset holds sentence pairs.")
+        train = _sentence_pairs(_limit(train, spec.max_train_samples, seed), spec, "train")
+        if evaluation is not None:
+            evaluation = _sentence_pairs(_limit(evaluation, spec.max_eval_samples, seed), spec, "eval")
+        return train, evaluation
+
     labels = _label_feature(train, spec.label_key(task))
     train = _tokenize_classification(_limit(train, spec.max_train_samples, seed), tokenizer, spec, labels)
     if evaluation is not None:
         evaluation = _limit(evaluation, spec.max_eval_samples, seed)
         evaluation = _tokenize_classification(evaluation, tokenizer, spec, labels)
     return train, evaluation
+
+
+def token_rows(dataset: Dataset, tokenizer, task: Task) -> list[list[int]]:
+    """The token id sequences of a split: its ``input_ids``, or (sentence pairs) both sentences tokenised plainly."""
+    if task != "sentence-embedding":
+        return list(dataset["input_ids"])
+    texts = [text for column in PAIR_COLUMNS for text in dataset[column]]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
 
 def data_collator(tokenizer, task: Task):

@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from hf_compress.distillation.student import make_student
+from hf_compress.integrations.sentence_transformers import is_sentence_transformer_folder, transformer_folder
 from hf_compress.models.builtin import resolve_model_path
 from hf_compress.models.families import ffn_size, get_family, get_layers, head_counts
 from hf_compress.models.heads import auto_class_for_task
@@ -33,7 +34,10 @@ from hf_compress.reporting.measure import human_bytes
 def meta_model(path: str, task: str, num_labels: int | None):
     """The model of folder ``path`` built from its config on the meta device: shapes only, no weights, no memory."""
     kwargs = {"num_labels": num_labels} if task == "sequence-classification" and num_labels else {}
-    config = AutoConfig.from_pretrained(resolve_model_path(path), **kwargs)
+    folder = resolve_model_path(path)
+    if is_sentence_transformer_folder(folder):  # a SentenceTransformer: the transformers model inside it
+        folder = transformer_folder(folder)
+    config = AutoConfig.from_pretrained(folder, **kwargs)
     with torch.device("meta"):
         return auto_class_for_task(task).from_config(config)
 

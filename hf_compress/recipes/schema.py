@@ -23,7 +23,7 @@ class RecipeError(ValueError):
     """A recipe (or a ``--set`` override) is malformed; the message is one sentence naming the key and the fix."""
 
 
-Task = Literal["sequence-classification", "causal-lm"]
+Task = Literal["sequence-classification", "causal-lm", "sentence-embedding"]
 TASKS: tuple[str, ...] = get_args(Task)
 StageType = Literal[
     "finetune_teacher", "distill", "prune", "prune_vocabulary", "quantize", "evaluate", "card", "export_onnx"
@@ -78,7 +78,8 @@ class DataSpec:
     block_size: int = 128
 
     def label_key(self, task: str) -> str | None:
-        """The label column of ``task``: ``label_column`` (default ``"label"``) for classification, none for LM."""
+        """The label column of ``task``: ``label_column`` (default ``"label"``) for classification and sentence
+        pairs, none for LM."""
         return None if task == "causal-lm" else self.label_column or "label"
 
 

@@ -4,7 +4,9 @@
 check (:func:`reload_check` by default: load with transformers or the hf_compress loader and run a fixed dummy input,
 comparing logits with an in-memory ``reference_model`` when given), then calls ``HfApi.create_repo`` and
 ``HfApi.upload_folder`` with :data:`IGNORE_PATTERNS` (hidden files, ``checkpoint-*/``, ``runs/``), the patterns
-:func:`files_to_upload` lists the files with. The token is passed to ``HfApi`` and never logged.
+:func:`files_to_upload` lists the files with. An ONNX export (``onnx/``, the transformers.js layout) goes up with the
+model by default: the folder's own ``onnx/``, or the ``onnx/`` of another folder (a recipe's ``export_onnx`` stage).
+The token is passed to ``HfApi`` and never logged.
 """
 
 from __future__ import annotations
@@ -28,13 +30,27 @@ logger = logging.get_logger(__name__)
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 # `upload_folder` patterns (fnmatch, `*` crosses `/`): hidden files and folders, Trainer checkpoints, TensorBoard logs
 IGNORE_PATTERNS = [".*", "*/.*", "checkpoint-*/", "runs/"]
+ONNX_DIR = "onnx"  # where `export_onnx` writes its graphs, and where the Hub repo keeps them (transformers.js layout)
 
 
-def files_to_upload(folder: str | Path) -> list[str]:
-    """The relative paths :func:`push_folder` uploads: all files but hidden ones, ``checkpoint-*/`` and ``runs/``."""
+def files_to_upload(folder: str | Path, ignore_patterns: list[str] | None = None) -> list[str]:
+    """The relative paths :func:`push_folder` uploads: all files but hidden ones, ``checkpoint-*/`` and ``runs/``
+    (``ignore_patterns`` defaults to :data:`IGNORE_PATTERNS`)."""
     folder = Path(folder)
     files = sorted(file.relative_to(folder).as_posix() for file in folder.rglob("*") if file.is_file())
-    return list(filter_repo_objects(files, ignore_patterns=IGNORE_PATTERNS))
+    return list(
+        filter_repo_objects(files, ignore_patterns=IGNORE_PATTERNS if ignore_patterns is None else ignore_patterns)
+    )
+
+
+def check_onnx_folder(onnx: str | Path) -> Path:
+    """``onnx`` as a folder holding ``.onnx`` graphs, else a one-sentence ``FileNotFoundError``."""
+    onnx = Path(onnx)
+    if not onnx.is_dir() or not any(onnx.glob("*.onnx")):
+        raise FileNotFoundError(
+            f"`onnx` {str(onnx)!r} is not a folder of .onnx graphs; pass the `onnx/` folder that `export_onnx` wrote."
+        )
+    return onnx
 
 
 def check_folder(folder: str | Path) -> dict:
@@ -113,6 +129,7 @@ def push_folder(
     reference_model: nn.Module | None = None,
     revision: str | None = None,
     create_pr: bool = False,
+    onnx: bool | str | Path = True,
 ):
     """Check ``folder`` and upload it to the Hub repo ``repo_id`` (created when missing); returns the commit info.
 
@@ -127,6 +144,9 @@ def push_folder(
             folder; `False` skips the check.
         reference_model (`nn.Module`, *optional*): the in-memory model whose outputs the reloaded folder must match.
         revision (`str`, *optional*), create_pr (`bool`, *optional*): forwarded to ``upload_folder``.
+        onnx (`bool`, `str` or `Path`, *optional*, defaults to `True`): `True` uploads the folder's own ``onnx/``
+            when it has one; a path uploads that folder of ``.onnx`` graphs as ``onnx/`` in the repo (a second
+            commit, after the model's); `False` leaves ``onnx/`` out.
 
     Example:
 
@@ -145,18 +165,27 @@ def push_folder(
             raise ValueError(f"`verify` returned False for {str(folder)!r}; the folder was not pushed.")
     elif verify is not False:
         raise ValueError(f"`verify` must be True, False or a callable taking the folder, got {verify!r}.")
-    files = files_to_upload(folder)
+    if not isinstance(onnx, bool | str | Path):
+        raise ValueError(f"`onnx` must be True, False or the path of an `onnx/` folder, got {onnx!r}.")
+    external = None if isinstance(onnx, bool) else check_onnx_folder(onnx)
+    ignore = IGNORE_PATTERNS + ([] if onnx is True else [f"{ONNX_DIR}/"])
+    files = files_to_upload(folder, ignore)
     api = HfApi(token=token)
     url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    repo = getattr(url, "repo_id", None) or repo_id
+    common = dict(repo_id=repo, repo_type="model", revision=revision, create_pr=create_pr)
     logger.info(f"Uploading {len(files)} files from {folder} to {repo_id}")
     commit = api.upload_folder(
-        repo_id=getattr(url, "repo_id", None) or repo_id,
-        folder_path=str(folder),
-        repo_type="model",
-        commit_message=commit_message,
-        ignore_patterns=IGNORE_PATTERNS,
-        revision=revision,
-        create_pr=create_pr,
+        folder_path=str(folder), commit_message=commit_message, ignore_patterns=ignore, **common
     )
+    if external is not None:
+        logger.info(f"Uploading the ONNX graphs of {external} to {repo_id}/{ONNX_DIR}")
+        commit = api.upload_folder(
+            folder_path=str(external),
+            path_in_repo=ONNX_DIR,
+            commit_message=f"{commit_message} (ONNX export)",
+            ignore_patterns=IGNORE_PATTERNS,
+            **common,
+        )
     logger.info(f"Pushed {folder} to {repo_id}")
     return commit

@@ -13,7 +13,7 @@ from sentence_transformers import (  # noqa: E402
     SentenceTransformerTrainingArguments,
 )
 from sentence_transformers.sentence_transformer.losses import CosineSimilarityLoss  # noqa: E402
-from sentence_transformers.sentence_transformer.modules import Pooling, Transformer  # noqa: E402
+from sentence_transformers.sentence_transformer.modules import Pooling  # noqa: E402
 
 from hf_compress import PruningCallback, PruningConfig  # noqa: E402
 from hf_compress.integrations.sentence_transformers import (  # noqa: E402
@@ -27,17 +27,9 @@ from hf_compress.integrations.sentence_transformers import (  # noqa: E402
     save_sentence_transformer,
 )
 from hf_compress.models.families import ffn_size, get_layers, head_counts  # noqa: E402
-from tests.conftest import VOCAB, tiny_model, tiny_tokenizer, train_args  # noqa: E402
+from tests.conftest import VOCAB, tiny_sentence_transformer, train_args  # noqa: E402
 
 TEXTS = [" ".join(f"w{(7 * i + 3 * j) % (VOCAB - 8) + 3}" for j in range(3 + i % 4)) for i in range(24)]
-
-
-def tiny_sentence_transformer(folder, seed: int = 0, **overrides) -> SentenceTransformer:
-    """A 4-layer, 16-wide BERT + word-level tokenizer saved to ``folder``, wrapped with mean pooling."""
-    tiny_model("bert", seed=seed, **overrides).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    transformer = Transformer(str(folder))
-    return SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension())], device="cpu")
 
 
 def _embed(model, texts=TEXTS):

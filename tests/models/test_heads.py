@@ -31,6 +31,7 @@ def test_head_of_architectures_and_backbone():
 def test_auto_class_for_recipe_tasks():
     assert auto_class_for_task("sequence-classification") is transformers.AutoModelForSequenceClassification
     assert auto_class_for_task("causal-lm") is transformers.AutoModelForCausalLM
+    assert auto_class_for_task("sentence-embedding") is transformers.AutoModel  # the encoder inside the ST model
     with pytest.raises(ValueError, match="`task` must be one of"):
         auto_class_for_task("fill-mask")
 

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from hf_compress.integrations.sentence_transformers import transformer_folder
 from hf_compress.models.builtin import base_model_id
 from hf_compress.recipes.schema import Stage
 from hf_compress.recipes.stages.context import StageContext
@@ -39,6 +40,7 @@ def run(stage: Stage, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
         if final["name"] != evaluation["reference"]:
             reference = evaluation["models"][evaluation["reference"]]
     recipe = ctx.out / "recipe.yaml"
+    config_folder = transformer_folder(folder) if ctx.sentence_embedding else folder
     if ctx.is_main_process:
         card = render_card(
             f"{ctx.recipe.name}-{final['name']}",
@@ -46,7 +48,7 @@ def run(stage: Stage, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
             reference_report=reference,
             recipe=recipe.read_text() if recipe.is_file() else None,
             **card_metadata(ctx.recipe.to_dict()),
-            config=json.loads((folder / "config.json").read_text()),
+            config=json.loads((config_folder / "config.json").read_text()),
         )
         card.save(out_dir / "README.md")
         shutil.copyfile(out_dir / "README.md", folder / ".README.md.tmp")

@@ -19,11 +19,13 @@ from transformers import AutoTokenizer, TrainingArguments
 
 from hf_compress.checks import check_label_values
 from hf_compress.distillation.config import DistillationConfig
+from hf_compress.integrations.sentence_transformers import is_sentence_transformer_folder, transformer_folder
 from hf_compress.loading import from_pretrained, save_pretrained
 from hf_compress.models.builtin import resolve_model_path
 from hf_compress.quantization.quantize import is_quantized
 from hf_compress.recipes.data import data_collator, load_text_dataset
 from hf_compress.recipes.schema import MODEL_STAGES, Recipe
+from hf_compress.recipes.stages import sentence
 from hf_compress.reporting.measure import model_report
 
 # the pipeline owns where and how stages write; recipes tune everything else
@@ -71,10 +73,20 @@ class StageContext:
     def seed(self) -> int:
         return self.recipe.seed
 
+    @property
+    def sentence_embedding(self) -> bool:
+        """Whether every model of the recipe is a ``SentenceTransformer`` (task ``sentence-embedding``)."""
+        return self.task == sentence.TASK
+
+    def load(self, path: str | Path):
+        """The model of a stage folder or of the teacher: a ``SentenceTransformer`` for sentence embeddings."""
+        return sentence.load(path) if self.sentence_embedding else load_model(path)
+
     def tokenizer_for(self, source: str):
         """The tokenizer saved in folder ``source`` (loaded once; pad falls back to eos)."""
         if source not in self._tokenizers:
-            tokenizer = AutoTokenizer.from_pretrained(source)
+            folder = transformer_folder(source) if is_sentence_transformer_folder(source) else source
+            tokenizer = AutoTokenizer.from_pretrained(folder)
             if tokenizer.pad_token is None and tokenizer.eos_token is not None:
                 tokenizer.pad_token = tokenizer.eos_token
             self._tokenizers[source] = tokenizer
@@ -215,10 +227,17 @@ def finish(
 
     ``tokenizer`` / ``eval_dataset`` default to the context's (a vocabulary stage passes its pruned ones).
     """
+    details = dict(extra or {})
+    if ctx.sentence_embedding:  # the model carries its tokenizer; the pairs are text
+        if ctx.is_main_process:
+            sentence.save(model, out_dir)
+            measured = sentence.report(model, out_dir, ctx.eval_dataset)
+            details["metrics"] = measured.pop("metrics", None)
+            details["model"] = measured
+        return details
     tokenizer = tokenizer if tokenizer is not None else ctx.tokenizer
     eval_dataset = eval_dataset if tokenizer is not ctx.tokenizer else ctx.eval_dataset
     save_model(model, tokenizer, out_dir, ctx.is_main_process)
-    details = dict(extra or {})
     if ctx.is_main_process:
         details["model"] = model_report(model, out_dir, batch_sizes=())  # latency: measured by `evaluate`
         if eval_dataset is not None:

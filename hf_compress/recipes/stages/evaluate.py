@@ -11,6 +11,7 @@ from transformers.utils import logging
 
 from hf_compress.recipes.data import data_collator
 from hf_compress.recipes.schema import Stage
+from hf_compress.recipes.stages import sentence
 from hf_compress.recipes.stages.context import (
     StageContext,
     evaluate_model,
@@ -40,6 +41,25 @@ def _reference(ctx: StageContext) -> dict[str, Any]:
     return {"name": "teacher", "type": "teacher", "path": ctx.reference, "report": {}, "tokenizer": tokenizer}
 
 
+def _measure(entry: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
+    """Size, CPU latency and metrics of one model (metrics its stage already measured are reused)."""
+    metrics = entry["report"].get("metrics")
+    folder = entry["path"] if Path(entry["path"]).is_dir() else None
+    if ctx.sentence_embedding:  # pair metrics with sentence-transformers' evaluator; timing of its transformer
+        model = ctx.load(entry["path"]).to("cpu")
+        report = sentence.report(model, folder, ctx.eval_dataset, timed=True, metrics=metrics is None)
+        return report if metrics is None else {**report, "metrics": metrics}
+    model = load_model(entry["path"]).to("cpu")
+    eval_dataset = ctx.datasets_for(entry["tokenizer"])[1]  # each model with its own (maybe pruned) tokenizer
+    collator = data_collator(ctx.tokenizer_for(entry["tokenizer"]), ctx.task)
+    report = model_report(model, folder, latency_inputs=latency_inputs(eval_dataset, collator, forward_keys(model)))
+    if metrics is None and eval_dataset is not None:
+        metrics = evaluate_model(model, eval_dataset, collator, ctx.task)
+    if metrics is not None:
+        report["metrics"] = metrics
+    return report
+
+
 def run(stage: Stage, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     """Measure the teacher and every model stage (metrics, size, sparsity, CPU latency at batch 1 and 32).
 
@@ -51,20 +71,7 @@ def run(stage: Stage, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
         return {}
     measured, rows = {}, []
     for entry in entries:
-        model = load_model(entry["path"]).to("cpu")
-        folder = entry["path"] if Path(entry["path"]).is_dir() else None
-        eval_dataset = ctx.datasets_for(entry["tokenizer"])[1]  # each model with its own (maybe pruned) tokenizer
-        collator = data_collator(ctx.tokenizer_for(entry["tokenizer"]), ctx.task)
-        report = model_report(
-            model, folder, latency_inputs=latency_inputs(eval_dataset, collator, forward_keys(model))
-        )
-        metrics = entry["report"].get("metrics")
-        if metrics is None and eval_dataset is not None:
-            metrics = evaluate_model(model, eval_dataset, collator, ctx.task)
-        if metrics is not None:
-            report["metrics"] = metrics
-        measured[entry["name"]] = {"type": entry["type"], "path": entry["path"], **report}
-        del model
+        measured[entry["name"]] = {"type": entry["type"], "path": entry["path"], **_measure(entry, ctx)}
     reference = measured[entries[0]["name"]]
     for name, report in measured.items():
         if name != entries[0]["name"]:

@@ -4,7 +4,8 @@ Writes ``onnx/model.onnx`` and the dynamically quantised ``onnx/model_quantized.
 tokenizer) into the stage folder, checked against PyTorch, and reports the accuracy of both graphs on the eval split,
 their bytes and their ONNX Runtime latency at batch 1 and 32 (the deployment path that beats PyTorch on CPU, see
 BENCHMARKS.md). After a ``quantize`` stage it exports the float stage the int8 model came from: ONNX Runtime
-quantises that graph itself.
+quantises that graph itself. For sentence embeddings it exports the transformer inside the ``SentenceTransformer``
+(output: token embeddings, to be pooled as the folder's pooling module says).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from hf_compress.export import evaluate_onnx, export_onnx, onnx_latency
+from hf_compress.integrations.sentence_transformers import transformer_folder
 from hf_compress.recipes.data import data_collator
 from hf_compress.recipes.schema import Stage
 from hf_compress.recipes.stages.context import StageContext
@@ -34,7 +36,9 @@ def run(stage: Stage, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     source = float_model(ctx)
     if not ctx.is_main_process:
         return {}
-    result = export_onnx(source["path"], out_dir, **stage.export)
+    # a SentenceTransformer folder: its transformer, whose token embeddings (`last_hidden_state`) the graph outputs
+    folder = transformer_folder(source["path"]) if ctx.sentence_embedding else source["path"]
+    result = export_onnx(folder, out_dir, **stage.export)
     report: dict[str, Any] = {"source": source["name"], **result.to_dict()}
     eval_dataset = ctx.datasets_for(source["tokenizer"])[1]
     if ctx.task == "sequence-classification" and eval_dataset is not None:

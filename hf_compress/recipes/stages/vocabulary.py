@@ -13,9 +13,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from hf_compress.api import prune_vocabulary
+from hf_compress.recipes.data import token_rows
 from hf_compress.recipes.schema import Recipe, Stage
-from hf_compress.recipes.stages.context import StageContext, finish, load_model
-from hf_compress.vocabulary.prune import prune_vocabulary
+from hf_compress.recipes.stages.context import StageContext, finish
 
 
 def _token_counts(rows, kept: set[int], special: set[int]) -> dict[str, Any]:
@@ -40,7 +41,7 @@ def _token_counts(rows, kept: set[int], special: set[int]) -> dict[str, Any]:
 
 def _vocabulary_corpus(ctx: StageContext, files: list[str]) -> list:
     """The tokenised train split (id sequences) followed by the non-empty lines of each text file."""
-    corpus: list = list(ctx.train_dataset["input_ids"])
+    corpus: list = token_rows(ctx.train_dataset, ctx.tokenizer, ctx.task)
     for path in files:
         corpus += [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     return corpus
@@ -54,12 +55,15 @@ def run(stage: Stage, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     many sentences / tokens used a removed id (the tokenizer now re-splits those words or maps them to unk).
     """
     corpus = _vocabulary_corpus(ctx, stage.corpus_files)
-    kwargs = {"eval_corpus": None if ctx.eval_dataset is None else ctx.eval_dataset["input_ids"], **stage.vocabulary}
-    model, tokenizer, vocabulary = prune_vocabulary(load_model(ctx.model), ctx.tokenizer, corpus, **kwargs)
+    eval_rows = None if ctx.eval_dataset is None else token_rows(ctx.eval_dataset, ctx.tokenizer, ctx.task)
+    kwargs = {"eval_corpus": eval_rows, **stage.vocabulary}
+    model = ctx.load(ctx.model)
+    tokenizer = None if ctx.sentence_embedding else ctx.tokenizer  # a SentenceTransformer: its own tokenizer
+    model, tokenizer, vocabulary = prune_vocabulary(model, tokenizer, corpus, **kwargs)
     details = {"vocabulary": {**vocabulary.to_dict(), "corpus_files": stage.corpus_files}, "input": ctx.model}
-    if ctx.eval_dataset is not None:
+    if eval_rows is not None:
         special = set(ctx.tokenizer.all_special_ids)
-        details["eval_coverage"] = _token_counts(ctx.eval_dataset["input_ids"], set(vocabulary.kept_ids), special)
+        details["eval_coverage"] = _token_counts(eval_rows, set(vocabulary.kept_ids), special)
         top = details["eval_coverage"]["top_removed"]
         details["eval_coverage"]["top_removed"] = [[ctx.tokenizer.convert_ids_to_tokens(i), n] for i, n in top]
     # the folder this stage is renamed to on success; its datasets are tokenised once, here
