@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -24,12 +23,12 @@ from hf_compress import loading
 from hf_compress.distillation import student as students
 from hf_compress.integrations.sentence_transformers import (
     is_sentence_transformer,
-    is_sentence_transformer_folder,
     load_sentence_transformer,
     make_sentence_student,
     prune_sentence_vocabulary,
     quantize_sentence_transformer,
     save_sentence_transformer,
+    sentence_transformer_folder,
     transformer_module,
 )
 from hf_compress.quantization.quantize import quantize_model as quantize_transformers_model
@@ -121,9 +120,10 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, **kwarg
 def from_pretrained(path: str | os.PathLike, trust_remote_code: bool = False, **kwargs: Any) -> nn.Module:
     """Load any folder hf_compress saved (pruned, layer-dropped, quantised or plain).
 
-    See [`hf_compress.loading.from_pretrained`]. A local sentence-transformers folder (one with ``modules.json``)
-    gives a ``SentenceTransformer`` whose transformer is loaded by hf_compress's loader, its pooling and other
-    modules kept (``kwargs`` then go to ``SentenceTransformer``, e.g. ``device``).
+    See [`hf_compress.loading.from_pretrained`]. A sentence-transformers folder (one with ``modules.json``), or a Hub
+    repo id whose repo has one (downloaded), gives a ``SentenceTransformer`` whose transformer is loaded by
+    hf_compress's loader, its pooling and other modules kept (``kwargs`` then go to ``SentenceTransformer``, e.g.
+    ``device``; `revision`, `token`, `cache_dir`, `local_files_only` and `force_download` to the download).
 
     Example:
 
@@ -132,11 +132,14 @@ def from_pretrained(path: str | os.PathLike, trust_remote_code: bool = False, **
     >>> model.encode(["A sentence."]).shape  # doctest: +SKIP
     (1, 384)
     """
-    if is_sentence_transformer_folder(path):
-        if trust_remote_code:
-            kwargs["trust_remote_code"] = True
-        return load_sentence_transformer(Path(path), **kwargs)
-    return loading.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    hub = {key: kwargs[key] for key in loading.HUB_KWARGS if key in kwargs}
+    folder = sentence_transformer_folder(path, **hub)
+    if folder is None:
+        return loading.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    kwargs = {key: value for key, value in kwargs.items() if key not in hub}
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    return load_sentence_transformer(folder, **kwargs)
 
 
 __all__ = ["from_pretrained", "make_student", "prune_vocabulary", "quantize_model", "save_pretrained"]

@@ -6,10 +6,12 @@ import torch
 
 pytest.importorskip("sentence_transformers")
 
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError  # noqa: E402
 from sentence_transformers import SentenceTransformer  # noqa: E402
 from sentence_transformers.sentence_transformer.modules import Pooling  # noqa: E402
 
 import hf_compress  # noqa: E402
+from hf_compress.integrations import sentence_transformers as st_integration  # noqa: E402
 from hf_compress.integrations.sentence_transformers import is_sentence_transformer  # noqa: E402
 from hf_compress.models.families import get_layers  # noqa: E402
 from tests.conftest import VOCAB, tiny_model, tiny_sentence_transformer, tiny_tokenizer  # noqa: E402
@@ -72,3 +74,34 @@ def test_from_pretrained_of_a_pruned_sentence_transformer_folder_gives_equal_emb
     # the transformers folder inside (config.json at its root) still loads as a transformers model
     tiny_model("bert").save_pretrained(tmp_path / "plain")
     assert type(hf_compress.from_pretrained(tmp_path / "plain")).__name__ == "BertModel"
+
+
+def test_from_pretrained_of_a_hub_repo_id_of_a_sentence_transformer(tmp_path, monkeypatch):
+    """A Hub repo with modules.json (the downloads faked by local folders) gives a SentenceTransformer; a repo
+    without one, or one the Hub cannot be asked about, goes to the transformers loader."""
+    student = hf_compress.make_student(tiny_sentence_transformer(tmp_path / "teacher"), layers=[0, 3])
+    student.eval()
+    hf_compress.save_pretrained(student, tmp_path / "st_snapshot")
+    tiny_model("bert").save_pretrained(tmp_path / "bert_snapshot")
+    repos = {"me/tiny-st": tmp_path / "st_snapshot", "me/tiny-bert": tmp_path / "bert_snapshot"}
+    downloads = []
+
+    def hf_hub_download(repo_id, filename, **kwargs):
+        downloads.append((repo_id, filename, kwargs))
+        if repo_id == "me/offline":
+            raise LocalEntryNotFoundError("outgoing traffic has been disabled")
+        if not (repos[repo_id] / filename).is_file():
+            raise EntryNotFoundError(f"{filename} is not in {repo_id}")
+        return str(repos[repo_id] / filename)
+
+    monkeypatch.setattr(st_integration, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(st_integration, "snapshot_download", lambda repo_id, **kwargs: str(repos[repo_id]))
+    loaded = hf_compress.from_pretrained("me/tiny-st", revision="main", device="cpu")
+    assert downloads == [("me/tiny-st", "modules.json", {"revision": "main"})]
+    assert isinstance(loaded, SentenceTransformer) and len(get_layers(loaded)) == 2
+    torch.testing.assert_close(_embed(loaded), _embed(student))
+    assert st_integration.sentence_transformer_folder("me/tiny-bert") is None
+    assert st_integration.sentence_transformer_folder("me/offline") is None
+    assert st_integration.sentence_transformer_folder(tmp_path / "st_snapshot") == tmp_path / "st_snapshot"
+    assert st_integration.sentence_transformer_folder(tmp_path / "bert_snapshot") is None
+    assert [d[0] for d in downloads] == ["me/tiny-st", "me/tiny-bert", "me/offline"]  # local folders: no Hub call

@@ -13,7 +13,9 @@ A ``SentenceTransformer`` is an ``nn.Sequential`` whose first module (``Transfor
   ``SentenceTransformer(folder)`` also loads the folder whenever the transformers config can express its shapes:
   dropped layers, a uniform FFN width, a pruned vocabulary, fewer heads in the Llama family. BERT, RoBERTa,
   DistilBERT and GPT-2 derive the head width from ``hidden_size / num_attention_heads``, so fewer heads per layer
-  cannot be written in their config; such folders (and int8 ones) need :func:`load_sentence_transformer`.
+  cannot be written in their config; such folders (and int8 ones) need ``hf_compress.from_pretrained(folder)``, which
+  calls :func:`load_sentence_transformer` on the folder (or, for a Hub repo id with a ``modules.json``, on its
+  snapshot: :func:`sentence_transformer_folder`).
 * :class:`~hf_compress.integrations.sentence_distillation.EmbeddingDistillationLoss` (in ``sentence_distillation``) is
   a sentence-transformers loss: student embeddings regress the teacher's (MSE or cosine), through a learned projection
   when the widths differ.
@@ -35,10 +37,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import transformers
+from huggingface_hub import hf_hub_download, snapshot_download
+from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 from torch import nn
 
 from hf_compress.distillation.student import make_student
 from hf_compress.loading import from_pretrained, needs_loader
+from hf_compress.models.hub_ids import hub_id
+from hf_compress.models.sentence import (
+    is_sentence_transformer,
+    is_sentence_transformer_folder,
+    transformer_folder,
+    transformer_module,
+)
 from hf_compress.pruning.surgery import record_structure
 from hf_compress.quantization.quantize import quantize_model
 from hf_compress.vocabulary.prune import prune_vocabulary
@@ -47,21 +58,6 @@ logger = logging.getLogger(__name__)
 
 MRPC_DIR = Path(__file__).resolve().parents[2] / "data" / "mrpc"  # the source checkout's shipped data
 MRPC_FILES = {"train": "msr_paraphrase_train.txt", "test": "msr_paraphrase_test.txt"}
-
-
-def is_sentence_transformer(model: Any) -> bool:
-    """Whether ``model`` looks like a ``SentenceTransformer`` (duck typing: no import of sentence-transformers)."""
-    return isinstance(model, nn.Sequential) and len(model) > 0 and hasattr(model[0], "auto_model")
-
-
-def transformer_module(model: nn.Module) -> nn.Module:
-    """The sentence-transformers ``Transformer`` module of ``model`` (its first module, owner of ``auto_model``)."""
-    if not is_sentence_transformer(model):
-        raise TypeError(
-            f"`model` must be a SentenceTransformer whose first module is a `Transformer`, got "
-            f"{type(model).__name__}; pass a transformers model to the plain hf_compress function instead."
-        )
-    return model[0]
 
 
 def make_sentence_student(teacher: nn.Module, num_layers: int | None = None, layers: list[int] | None = None):
@@ -124,7 +120,7 @@ def save_sentence_transformer(model: nn.Module, path: str | os.PathLike) -> bool
 
     Returns:
         `bool`: whether plain ``SentenceTransformer(path)`` loads the folder; when it does not (fewer heads in a
-        BERT-like family, per-layer differences, int8), a warning says to use :func:`load_sentence_transformer`.
+        BERT-like family, per-layer differences, int8), a warning says to load it with ``hf_compress.from_pretrained``.
     """
     inner = transformer_module(model).auto_model
     record_structure(inner)
@@ -132,32 +128,34 @@ def save_sentence_transformer(model: nn.Module, path: str | os.PathLike) -> bool
     plain = not needs_loader(inner.config.to_dict())
     if not plain:
         logger.warning(
-            f"{os.fspath(path)!r} holds shapes its {inner.config.model_type} config cannot express (fewer heads per "
-            "layer, per-layer sizes or int8 weights); load it with "
-            "`hf_compress.integrations.sentence_transformers.load_sentence_transformer`, not `SentenceTransformer`."
+            f"{os.fspath(path)!r} holds shapes its {inner.config.model_type} config cannot express (fewer heads "
+            f"per layer, per-layer sizes or int8 weights); load it with "
+            f"`hf_compress.from_pretrained({os.fspath(path)!r})` (a SentenceTransformer), not `SentenceTransformer`."
         )
     return plain
 
 
-def is_sentence_transformer_folder(path: Any) -> bool:
-    """Whether ``path`` is a local folder saved by sentence-transformers (it has a ``modules.json``)."""
-    return isinstance(path, str | os.PathLike) and (Path(path) / "modules.json").is_file()
+def sentence_transformer_folder(path: Any, **hub_kwargs: Any) -> Path | None:
+    """The local sentence-transformers folder that ``path`` names, or ``None`` when it names none.
 
+    A local folder with a ``modules.json`` is returned as is; a Hub repo id whose repo has a ``modules.json`` is
+    downloaded (``snapshot_download``) and its snapshot returned. Anything else (a transformers folder or repo, an
+    unreachable or missing repo) gives ``None``, so that the transformers loader reports on it.
 
-def transformer_folder(path: str | os.PathLike) -> Path:
-    """The folder of a sentence-transformers folder's ``Transformer`` module (its config, weights and tokenizer)."""
-    return Path(path) / _transformer_entry(Path(path))["path"]
-
-
-def _transformer_entry(path: Path) -> dict:
-    modules = path / "modules.json"
-    if not modules.is_file():
-        raise FileNotFoundError(f"`path` {str(path)!r} has no modules.json; save the model with `model.save(path)`.")
-    entries = json.loads(modules.read_text())
-    entry = next((e for e in entries if e["type"].rpartition(".")[2] == "Transformer"), None)
-    if entry is None or int(entry["idx"]) != 0:
-        raise ValueError(f"`path` {str(path)!r} has no `Transformer` first module in modules.json, got {entries}.")
-    return entry
+    Args:
+        path (`str` or `os.PathLike`): a folder or a Hub repo id.
+        hub_kwargs: forwarded to ``hf_hub_download`` / ``snapshot_download`` (`revision`, `token`, `cache_dir`, ...).
+    """
+    if is_sentence_transformer_folder(path):
+        return Path(path)
+    repo = hub_id(path) if isinstance(path, str) else None
+    if repo is None:
+        return None
+    try:
+        hf_hub_download(repo, "modules.json", **hub_kwargs)
+    except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
+        return None  # not a sentence-transformers repo, or not reachable: the transformers loader says which
+    return Path(snapshot_download(repo, **hub_kwargs))
 
 
 def load_sentence_transformer(path: str | os.PathLike, **kwargs: Any):
@@ -182,8 +180,7 @@ def load_sentence_transformer(path: str | os.PathLike, **kwargs: Any):
     from sentence_transformers import SentenceTransformer  # heavy optional dependency
 
     path = Path(path)
-    entry = _transformer_entry(path)
-    inner_dir = path / entry["path"]
+    inner_dir = transformer_folder(path)
     config = json.loads((inner_dir / "config.json").read_text())
     if not needs_loader(config):
         return SentenceTransformer(str(path), **kwargs).eval()
@@ -289,6 +286,7 @@ __all__ = [
     "quantize_sentence_transformer",
     "read_mrpc",
     "save_sentence_transformer",
+    "sentence_transformer_folder",
     "transformer_folder",
     "transformer_module",
 ]

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from hf_compress.models.discovery import discover
+from hf_compress.models.sentence import is_sentence_transformer
 from hf_compress.models.table import FAMILIES, REFUSED, Family  # the table is also read through this module
 
 # A slice of structure: (module, parameter name, dimension, indices along that dimension).
@@ -25,7 +26,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     while True:
         if hasattr(model, "get_base_model"):  # peft.PeftModel
             model = model.get_base_model()
-        elif isinstance(model, nn.Sequential) and len(model) and hasattr(model[0], "auto_model"):
+        elif is_sentence_transformer(model):
             model = model[0].auto_model  # SentenceTransformer: its first module holds the transformers model
         elif hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
             model = model.module

@@ -22,6 +22,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, unwrap_peft_model
 
 from hf_compress.models.hub_ids import hub_id
+from hf_compress.models.sentence import is_sentence_transformer, transformer_module
 from hf_compress.pruning.callback import PruningCallback
 from hf_compress.reporting.cards import card_base_model, last_evaluation, training_section, write_card
 from hf_compress.reporting.measure import model_report
@@ -31,9 +32,15 @@ CARD_KEYS = ("model_name", "base_model", "teacher", "datasets", "recipe", "metho
 HYPERPARAMETERS = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "seed")
 
 
+def _inner(model: nn.Module) -> nn.Module:
+    """The model a card measures: ``model``, or the transformers model inside a ``SentenceTransformer``."""
+    model = unwrap_peft_model(model)
+    return transformer_module(model).auto_model if is_sentence_transformer(model) else model
+
+
 def _name_of(model: nn.Module) -> str:
     """Hub id of ``model`` when it was loaded from one, else the last part of its local path, else its class."""
-    model = unwrap_peft_model(model)
+    model = _inner(model)
     path = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     return hub_id(path) or Path(path).name or type(model).__name__
 
@@ -98,7 +105,9 @@ def find_card_callback(trainer: Trainer) -> ModelCardCallback | None:
 def write_trainer_card(trainer: Trainer, folder: str | Path, final: bool = True, **card_kwargs) -> ModelCard:
     """Render the card of ``trainer``'s current model and write ``folder/README.md`` (reading ``folder/config.json``).
 
-    Settings given to the trainer's :class:`ModelCardCallback` apply, overridden by ``card_kwargs``.
+    Settings given to the trainer's :class:`ModelCardCallback` apply, overridden by ``card_kwargs``. A
+    ``SentenceTransformer`` (a ``SentenceTransformerTrainer`` run) gets a sentence-transformers card: its transformer
+    measured, sentence-transformers metadata and loading code, the pair metrics of its last evaluation.
 
     Args:
         trainer (`Trainer`): a `Trainer` or `DistillationTrainer`, during or after training.
@@ -127,11 +136,11 @@ def write_trainer_card(trainer: Trainer, folder: str | Path, final: bool = True,
     if final and args.load_best_model_at_end and state.best_global_step:
         step = state.best_global_step  # the Trainer reloaded the best checkpoint's weights
     evaluation = last_evaluation(state.log_history, up_to_step=step)
-    report = model_report(model, batch_sizes=())
+    report = model_report(_inner(model), batch_sizes=())
     if evaluation is not None and evaluation[0] == step:
         report["metrics"] = evaluation[1]
     if teacher is not None:
-        reference, reference_name = model_report(teacher, batch_sizes=()), f"{teacher_name} (teacher)"
+        reference, reference_name = model_report(_inner(teacher), batch_sizes=()), f"{teacher_name} (teacher)"
     else:
         reference = callback.initial_report if callback else None
         reference_name = f"{_name_of(model)} (before this run)"
@@ -158,6 +167,7 @@ def write_trainer_card(trainer: Trainer, folder: str | Path, final: bool = True,
         training=training,
         tags=tags,
         repo_id=args.hub_model_id or model_name,
+        sentence_transformers=is_sentence_transformer(unwrap_peft_model(model)),
         **settings,
     )
 
@@ -211,7 +221,7 @@ class ModelCardCallback(TrainerCallback):
             raise TypeError(f"`trainer` must be a transformers `Trainer`, got {type(trainer).__name__}.")
         self.trainer = trainer
         if self.initial_report is None and getattr(trainer, "teacher_model", None) is None:
-            self.initial_report = model_report(trainer.accelerator.unwrap_model(trainer.model), batch_sizes=())
+            self.initial_report = model_report(_inner(trainer.accelerator.unwrap_model(trainer.model)), batch_sizes=())
 
     def update(self, **card_kwargs) -> None:
         """Change card settings (``datasets``, ``base_model`` ...); `None` values are ignored."""

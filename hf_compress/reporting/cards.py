@@ -3,10 +3,11 @@
 The card's YAML metadata carries ``base_model``, ``datasets``, ``tags``, ``library_name`` and a ``model-index`` of
 the measured metrics; its body has the teacher-vs-result table (from :mod:`hf_compress.reporting.measure`), the exact
 loading code (plain ``AutoModel*.from_pretrained`` unless ``config.json`` records hf_compress structure or
-quantisation),
-the recipe and the limitations that apply. :func:`training_section` formats what a Trainer run knows when it saves
-(status, teacher, distillation and pruning settings, sparsity so far, last evaluation) as the card's "Training"
-section; :mod:`hf_compress.reporting.card_callback` gathers those facts from the Trainer.
+quantisation), the recipe and the limitations that apply. A ``SentenceTransformer`` folder (``modules.json``) gets
+sentence-transformers metadata, loading code and pair metrics (:mod:`hf_compress.reporting.sentence_card`).
+:func:`training_section` formats what a Trainer run knows when it saves (status, teacher, distillation and pruning
+settings, sparsity so far, last evaluation) as the card's "Training" section;
+:mod:`hf_compress.reporting.card_callback` gathers those facts from the Trainer.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from hf_compress.loading import needs_loader
 from hf_compress.models.heads import head_of
 from hf_compress.models.hub_ids import hub_id
+from hf_compress.models.sentence import is_sentence_transformer_folder, transformer_folder
 from hf_compress.quantization.quantize import is_quantized
+from hf_compress.reporting import sentence_card
 from hf_compress.reporting.measure import format_table, quality_metrics, summary_row
 from hf_compress.shipped import shipped_path
 
@@ -127,6 +130,7 @@ def render_card(
     reference_name: str | None = None,
     tags: list[str] | None = None,
     onnx: bool = False,
+    sentence_transformers: bool = False,
 ) -> ModelCard:
     """Render the model card of a compressed model (offline).
 
@@ -150,6 +154,9 @@ def render_card(
             ``"hf-compress"`` is always added.
         onnx (`bool`, *optional*, defaults to `False`): the folder has `onnx/model.onnx` (an `hf-compress export`
             folder): the card also shows how to load it with optimum's ONNX Runtime classes and transformers.js.
+        sentence_transformers (`bool`, *optional*, defaults to `False`): the model is a ``SentenceTransformer`` folder
+            (``config`` is its transformer's): sentence-transformers metadata and loading code, and only the pair
+            metrics (accuracy, average precision, F1) and the loss in the table.
 
     Example:
 
@@ -174,7 +181,14 @@ def render_card(
     if quantized and "quantization" not in tags:
         tags.append("quantization")
     head = head_of((config or {}).get("architectures"))
-    auto_class, task_type = head.auto_class, head.pipeline_task
+    auto_class, task_type, library = head.auto_class, head.pipeline_task, "transformers"
+    if sentence_transformers:
+        tags = list(dict.fromkeys([*sentence_card.TAGS, *tags]))
+        task_type, library = sentence_card.PIPELINE_TAG, sentence_card.LIBRARY_NAME
+        report, reference_report = (
+            None if r is None else {**r, "metrics": sentence_card.sentence_metrics(r.get("metrics"))}
+            for r in (report, reference_report)
+        )
     metrics = quality_metrics((report or {}).get("metrics"))
     eval_results = None
     if metrics and datasets:
@@ -194,7 +208,7 @@ def render_card(
         base_model=base_model,
         datasets=datasets or None,
         tags=tags,
-        library_name="transformers",
+        library_name=library,
         pipeline_tag=task_type,
         language=language,
         license=license,
@@ -221,16 +235,26 @@ def render_card(
         note += "Latency was not measured."
     if isinstance(recipe, Mapping):
         recipe = yaml.safe_dump(dict(recipe), sort_keys=False)
-    methods_text = ", ".join(t for t in tags if t != "hf-compress")
+    methods_text = ", ".join(t for t in tags if t not in ("hf-compress", *sentence_card.TAGS))
+    summary = f"A compressed `{auto_class}` model made with hf_compress."
+    code = load_code(repo_id or model_name, config, onnx=onnx)
+    if sentence_transformers:
+        inner = ((config or {}).get("architectures") or ["transformers"])[0]
+        summary = (
+            f"A compressed sentence-transformers model (a `SentenceTransformer` around a `{inner}`) made with "
+            "hf_compress: it maps sentences to embeddings for semantic similarity."
+        )
+        plain = not (quantized or (config and needs_hf_compress(config)))
+        code = sentence_card.sentence_load_code(repo_id or model_name, plain=plain, onnx=onnx)
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path or TEMPLATE_PATH),
         model_name=model_name,
-        summary=f"A compressed `{auto_class}` model made with hf_compress.",
+        summary=summary,
         methods=methods_text,
         table=format_table(rows, markdown=True) if rows else "",
         measurement_note=note,
-        load_code=load_code(repo_id or model_name, config, onnx=onnx),
+        load_code=code,
         recipe=(recipe or "").strip(),
         training=(training or "").strip(),
         limitations=_limitations(config, report, [report, reference_report]),
@@ -241,6 +265,9 @@ def render_card(
 
 def write_card(folder: str | Path, model_name: str | None = None, **kwargs) -> ModelCard:
     """Render the card for a saved model folder (reading its ``config.json``) and write ``folder/README.md``.
+
+    A sentence-transformers folder (one with ``modules.json``) gets a sentence-transformers card, with the config of
+    its transformer module.
 
     Args:
         folder (`str` or `Path`): the saved model folder.
@@ -255,7 +282,9 @@ def write_card(folder: str | Path, model_name: str | None = None, **kwargs) -> M
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"`folder` must be an existing model folder, got {str(folder)!r}.")
-    config_file = folder / "config.json"
+    sentence = is_sentence_transformer_folder(folder)
+    kwargs.setdefault("sentence_transformers", sentence)
+    config_file = (transformer_folder(folder) if sentence else folder) / "config.json"
     if "config" not in kwargs and config_file.is_file():
         kwargs["config"] = json.loads(config_file.read_text())
     kwargs.setdefault("onnx", (folder / "onnx" / "model.onnx").is_file())  # an `hf-compress export` folder

@@ -114,13 +114,18 @@ def test_prune_sentence_vocabulary_keeps_embeddings_and_reloads(tmp_path):
     torch.testing.assert_close(_embed(SentenceTransformer(str(tmp_path / "small"), device="cpu")), before)
 
 
-def test_quantize_sentence_transformer_round_trip(tmp_path):
+def test_quantize_sentence_transformer_round_trip(tmp_path, caplog):
     model = tiny_sentence_transformer(tmp_path / "base")
     before = _embed(model)
     quantize_sentence_transformer(model)
     after = _embed(model)
     assert torch.nn.functional.cosine_similarity(after, before).min() > 0.98
-    assert save_sentence_transformer(model, tmp_path / "int8") is False
+    with caplog.at_level("WARNING", logger="hf_compress.integrations.sentence_transformers"):
+        assert save_sentence_transformer(model, tmp_path / "int8") is False
+    (warning,) = [r.getMessage() for r in caplog.records if "config cannot express" in r.getMessage()]
+    # the top-level call, with the folder: what the user types next
+    assert f"load it with `hf_compress.from_pretrained({str(tmp_path / 'int8')!r})` (a SentenceTransformer)" in warning
+    assert "load_sentence_transformer" not in warning
     reloaded = load_sentence_transformer(tmp_path / "int8", device="cpu")
     assert type(reloaded[0].auto_model.encoder.layer[0].attention.self.query).__name__ == "Int8Linear"
     torch.testing.assert_close(_embed(reloaded), after)

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
 pytest.importorskip("sentence_transformers")
 
@@ -109,6 +110,21 @@ def test_sentence_embedding_recipe_end_to_end(files, tmp_path):
     assert evaluation["models"]["int8"]["latency_ms"].keys() == {"1", "32"}
     assert (out / "int8" / "README.md").is_file() and (out / "export" / "onnx" / "model.onnx").is_file()
     assert reports["export"]["source"] == "pruned"
+
+    # the card of the final (int8) SentenceTransformer: sentence-transformers metadata, hf_compress's loader (plain
+    # sentence-transformers cannot rebuild int8 modules), the pair metrics in the table and the model-index
+    for rewritten in (False, True):  # the card stage's card, then `hf-compress card` rewriting it
+        if rewritten:
+            assert main(["card", str(out)]) == 0
+        card = ModelCard.load(out / "int8" / "README.md")
+        assert card.data.library_name == "sentence-transformers" and card.data.pipeline_tag == "sentence-similarity"
+        assert {"sentence-transformers", "feature-extraction", "quantization"} <= set(card.data.tags)
+        assert 'model = hf_compress.from_pretrained("tiny-st-int8")  # a SentenceTransformer' in card.text
+        assert 'SentenceTransformer("tiny-st-int8")' not in card.text
+        header = next(line for line in card.text.splitlines() if line.startswith("| model |"))
+        for name in ("cosine_accuracy", "cosine_ap", "cosine_f1", "cosine_ap retention"):
+            assert f"| {name} |" in header
+        assert {r.metric_type for r in card.data.eval_results} == {"cosine_accuracy", "cosine_ap", "cosine_f1"}
 
 
 def test_sentence_embedding_recipe_reads_mrpc_files_and_checks(files, capsys):

@@ -49,6 +49,7 @@ def run(stage: Stage, ctx: StageContext, out_dir: Path) -> dict[str, Any]:
             recipe=recipe.read_text() if recipe.is_file() else None,
             **card_metadata(ctx.recipe.to_dict()),
             config=json.loads((config_folder / "config.json").read_text()),
+            sentence_transformers=ctx.sentence_embedding,
         )
         card.save(out_dir / "README.md")
         shutil.copyfile(out_dir / "README.md", folder / ".README.md.tmp")
