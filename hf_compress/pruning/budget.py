@@ -31,6 +31,7 @@ from hf_compress.models.families import (
     neuron_slices,
     unwrap,
 )
+from hf_compress.models.hidden_sizes import hidden_multiple
 from hf_compress.pruning.activations import ActivationScores, activation_scores, block_skip_scores, kl_to_reference
 from hf_compress.pruning.hidden import hidden_layout, prune_hidden
 from hf_compress.pruning.importance import block_influence_scores, head_groups
@@ -129,7 +130,9 @@ def candidate_shapes(
 
     ``depth`` / ``width`` / ``heads`` / ``ffn`` are the kept fractions tried for blocks, hidden size, query heads and
     FFN neurons. Hidden sizes are rounded to a multiple of 8 (of the head width where the head width is
-    ``hidden_size / num_heads``: those families keep ``hidden / head_dim`` heads). Head counts keep whole query groups.
+    ``hidden_size / num_heads``: those families keep ``hidden / head_dim`` heads), and of the candidate's head count
+    where the config requires it (:func:`~hf_compress.models.hidden_sizes.hidden_multiple`: Llama, Gemma 2 / 3), so
+    every candidate saves. Head counts keep whole query groups.
     If no shape lands within the slack, the largest shapes under the budget are returned.
     """
     inner = unwrap(model)
@@ -141,21 +144,22 @@ def candidate_shapes(
     dim = head_dim(inner, 0)
     group = base.heads // head_counts(inner, 0)[1]
     multiple = dim if coupled else (8 if base.hidden % 8 == 0 and base.hidden >= 64 else 1)
-    shapes = set()
-    for fd in depth:
-        for fw in width:
+    # (hidden size, query heads) pairs; where the config validates it, the hidden size is a multiple of the heads
+    pairs = set()
+    for fw in width:
+        if coupled:
             hidden = max(multiple, round(base.hidden * fw / multiple) * multiple)
-            head_options = (
-                [hidden // dim] if coupled else [max(group, round(base.heads * f / group) * group) for f in heads]
-            )
-            for num_heads in head_options:
-                for ff in ffn:
-                    layers = max(1, round(base.layers * fd))
-                    shapes.add(
-                        Shape(
-                            layers, min(hidden, base.hidden), min(num_heads, base.heads), max(1, round(base.ffn * ff))
-                        )
-                    )
+            pairs.add((hidden, hidden // dim))
+            continue
+        for num_heads in {min(base.heads, max(group, round(base.heads * f / group) * group)) for f in heads}:
+            step = math.lcm(multiple, hidden_multiple(inner.config, num_heads))
+            pairs.add((min(base.hidden, max(step, round(base.hidden * fw / step) * step)), num_heads))
+    shapes = {
+        Shape(max(1, round(base.layers * fd)), min(hidden, base.hidden), min(num_heads, base.heads), ffn_kept)
+        for fd in depth
+        for hidden, num_heads in pairs
+        for ffn_kept in {max(1, round(base.ffn * ff)) for ff in ffn}
+    }
     counted = sorted(((s, _count(exponents, base, s)) for s in shapes), key=lambda item: -item[1])
     within = [(s, n) for s, n in counted if n <= budget]
     if not within:

@@ -43,6 +43,7 @@ from transformers.utils import logging
 
 from hf_compress.distributed import register_auto_shutdown
 from hf_compress.models.families import get_family, unwrap
+from hf_compress.models.hidden_sizes import hidden_multiple
 from hf_compress.pruning.activations import activation_scores, block_skip_scores, hidden_weight_scores
 from hf_compress.pruning.budget import search_budget
 from hf_compress.pruning.checks import check_complete_checkpoint, check_schedule
@@ -69,7 +70,7 @@ from hf_compress.pruning.masks import (
     save_masks,
     select_units,
 )
-from hf_compress.pruning.schedules import is_pruning_step, sparsity_at
+from hf_compress.pruning.schedules import is_pruning_step, kept_hidden_size, sparsity_at
 from hf_compress.pruning.sharded import remove_masked
 from hf_compress.pruning.surgery import skip_layers
 from hf_compress.pruning.unstructured import magnitude_masks, prunable_weights
@@ -103,6 +104,14 @@ def _broadcast(masks: PruningMasks, device: torch.device) -> PruningMasks:
         key: broadcast(value.to(device, torch.uint8)).cpu().bool() for key, value in sorted(masks.state_dict().items())
     }
     return PruningMasks.from_state_dict(state)
+
+
+def _uniform_heads(masks: PruningMasks) -> int | None:
+    """Query heads every kept block keeps under ``masks`` (what surgery writes to the config), ``None`` if they differ
+    or heads are not pruned (the config's count stays)."""
+    kept = range(len(masks.heads)) if masks.layers is None else masks.layers.nonzero().flatten().tolist()
+    counts = {int(masks.heads[layer].sum()) for layer in kept if layer in masks.heads}
+    return counts.pop() if len(counts) == 1 else None
 
 
 class PruningCallback(TrainerCallback):
@@ -354,8 +363,10 @@ class PruningCallback(TrainerCallback):
         if config.budget is not None:
             self.masks = _broadcast(self._budget_masks(args, model, train_dataloader), args.device)
             return
-        for target in config.targets:
+        for target in sorted(config.targets, key=lambda t: t == "hidden"):  # hidden last: it reads the head masks
             sparsity = self._target_sparsity(target, step)
+            if target == "hidden":
+                sparsity = self._hidden_sparsity(model, masks, sparsity)
             # Skip scoring when the masks would come back unchanged. Block influence still runs: its calibration
             # DataLoader advances the global RNG, which the rest of training depends on.
             calibrated = config.importance in ("block_influence", "activation")
@@ -381,6 +392,13 @@ class PruningCallback(TrainerCallback):
         self._taylor = {}
         if logger.isEnabledFor(logging.INFO):  # `sparsity()` counts every mask
             logger.info(f"Pruning step {step}: sparsity {self.masks.sparsity()}")
+
+    def _hidden_sparsity(self, model, masks: PruningMasks, sparsity: float) -> float:
+        """``sparsity`` of the hidden target moved so that the kept size is one the config can save (see
+        :func:`~hf_compress.pruning.schedules.kept_hidden_size`), for the head count surgery will write."""
+        size = masks.hidden.numel()
+        multiple = hidden_multiple(unwrap(model).config, _uniform_heads(masks))
+        return (size - kept_hidden_size(size, sparsity, multiple, int(masks.hidden.sum()))) / size
 
     def _budget_masks(self, args, model, train_dataloader) -> PruningMasks:
         """Masks of the shape the budget search picks (rank 0 prints the candidates table)."""

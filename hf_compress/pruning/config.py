@@ -30,7 +30,8 @@ class PruningConfig:
             `"unstructured"` (individual weights of `nn.Linear` / `Conv1D`), `"heads"` (attention heads, whole
             query groups under grouped-query attention), `"ffn_neurons"`, `"layers"` (whole blocks) or `"hidden"`
             (hidden-size channels of the residual stream, Minitron width pruning; see
-            :func:`~hf_compress.pruning.prune_hidden`). A list or a
+            :func:`~hf_compress.pruning.prune_hidden`; the kept size is rounded to one the config can save, a
+            multiple of the head count for Llama / Gemma 2 / Gemma 3). A list or a
             comma-separated string prunes several targets to the same `sparsity`. Exclusive with `targets`.
         sparsity (`float`, *optional*, defaults to `0.5`):
             Final fraction of each target removed, in [0, 1). Exclusive with `targets`.

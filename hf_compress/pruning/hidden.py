@@ -42,12 +42,13 @@ from torch.utils.hooks import RemovableHandle
 from transformers.pytorch_utils import Conv1D
 
 from hf_compress.models.families import block_module, get_family, get_layers, unwrap
+from hf_compress.models.hidden_sizes import check_hidden_size
 from hf_compress.pruning.surgery import layer_structure, record_structure
 
 _READERS = ("q", "k", "v", "qkv", "up", "gate")
 _WRITERS = ("o", "down")
 _EPS_ATTRIBUTES = ("eps", "variance_epsilon")  # norm modules' epsilon (nn.LayerNorm, Llama-style RMSNorm)
-_EPS_CONFIG = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")  # the config fields they are built from
+_EPS_CONFIG = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps")  # the config fields they come from
 
 
 @dataclass
@@ -386,11 +387,14 @@ def prune_hidden(model: nn.Module, channels: Sequence[int] | torch.Tensor, verif
 
     Embeddings (word, position, token type), every norm (sliced, gains rescaled by `sqrt(d / d')`), the readers and
     writers of every block, the pooler, classifier and tied or untied LM head are sliced consistently. For families
-    whose config stores `head_dim` (Llama, Mistral, Qwen2/3, Gemma ...) the result always reloads with plain
+    whose config stores `head_dim` (Llama, Mistral, Qwen2/3, Gemma ...) the result reloads with plain
     `from_pretrained`. For BERT / RoBERTa / DistilBERT / GPT-2, whose head width is `hidden_size / num_heads`, plain
     reloading needs the kept heads times the head width to equal the new hidden size (e.g. remove `k * head_dim`
     channels and `k` heads per layer with :func:`~hf_compress.pruning.prune_heads`, heads first: `prune_hidden` then
     writes the head count to the config); otherwise the per-layer shapes are recorded as for other non-uniform pruning.
+    Configs that validate `hidden_size % num_attention_heads` (Llama, Gemma 2 / 3) need a kept size that the head
+    count divides (:func:`~hf_compress.models.hidden_sizes.hidden_multiple`): other counts are refused before the
+    model is touched.
 
     On live channels the function changes (that is the pruning); pick `channels` with low activation importance
     (:func:`hf_compress.pruning.activations.hidden_channel_scores`). On channels that carry nothing it does not
@@ -417,6 +421,7 @@ def prune_hidden(model: nn.Module, channels: Sequence[int] | torch.Tensor, verif
     index = _channel_index(channels, layout.size)
     if index.numel() == 0:
         return model
+    check_hidden_size(inner.config, layout.size - index.numel(), layout.size)
     if verify:
         check_zero_channel_oracle(inner, index)
     _apply(inner, layout, index)

@@ -90,3 +90,29 @@ def sparsity_at(
 def units_to_remove(sparsity: float, total: int) -> int:
     """How many of ``total`` units a sparsity removes (nearest integer, never all of them)."""
     return min(int(math.floor(sparsity * total + 0.5)), max(total - 1, 0))
+
+
+def kept_hidden_size(size: int, sparsity: float, multiple: int, kept: int | None = None) -> int:
+    """Hidden channels kept at ``sparsity`` of ``size``: the nearest positive multiple of ``multiple`` (ties keep
+    more), never more than the ``kept`` channels still alive (masks only grow).
+
+    Used by the ``hidden`` target of the PruningCallback at every pruning step and by the dry-run plan.
+
+    >>> kept_hidden_size(16, 0.2, 4)  # 3 channels would leave 13: round to 12
+    12
+    >>> kept_hidden_size(16, 0.99, 4)  # never 0
+    4
+    >>> kept_hidden_size(16, 0.1, 4, kept=12)  # already at 12: nothing revives
+    12
+    """
+    kept = size if kept is None else kept
+    target = size - units_to_remove(sparsity, size)
+    if target >= kept and kept % multiple == 0:
+        return kept
+    floor = kept // multiple * multiple
+    if floor == 0:
+        raise ValueError(
+            f"`targets` left {kept} hidden channels alive, fewer than the {multiple} (num_attention_heads) that every "
+            "saved hidden size must be a multiple of; lower the `hidden` sparsity."
+        )
+    return min(max(multiple, int(math.floor(target / multiple + 0.5)) * multiple), floor)

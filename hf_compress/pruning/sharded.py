@@ -105,7 +105,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def remove_masked(model: nn.Module, masks: PruningMasks, targets: list[str]) -> dict:
-    """Physically remove the heads, FFN neurons, hidden channels and layers that `masks` removes from an unsharded
+    """Physically remove the heads, FFN neurons, layers and hidden channels that `masks` removes from an unsharded
     `model`.
 
     Returns what was removed, `{"heads": {layer: [...]}, "ffn_neurons": {...}, "hidden": [...], "layers": [...]}` (the
@@ -120,11 +120,11 @@ def remove_masked(model: nn.Module, masks: PruningMasks, targets: list[str]) -> 
         prune_heads(model, heads)
     if neurons:
         prune_ffn_neurons(model, neurons)
-    hidden = masks.removed("hidden") if "hidden" in targets else []
-    if hidden:  # after heads: BERT-like configs then express `hidden / head_dim` heads
-        prune_hidden(model, hidden, verify=False)  # no copy at the end of training; tests cover the families
     if dropped:
         drop_layers(model, dropped)
+    hidden = masks.removed("hidden") if "hidden" in targets else []
+    if hidden:  # after heads and blocks: the config then holds the head count the kept hidden size must respect
+        prune_hidden(model, hidden, verify=False)  # no copy at the end of training; tests cover the families
     return {"heads": heads, "ffn_neurons": neurons, "hidden": hidden, "layers": dropped}
 
 

@@ -18,11 +18,12 @@ from hf_compress.integrations.sentence_transformers import is_sentence_transform
 from hf_compress.models.builtin import resolve_model_path
 from hf_compress.models.families import ffn_size, get_family, get_layers, head_counts
 from hf_compress.models.heads import auto_class_for_task
+from hf_compress.models.hidden_sizes import hidden_multiple
 from hf_compress.pruning.budget import plan_budget
 from hf_compress.pruning.config import PruningConfig
 from hf_compress.pruning.hidden import prune_hidden
 from hf_compress.pruning.importance import head_groups
-from hf_compress.pruning.schedules import units_to_remove
+from hf_compress.pruning.schedules import kept_hidden_size, units_to_remove
 from hf_compress.pruning.surgery import drop_layers, prune_ffn_neurons, prune_heads
 from hf_compress.pruning.unstructured import prunable_weights
 from hf_compress.quantization.quantize import Int8Embedding, Int8Linear, quantize_model
@@ -56,8 +57,8 @@ def _prune_plan(model, name: str, pruning: dict[str, Any]) -> tuple[int, list[st
     config, lines, zeroed = PruningConfig(**pruning), [], 0
     if config.budget is not None:
         return 0, [f"  {name}: {line}" for line in plan_budget(model, config.budget, config.budget_candidates)]
-    for target, sparsity in config.targets.items():
-        total = len(get_layers(model))
+    for target in sorted(config.targets, key=lambda t: t == "hidden"):  # as PruningCallback: hidden after the heads
+        sparsity, total = config.targets[target], len(get_layers(model))
         if target == "unstructured":
             weights = sum(w.numel() for w in prunable_weights(model).values())
             zeroed = int(sparsity * weights)
@@ -68,7 +69,7 @@ def _prune_plan(model, name: str, pruning: dict[str, Any]) -> tuple[int, list[st
             continue
         if target == "hidden":
             size = model.config.hidden_size
-            k = units_to_remove(sparsity, size)
+            k = size - kept_hidden_size(size, sparsity, hidden_multiple(model.config))
             prune_hidden(model, list(range(k)), verify=False)
             lines.append(
                 f"  {name}: hidden {sparsity:.0%} of {size} channels -> {k} removed (embeddings, norms, heads)"

@@ -71,6 +71,25 @@ def test_budget_result_reloads_with_plain_from_pretrained(tmp_path):
     torch.testing.assert_close(first_output(reloaded, BATCHES[0]), first_output(result.model, BATCHES[0]))
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_every_candidate_shape_saves_where_the_config_checks_heads(family, tmp_path):
+    # widths 0.875 / 0.8 / 0.7 of 16 are 14 / 13 / 11 channels, which LlamaConfig / Gemma2Config refuse with 4 heads
+    model = _lm(family)
+    grid = dict(depth=(1.0,), width=(1.0, 0.875, 0.8, 0.7), heads=(1.0, 0.5), ffn=(1.0,), slack=1.0)
+    candidates = [shape for shape, _ in candidate_shapes(model, _params(model), **grid)]
+    assert {(s.hidden, s.heads) for s in candidates} == {(16, 4), (12, 4), (16, 2), (14, 2), (12, 2)}
+    scores, layers = activation_scores(model, BATCHES), block_skip_scores(model, BATCHES)
+    for index, shape in enumerate(candidates):
+        pruned = apply_shape(copy.deepcopy(model), shape, scores, layers)
+        pruned.save_pretrained(tmp_path / str(index))
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / str(index)).eval()
+        assert (reloaded.config.hidden_size, reloaded.config.num_attention_heads) == (shape.hidden, shape.heads)
+    result = search_budget(model, int(0.8 * _params(model)), BATCHES, max_candidates=3, verbose=False, **grid)
+    result.model.save_pretrained(tmp_path / "chosen")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "chosen").eval()
+    torch.testing.assert_close(first_output(reloaded, BATCHES[0]), first_output(result.model, BATCHES[0]))
+
+
 def test_impossible_budgets_are_one_sentence_errors():
     model = tiny_model("llama", "causal_lm")
     with pytest.raises(ValueError, match="below the smallest candidate"):

@@ -36,7 +36,12 @@ def test_hidden_masks_agree_on_every_rank_and_the_saved_model_reloads(tmp_path):
         assert first["fingerprints"] == second["fingerprints"]
         assert first["hidden_removed"] == second["hidden_removed"]
         steps = [set(step) for step in first["hidden_removed"]]  # the linear schedule grows to 4 of 16 channels
-        assert all(a <= b for a, b in zip(steps, steps[1:])) and len({len(s) for s in steps}) >= 3
+        assert all(a <= b for a, b in zip(steps, steps[1:]))
+        sizes = {16 - len(s) for s in steps}
+        if family == "llama":  # LlamaConfig saves only multiples of the head count (4, or 2 once heads are halved)
+            assert len(sizes) >= 2 and all(size % 2 == 0 for size in sizes)
+        else:
+            assert len(sizes) >= 3
         assert len(steps[-1]) == 4
         assert first["removed"] == second["removed"] and len(first["removed"]["hidden"]) == 4
         assert sum(len(v) for v in first["removed"]["heads"].values()) == 8

@@ -193,7 +193,17 @@ class _Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
 
 
-def _run(model, folder, config, resume=None, max_steps=8, save_steps=None):
+class _KeptSizes(transformers.TrainerCallback):
+    """Hidden channels the pruning callback keeps after every step (it runs after the pruning callback)."""
+
+    def __init__(self, pruning: PruningCallback):
+        self.pruning, self.sizes = pruning, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.sizes.append(int(self.pruning.masks.hidden.sum()))
+
+
+def _run(model, folder, config, resume=None, max_steps=8, save_steps=None, record=False):
     saving = dict(save_strategy="steps", save_steps=save_steps) if save_steps else dict(save_strategy="no")
     args = DistillationConfig(
         str(folder),
@@ -209,15 +219,16 @@ def _run(model, folder, config, resume=None, max_steps=8, save_steps=None):
         **saving,
     )
     callback = PruningCallback(config)
+    callbacks = [callback, _KeptSizes(callback)] if record else [callback]
     trainer = DistillationTrainer(
         model=model,
         teacher_model=tiny_model("llama", "causal_lm", seed=1),
         args=args,
         train_dataset=_Tokens(),
-        callbacks=[callback],
+        callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=resume)
-    return trainer, callback
+    return trainer, callbacks[-1] if record else callback
 
 
 @pytest.mark.parametrize("importance", ["magnitude", "activation"])
@@ -251,3 +262,22 @@ def test_hidden_target_resumes_bit_identically(importance, tmp_path):
     assert resumed_cb.removed == full_cb.removed and len(full_cb.removed["hidden"]) == 4
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize(
+    ("targets", "heads", "hidden"), [({"hidden": 0.3}, 4, 12), ({"hidden": 0.2, "heads": 0.5}, 2, 14)]
+)
+def test_hidden_target_keeps_a_size_the_config_saves_at_every_step(targets, heads, hidden, tmp_path):
+    # 0.3 of 16 channels would keep 11 (0.2: 13), which LlamaConfig refuses: the kept size is rounded to a multiple of
+    # the heads the config will hold (4, or 2 once the local head pruning removes one KV group in every layer)
+    student = tiny_model("llama", "causal_lm", seed=2).train()
+    config = PruningConfig(targets=targets, schedule="linear", start_step=1, end_step=6, scope="local")
+    trainer, recorder = _run(student, tmp_path, config, max_steps=7, record=True)
+    sizes = recorder.sizes
+    assert all(size % 4 == 0 or size == sizes[-1] for size in sizes) and sizes == sorted(sizes, reverse=True)
+    assert sizes[-1] == hidden and 16 > sizes[3]  # pruned before the last step too
+    assert student.config.hidden_size == hidden and student.config.num_attention_heads == heads
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "final").eval()
+    assert reloaded.config.hidden_size % reloaded.config.num_attention_heads == 0
+    torch.testing.assert_close(_logits(reloaded), _logits(student.eval()), rtol=0, atol=1e-6)

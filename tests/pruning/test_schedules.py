@@ -2,7 +2,7 @@
 
 import pytest
 
-from hf_compress.pruning.schedules import is_pruning_step, sparsity_at, units_to_remove
+from hf_compress.pruning.schedules import is_pruning_step, kept_hidden_size, sparsity_at, units_to_remove
 
 
 def test_one_shot_is_full_from_start_step():
@@ -57,3 +57,15 @@ def test_units_to_remove_rounds_and_keeps_one():
 def test_unknown_schedule_raises():
     with pytest.raises(ValueError, match="`schedule` must be one of"):
         sparsity_at(1, 0.5, "step")
+
+
+def test_kept_hidden_size_rounds_to_the_multiple_and_only_shrinks():
+    size, multiple, kept, sizes = 16, 4, None, []
+    for sparsity in (0.0, 0.06, 0.12, 0.19, 0.25, 0.31, 0.9, 0.99):  # 16 .. 11 .. 2 .. 1 channels without the rule
+        kept = kept_hidden_size(size, sparsity, multiple, kept)
+        sizes.append(kept)
+    assert sizes == [16, 16, 16, 12, 12, 12, 4, 4]
+    assert kept_hidden_size(4096, 0.3, 32) == 2880 and kept_hidden_size(16, 0.3, 1) == 11
+    assert kept_hidden_size(16, 0.0, 3, kept=14) == 12  # a size no longer allowed moves down, never up
+    with pytest.raises(ValueError, match="`targets` left 2 hidden channels alive, fewer than the 4"):
+        kept_hidden_size(16, 0.9, 4, kept=2)
