@@ -35,6 +35,7 @@ class Family:
     config_head_dim: str | None = None
     forward_reads_config_heads: bool = False  # attention reads ``config.num_attention_heads`` at run time (Phi-3)
     heads_refused: str | None = None  # why heads cannot be removed exactly (the rest of the sentence)
+    hidden_refused: str | None = None  # why the hidden size cannot be pruned (the rest of the sentence)
     head_rows: tuple[str, ...] = ()  # more projections with one row block per query head, when present (DeBERTa)
     layers_config: str = "num_hidden_layers"  # config field holding the number of blocks
     heads_config: str = "num_attention_heads"  # config field holding the number of query heads
@@ -104,6 +105,11 @@ _BART_ENCODER = Family(
 )
 _BART = dataclasses.replace(
     _BART_ENCODER,
+    hidden_refused=(
+        "the head width of both stacks is `d_model / heads`, so a narrower encoder-decoder cannot be rebuilt from its "
+        "config, and Whisper's convolutional front end carries the hidden size too; prune `heads`, `ffn_neurons` or "
+        "`layers` instead"
+    ),
     decoder=dataclasses.replace(
         _BART_ENCODER,
         layers="decoder.layers",
@@ -140,12 +146,21 @@ _VIT = Family(
     attention="attention",
     head_dim="head_dim",
     config_head_dim="head_dim",
+    hidden_refused=(
+        "its patch embedding (a `Conv2d`), `cls_token` and position embeddings carry the hidden size outside any "
+        "embedding, norm or linear layer hf_compress slices; prune `heads`, `ffn_neurons` or `layers` instead"
+    ),
 )
 _OLMO2 = dataclasses.replace(
     _LLAMA,
     heads_refused=(
         "its `q_norm` / `k_norm` RMSNorm normalise over all heads together, so removing a head changes the others; "
         "prune `ffn_neurons` or `layers` instead"
+    ),
+    hidden_refused=(
+        "its `q_norm` / `k_norm` read the same `rms_norm_eps` as the hidden norms, whose epsilon hidden pruning "
+        "scales by d / d' to stay exact, so the q / k norms would change the function (by up to 2e-3 on small "
+        "models); prune `ffn_neurons` or `layers` instead"
     ),
 )
 

@@ -46,7 +46,7 @@ from hf_compress.models.families import get_family, unwrap
 from hf_compress.models.hidden_sizes import hidden_multiple
 from hf_compress.pruning.activations import activation_scores, block_skip_scores, hidden_weight_scores
 from hf_compress.pruning.budget import search_budget
-from hf_compress.pruning.checks import check_complete_checkpoint, check_schedule
+from hf_compress.pruning.checks import check_complete_checkpoint, check_hidden_supported, check_schedule
 from hf_compress.pruning.config import PruningConfig
 from hf_compress.pruning.importance import (
     block_influence_scores,
@@ -104,6 +104,24 @@ def _broadcast(masks: PruningMasks, device: torch.device) -> PruningMasks:
         key: broadcast(value.to(device, torch.uint8)).cpu().bool() for key, value in sorted(masks.state_dict().items())
     }
     return PruningMasks.from_state_dict(state)
+
+
+def _check_model(model: torch.nn.Module, config: PruningConfig) -> None:
+    """Refuse what no training step can do for ``model``: PEFT adapters, hidden pruning its family refuses."""
+    _check_not_peft(model)
+    model_type = getattr(getattr(unwrap(model), "config", None), "model_type", None)
+    if config.budget is not None:  # the budget search fills `targets` itself: name what the user set
+        check_hidden_supported(model_type, "budget")
+    if "hidden" in config.targets:
+        check_hidden_supported(model_type, "targets")
+    moe = get_family(model).experts is not None
+    if moe and (config.budget is not None or config.importance == "activation"):
+        key, value = ("budget", config.budget) if config.budget is not None else ("importance", "activation")
+        raise ValueError(
+            f"`{key}` is {value!r}, which needs per-neuron FFN activations that a mixture-of-experts model "
+            f"({model_type}) does not expose; prune `targets` such as 'hidden', 'heads' or 'layers' with "
+            "`importance='magnitude'` or 'taylor', and expert neurons with `experts.prune_expert_neurons`."
+        )
 
 
 def _uniform_heads(masks: PruningMasks) -> int | None:
@@ -173,11 +191,11 @@ class PruningCallback(TrainerCallback):
     def on_init_end(self, args, state, control, model=None, **kwargs):
         log_before_integrations(self)
         if model is not None:
-            _check_not_peft(model)
+            _check_model(model, self.config)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         log_before_integrations(self)  # also covers `trainer.add_callback(...)` after the Trainer was built
-        _check_not_peft(model)
+        _check_model(model, self.config)
         if args.fsdp or args.deepspeed:
             raise ValueError(
                 f"`args.fsdp`={args.fsdp!r} / `args.deepspeed`={args.deepspeed!r} shard parameters through paths "

@@ -4,6 +4,8 @@
   unpruned while the run looks fine, so it is refused in `on_train_begin`, before any step;
 * :func:`check_complete_checkpoint`: a checkpoint that a crash cut short (no masks / pruning state) is never
   resumed from as if it were whole;
+* :func:`check_hidden_supported`: hidden-size pruning (the `hidden` target, a `budget`) is refused up front for the
+  families whose table entry says why (`Family.hidden_refused`), before the model is touched;
 * :func:`check_keeps_one`: neither every head nor every FFN neuron of a layer may go (one rule for both: remove the
   whole block with `drop_layers` instead).
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import os
 
 from hf_compress.checks import last_complete_checkpoint
+from hf_compress.models.table import FAMILIES
 
 
 def check_schedule(start_step: int, end_step: int | None, max_steps: int) -> None:
@@ -52,4 +55,27 @@ def check_complete_checkpoint(folder: str, required: tuple[str, ...]) -> None:
             f"`resume_from_checkpoint` {folder!r} is incomplete (no {', '.join(missing)}: the run stopped while "
             f"saving it); resume from {previous!r} instead"
             + (", e.g. `resume_from_checkpoint=last_complete_checkpoint(output_dir)`." if previous else ".")
+        )
+
+
+def check_hidden_supported(model_type: str | None, parameter: str) -> None:
+    """Raise a `ValueError` when `model_type`'s family refuses hidden-size pruning, which `parameter` asks for.
+
+    Args:
+        model_type (`str`): The model's `config.model_type`.
+        parameter (`str`): What asks for hidden pruning, named in the error (e.g. "channels", "targets", "budget").
+
+    Example:
+
+    >>> check_hidden_supported("llama", "channels")
+    >>> check_hidden_supported("vit", "channels")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: `channels` asks to prune the hidden size of a 'vit' model, which hf_compress cannot do: its patch ...
+    """
+    family = FAMILIES.get(model_type)
+    if family is not None and family.hidden_refused is not None:
+        raise ValueError(
+            f"`{parameter}` asks to prune the hidden size of a {model_type!r} model, which hf_compress cannot do: "
+            f"{family.hidden_refused}."
         )

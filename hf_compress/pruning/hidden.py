@@ -41,12 +41,14 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformers.pytorch_utils import Conv1D
 
-from hf_compress.models.families import block_module, get_family, get_layers, unwrap
+from hf_compress.models.families import block_module, expert_module, get_family, get_layers, locate, unwrap
 from hf_compress.models.hidden_sizes import check_hidden_size
+from hf_compress.pruning.checks import check_hidden_supported
 from hf_compress.pruning.surgery import layer_structure, record_structure
 
 _READERS = ("q", "k", "v", "qkv", "up", "gate")
 _WRITERS = ("o", "down")
+_FFN_ROLES = ("up", "gate", "down")  # a sparse (mixture-of-experts) block's are its fused experts instead
 _EPS_ATTRIBUTES = ("eps", "variance_epsilon")  # norm modules' epsilon (nn.LayerNorm, Llama-style RMSNorm)
 _EPS_CONFIG = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps")  # the config fields they come from
 
@@ -122,17 +124,24 @@ def hidden_layout(model: nn.Module) -> HiddenLayout:
     Raises a one-sentence error naming the first parameter with a ``hidden_size`` dimension that no rule covers.
     """
     inner = unwrap(model)
+    check_hidden_supported(getattr(inner.config, "model_type", None), "model")
     family = get_family(inner)
     size = hidden_size(inner)
     layout = HiddenLayout(size=size)
     known: set[int] = set()
     for layer in range(len(get_layers(inner))):
+        experts = expert_module(inner, layer)
         for roles, read in ((_READERS, True), (_WRITERS, False)):
             for role in roles:
-                module = block_module(inner, layer, role) if getattr(family, role) is not None else None
-                if module is not None:
-                    _add_projection(layout, module, read=read, write=not read)
-                    known.add(id(module))
+                if getattr(family, role) is None or (experts is not None and role in _FFN_ROLES):
+                    continue
+                _add_projection(layout, block_module(inner, layer, role), read=read, write=not read)
+                known.add(id(block_module(inner, layer, role)))
+        if experts is not None:  # fused experts: gate_up_proj [e, 2 * ffn, hidden], down_proj [e, hidden, ffn]
+            router = locate(inner, layer)[1].get_submodule(family.router)
+            layout.readers += [(experts, "gate_up_proj", 2), (router, "weight", 1)]
+            layout.writers.append((experts, "down_proj", 1))
+            known.update((id(experts), id(router)))
     for module in inner.modules():
         if id(module) in known:
             continue
@@ -267,8 +276,10 @@ def _apply(model: nn.Module, layout: HiddenLayout, index: torch.Tensor, rescale:
             module.embedding_dim = new
         elif isinstance(module, Conv1D):
             module.nx, module.nf = module.weight.shape
-        else:
+        elif isinstance(module, nn.Linear):
             module.out_features, module.in_features = module.weight.shape
+        elif getattr(module, "hidden_dim", None) == size:  # fused experts and their router reshape with it
+            module.hidden_dim = new
     for norm in layout.norms:
         if hasattr(norm.module, "normalized_shape"):
             norm.module.normalized_shape = (new,)

@@ -17,6 +17,7 @@ from hf_compress.integrations.sentence_transformers import is_sentence_transform
 from hf_compress.models.builtin import BUILTIN_MODELS, resolve_model_path
 from hf_compress.models.families import FAMILIES
 from hf_compress.models.hub_ids import hub_id
+from hf_compress.pruning.checks import check_hidden_supported
 from hf_compress.recipes.data import FILE_FORMATS
 from hf_compress.recipes.schema import MODEL_STAGES, TRAINING_STAGES, DataSpec, ModelSpec, RecipeError, Stage
 from hf_compress.recipes.sections import suggest
@@ -160,6 +161,14 @@ def check_teacher(model: ModelSpec, stages: list[Stage], bases: list[Path]) -> N
             f"`model.teacher` has model_type {config.get('model_type')!r}, which `stages"
             f"[{needs_family[0]}]` cannot prune or slice; supported: {', '.join(sorted(FAMILIES))}."
         )
+    for i, stage in enumerate(stages):
+        pruning = stage.pruning if stage.type == "prune" else {}
+        asks = {"targets": "hidden" in (pruning.get("targets") or {}), "budget": pruning.get("budget") is not None}
+        for key in (key for key, asked in asks.items() if asked):
+            try:
+                check_hidden_supported(config.get("model_type"), f"stages[{i}].pruning.{key}")
+            except ValueError as error:
+                raise RecipeError(str(error)) from None
     total = config.get("num_hidden_layers", config.get("n_layer", config.get("n_layers")))
     for i, stage in enumerate(stages):
         num, layers = stage.student.get("num_layers"), stage.student.get("layers")

@@ -13,7 +13,7 @@ from hf_compress.pruning import prune_heads, prune_hidden
 from hf_compress.pruning.hidden import first_output
 from tests.conftest import EVERY_DECODER, EVERY_ENCODER, family_inputs, lm_head, tiny_model
 
-# every family prune_hidden slices (OLMo-2's per-projection q / k norms are not placed yet)
+# every family prune_hidden slices (OLMo-2 is refused: `hidden_refused` in hf_compress/models/table.py)
 HIDDEN_FAMILIES = [f for f in EVERY_ENCODER + EVERY_DECODER if f != "olmo2"]
 VALIDATING = {"llama", "gemma2", "gemma3_text"}  # configs whose validation checks hidden_size % num_attention_heads
 

@@ -501,3 +501,18 @@ def test_label_names_must_match_num_labels(workdir):
     recipe["data"]["label_names"] = "negative"
     with pytest.raises(RecipeError, match=r"`data.label_names`"):
         load_recipe(write_recipe(workdir, recipe))
+
+
+@pytest.mark.parametrize("pruning", [{"targets": {"hidden": 0.25}}, {"budget": 1000}], ids=["hidden", "budget"])
+def test_hidden_pruning_of_a_refused_family_fails_validation(workdir, pruning):
+    model = tiny_model("vit", "image_cls")
+    model.save_pretrained(workdir / "teacher")
+    recipe = base_recipe()
+    recipe["model"]["teacher"] = "teacher"
+    recipe["stages"] = [{"name": "prune", "type": "prune", "pruning": pruning, "recovery": "none"}]
+    key = "targets" if "targets" in pruning else "budget"
+    with pytest.raises(RecipeError, match=rf"^`stages\[0\].pruning.{key}` asks to prune the hidden size of a 'vit' "):
+        load_recipe(write_recipe(workdir, recipe))
+    recipe["stages"][0]["pruning"] = {"targets": {"heads": 0.25}}  # passes this rule, stopped by the next (task)
+    with pytest.raises(RecipeError, match=r"which has no classification head"):
+        load_recipe(write_recipe(workdir, recipe))
