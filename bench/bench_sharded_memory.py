@@ -11,9 +11,11 @@ the other) with the SmolLM2-135M teacher (``builtin:SmolLM2-135M``, fp32) and th
 What is measured, per rank (the table shows the mean of the two ranks):
 
 * ``param MB``: bytes of the teacher parameters the rank holds (the local shard of each ``DTensor``), counted exactly;
-* ``RSS held MB``: resident set size after the teacher is prepared, minus the RSS before it was loaded (after
-  ``gc.collect()`` and glibc's ``malloc_trim(0)``, so freed full weights are returned to the OS rather than kept by
-  the allocator);
+* ``RSS held MB``: resident set size after the teacher is prepared and has run one warm-up forward, minus the RSS
+  before it was loaded (both after ``gc.collect()`` and glibc's ``malloc_trim(0)``, so freed full weights are
+  returned to the OS rather than kept by the allocator). After the warm-up because safetensors weights are
+  memory-mapped: a replicated teacher's pages become resident only when a forward first reads them (the JSON keeps
+  ``rss_after_prepare_bytes`` too, the RSS before that first forward);
 * ``forward peak MB``: the highest RSS sampled (every 1 ms, by a thread: torch releases the GIL during its kernels)
   during a teacher forward, minus the RSS just before it; the maximum over ``--repeats`` forwards after one warm-up.
   It includes the ``[batch, seq, vocab]`` fp32 logits (4 x 128 x 49152 x 4 B = 96 MiB) in both layouts, and for the
@@ -119,7 +121,7 @@ def worker(cli: argparse.Namespace) -> None:
     if cli.layout == "sharded":
         teacher = shard_teacher(teacher, mesh)
     release_freed_memory()
-    held = rss() - before
+    after_prepare = rss() - before
     vocab = teacher.config.vocab_size
     ids = torch.randint(0, vocab, (cli.batch, cli.seq), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -127,6 +129,8 @@ def worker(cli: argparse.Namespace) -> None:
     with torch.inference_mode():
         logits = teacher(**batch, use_cache=False).logits  # warm-up (FSDP2's lazy initialisation included)
         del logits
+        release_freed_memory()
+        held = rss() - before
         for i in range(cli.repeats):
             release_freed_memory()
             start_rss, start = rss(), time.perf_counter()
@@ -141,6 +145,7 @@ def worker(cli: argparse.Namespace) -> None:
     result = {
         "param_bytes": local_parameter_bytes(teacher),
         "rss_held_bytes": held,
+        "rss_after_prepare_bytes": after_prepare,
         "forward_peak_delta_bytes": max(peaks),
         "forward_s": statistics.median(times),
         "forward_s_all": times,
