@@ -32,6 +32,7 @@ __all__ = [
     "ALLOW_UNVERIFIED",
     "PLACEMENTS",
     "distribution_of",
+    "placement_for",
     "prepare_teacher",
     "teacher_placement",
     "unverified_sharding_allowed",
@@ -112,6 +113,12 @@ def teacher_placement(
             "for a full teacher copy on every rank."
         )
     return placement
+
+
+def placement_for(accelerator: Any, sharding: str) -> Placement:
+    """[`teacher_placement`] for `accelerator`'s plan ([`distribution_of`]) and the environment's opt-in
+    ([`unverified_sharding_allowed`])."""
+    return teacher_placement(sharding, *distribution_of(accelerator), unverified_sharding_allowed())
 
 
 def zero3_inference_config(config: dict[str, Any], hidden_size: int | None) -> dict[str, Any]:

@@ -47,12 +47,7 @@ from hf_compress.distillation.on_policy import (
     rollout,
     special_token_ids,
 )
-from hf_compress.distillation.placement import (
-    distribution_of,
-    prepare_teacher,
-    teacher_placement,
-    unverified_sharding_allowed,
-)
+from hf_compress.distillation.placement import placement_for, prepare_teacher
 from hf_compress.distillation.teacher import DISTILLED_HEADS, build_teacher, check_compatible, distilled_head
 from hf_compress.distributed import register_auto_shutdown
 
@@ -137,11 +132,9 @@ class DistillationTrainer(Trainer):
             side = getattr(self.processing_class, "padding_side", None)
             side = side or getattr(getattr(self.data_collator, "tokenizer", None), "padding_side", "right")
             self.data_collator = TeacherCacheCollator(self.data_collator, side)
-        self.teacher_placement = None
-        if teacher_model is not None:  # decided (and an unverified plan refused) before the teacher is loaded
-            fsdp_version, zero_stage = distribution_of(self.accelerator)
-            sharding, allowed = self.distillation_args["teacher_sharding"], unverified_sharding_allowed()
-            self.teacher_placement = teacher_placement(sharding, fsdp_version, zero_stage, allowed)
+        # Decided (and an unverified sharding plan refused) before the teacher is loaded.
+        sharding = self.distillation_args["teacher_sharding"]
+        self.teacher_placement = None if teacher_model is None else placement_for(self.accelerator, sharding)
         self.teacher_model = None if teacher_model is None else self._build_teacher(teacher_model)
         if self.teacher_model is not None:
             self._check_compatible(student, self.teacher_model)

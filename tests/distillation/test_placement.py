@@ -13,11 +13,12 @@ import pytest
 import torch
 from accelerate.utils import DistributedType
 
-import hf_compress.distillation.trainer as trainer_module
+import hf_compress.distillation.placement as placement_module
 from hf_compress.distillation.config import DistillationConfig
 from hf_compress.distillation.placement import (
     ALLOW_UNVERIFIED,
     distribution_of,
+    placement_for,
     prepare_teacher,
     teacher_placement,
     unverified_sharding_allowed,
@@ -83,12 +84,16 @@ def test_fsdp1_and_unknown_choices_are_refused():
 
 
 def test_opt_in_reads_the_environment(monkeypatch):
+    fsdp2 = accelerator(DistributedType.FSDP, fsdp_version=2)
     monkeypatch.delenv(ALLOW_UNVERIFIED, raising=False)
     assert not unverified_sharding_allowed()
     monkeypatch.setenv(ALLOW_UNVERIFIED, "true")  # only "1" opts in
     assert not unverified_sharding_allowed()
+    with pytest.raises(ValueError, match="unverified"):
+        placement_for(fsdp2, "auto")
     monkeypatch.setenv(ALLOW_UNVERIFIED, "1")
     assert unverified_sharding_allowed()
+    assert placement_for(fsdp2, "auto") == "fsdp2"
 
 
 def test_zero3_inference_config_drops_training_blocks_and_sizes_auto_buckets():
@@ -147,7 +152,7 @@ def make_trainer(tmp_path, teacher, **kwargs):
 @pytest.mark.parametrize("plan", [(2, None), (None, 3)])
 def test_trainer_refuses_a_sharded_plan_before_loading_the_teacher(tmp_path, monkeypatch, plan):
     monkeypatch.delenv(ALLOW_UNVERIFIED, raising=False)
-    monkeypatch.setattr(trainer_module, "distribution_of", lambda accelerator: plan)
+    monkeypatch.setattr(placement_module, "distribution_of", lambda accelerator: plan)
     # A path that does not exist: the refusal must come first, not the loading error.
     with pytest.raises(ValueError, match="unverified"):
         make_trainer(tmp_path, str(tmp_path / "no-such-teacher"))
@@ -155,7 +160,7 @@ def test_trainer_refuses_a_sharded_plan_before_loading_the_teacher(tmp_path, mon
 
 def test_trainer_replicates_on_request_and_trains(tmp_path, monkeypatch):
     monkeypatch.delenv(ALLOW_UNVERIFIED, raising=False)
-    monkeypatch.setattr(trainer_module, "distribution_of", lambda accelerator: (2, None))
+    monkeypatch.setattr(placement_module, "distribution_of", lambda accelerator: (2, None))
     trainer = make_trainer(tmp_path, tiny_model("llama", "causal_lm", seed=1), teacher_sharding="replicate")
     assert trainer.teacher_placement == "replicated"
     assert next(trainer.teacher_model.parameters()).device == trainer.accelerator.device

@@ -29,10 +29,11 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import hf_compress.distillation.trainer as trainer_module  # noqa: E402
+import hf_compress.distillation.placement as placement_module  # noqa: E402
 from hf_compress.distillation.config import DistillationConfig  # noqa: E402
 from hf_compress.distillation.placement import ALLOW_UNVERIFIED, prepare_teacher, teacher_placement  # noqa: E402
 from hf_compress.distillation.teacher import build_teacher  # noqa: E402
+from hf_compress.distillation.trainer import DistillationTrainer  # noqa: E402
 from hf_compress.distributed import local_parameter_bytes  # noqa: E402
 from tests.conftest import tiny_inputs, tiny_model  # noqa: E402
 
@@ -54,8 +55,8 @@ def distil(output_dir: str, sharded: bool) -> tuple[list[float], str, bool]:
         temperature=2.0, alpha=0.5, disable_tqdm=True, teacher_sharding="auto" if sharded else "replicate",
     )  # fmt: skip
     simulated = (2, None) if sharded else (None, None)
-    trainer_module.distribution_of = lambda accelerator: simulated
-    trainer = trainer_module.DistillationTrainer(
+    placement_module.distribution_of = lambda accelerator: simulated
+    trainer = DistillationTrainer(
         model=tiny_model("llama", "causal_lm", seed=0).train(), teacher_model=teacher(), args=args,
         train_dataset=dataset(12),
     )  # fmt: skip
