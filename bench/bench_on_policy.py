@@ -5,9 +5,12 @@ Timing (medians of optimizer steps, warm-up excluded; fp32; the same prompts, se
 
 * ``on_policy``: a ``DistillationTrainer`` step with ``on_policy_ratio=1`` (the student samples ``max_new_tokens``,
   the teacher scores prompt + completion in one forward, reverse KL on completion tokens);
-* the floor, measured by hand on the same batches: ``generate`` (``model.generate`` of the student, sampling),
+* the floor, measured by hand on the trainer's own batches (recorded by its collator, in the order of its shuffled
+  sampler): ``generate`` (``model.generate`` of the student, sampling),
   ``student_step`` (forward + backward + AdamW step on the generated batch) and ``teacher_forward``
-  (``torch.inference_mode``); ``on_policy / floor`` (goal <= 1.05);
+  (``torch.inference_mode``); ``on_policy / floor`` (goal <= 1.05). Process CPU seconds are recorded next to the
+  wall times (``step_cpu_s``, ``on_policy_over_floor_cpu``): on a shared machine they are the load-robust
+  comparison (with one intra-op thread, another job's load stretches wall time but hardly the CPU time used);
 * ``trl`` (``--trl``, when ``trl`` is importable): TRL's on-policy ``DistillationTrainer`` on the same pair and
   prompts (chat prompts, same completion length, fp32, its own teacher copy); ``on_policy / trl`` (goal <= 0.6).
 
@@ -34,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_llm import CpuStepTimer
 from common import RESULTS_DIR, StepTimer, machine_info, setup_threads, summarize, write_json
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -106,44 +110,73 @@ def config(out: Path, size: dict, steps: int, ratio: float) -> DistillationConfi
     )  # fmt: skip
 
 
-def on_policy_times(teacher, student, tokenizer, examples, size: dict, out: Path) -> list[float]:
-    timer = StepTimer()
+class RecordingCollator(PromptCompletionCollator):
+    """A `PromptCompletionCollator` that keeps a copy of every batch it makes, in the order the trainer asks."""
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        self.batches: list[dict[str, torch.Tensor]] = []
+
+    def __call__(self, examples):
+        batch = super().__call__(examples)
+        self.batches.append({k: v.clone() for k, v in batch.items()})
+        return batch
+
+
+def on_policy_times(teacher, student, tokenizer, examples, size: dict, out: Path):
+    """Wall and CPU seconds of the on-policy trainer's steps, and the batches it trained on (for the floor)."""
+    timer = CpuStepTimer()
+    collator = RecordingCollator(tokenizer)
     trainer = DistillationTrainer(model=copy.deepcopy(student).train(), teacher_model=teacher,
                                   args=config(out, size, size["steps"], 1.0), train_dataset=examples,
-                                  data_collator=PromptCompletionCollator(tokenizer), processing_class=tokenizer,
-                                  callbacks=[timer])  # fmt: skip
+                                  data_collator=collator, processing_class=tokenizer, callbacks=[timer])  # fmt: skip
     trainer.train()
-    return timer.step_times(size["skip"])
+    return timer.step_times(size["skip"]), timer.cpu_times(size["skip"]), collator.batches[: size["steps"]]
 
 
-def floor_times(teacher, student, tokenizer, examples, size: dict) -> dict[str, list[float]]:
-    """Generate, student step and teacher forward by hand, on the same batches as the trainer."""
+class PhaseTimer:
+    """Wall and process-CPU seconds of named phases: `with timer("generate"): ...`."""
+
+    def __init__(self):
+        self.wall: dict[str, list[float]] = {}
+        self.cpu: dict[str, list[float]] = {}
+        self._name = None
+
+    def __call__(self, name: str):
+        self._name = name
+        return self
+
+    def __enter__(self):
+        self._start = (time.perf_counter(), time.process_time())
+
+    def __exit__(self, *exc):
+        self.wall.setdefault(self._name, []).append(time.perf_counter() - self._start[0])
+        self.cpu.setdefault(self._name, []).append(time.process_time() - self._start[1])
+
+
+def floor_times(teacher, student, tokenizer, batches, size: dict) -> tuple[dict, dict]:
+    """Generate, student step and teacher forward by hand, on `batches` (the trainer's, see `on_policy_times`);
+    returns the wall and the CPU seconds of each phase."""
     model = copy.deepcopy(student).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    collator = PromptCompletionCollator(tokenizer)
     eos, pad = special_token_ids(model, tokenizer)
-    times: dict[str, list[float]] = {"generate": [], "student_step": [], "teacher_forward": []}
-    b = size["batch"]
-    for step in range(size["steps"]):
-        batch = collator(examples[step * b : (step + 1) * b])
-        start = time.perf_counter()
-        gen = rollout(model, batch, size["new_tokens"], eos, pad, seed=0, step=step)
-        times["generate"].append(time.perf_counter() - start)
+    timer = PhaseTimer()
+    for step, batch in enumerate(batches):
+        with timer("generate"):
+            gen = rollout(model, batch, size["new_tokens"], eos, pad, seed=0, step=step)
         gen.pop("generated_by")
         labels = gen.pop("labels")
-        start = time.perf_counter()
-        with torch.inference_mode():
+        with timer("teacher_forward"), torch.inference_mode():
             teacher_logits = teacher(**gen, use_cache=False).logits
-        times["teacher_forward"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        logits = model(**gen, use_cache=False).logits
-        mask = (labels[:, 1:] != -100).unsqueeze(-1)
-        loss = soft_loss(logits[:, :-1], teacher_logits[:, :-1], mask.squeeze(-1), "reverse_kl", 1.0)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        times["student_step"].append(time.perf_counter() - start)
-    return {k: v[size["skip"] :] for k, v in times.items()}
+        with timer("student_step"):
+            logits = model(**gen, use_cache=False).logits
+            mask = (labels[:, 1:] != -100).unsqueeze(-1)
+            loss = soft_loss(logits[:, :-1], teacher_logits[:, :-1], mask.squeeze(-1), "reverse_kl", 1.0)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    skip = size["skip"]
+    return {k: v[skip:] for k, v in timer.wall.items()}, {k: v[skip:] for k, v in timer.cpu.items()}
 
 
 def trl_times(teacher, student, tokenizer, examples, size: dict, out: Path) -> list[float]:
@@ -218,19 +251,25 @@ def main(argv: list[str] | None = None) -> dict:
     examples = [{"prompt": [{"role": "user", "content": e["prompt"]}]} for e in examples]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        stats = {"on_policy": summarize(on_policy_times(teacher, student, tokenizer, examples, size, tmp / "ours"))}
-        stats.update({k: summarize(v) for k, v in floor_times(teacher, student, tokenizer, examples, size).items()})
+        times, cpu_times, batches = on_policy_times(teacher, student, tokenizer, examples, size, tmp / "ours")
+        floor_wall, floor_cpu = floor_times(teacher, student, tokenizer, batches, size)
+        stats = {"on_policy": summarize(times), **{k: summarize(v) for k, v in floor_wall.items()}}
+        cpu = {"on_policy": summarize(cpu_times), **{k: summarize(v) for k, v in floor_cpu.items()}}
         if args.trl and importlib.util.find_spec("trl") is not None:
             stats["trl"] = summarize(trl_times(teacher, student, tokenizer, examples, size, tmp / "trl"))
-        floor = sum(stats[k]["median"] for k in ("generate", "student_step", "teacher_forward"))
-        result = {"step_s": stats, "floor_s": floor, "on_policy_over_floor": stats["on_policy"]["median"] / floor}
+        phases = ("generate", "student_step", "teacher_forward")
+        floor, floor_cpu_s = sum(stats[k]["median"] for k in phases), sum(cpu[k]["median"] for k in phases)
+        result = {"step_s": stats, "floor_s": floor, "on_policy_over_floor": stats["on_policy"]["median"] / floor,
+                  "step_cpu_s": cpu, "floor_cpu_s": floor_cpu_s,
+                  "on_policy_over_floor_cpu": cpu["on_policy"]["median"] / floor_cpu_s}  # fmt: skip
         if "trl" in stats:
             result["on_policy_over_trl"] = stats["on_policy"]["median"] / stats["trl"]["median"]
         if size["quality_steps"]:
             result["quality_reverse_kl"] = quality(teacher, student, tokenizer, size, tmp)
     payload = {"benchmark": "on_policy", "size": args.size, "config": size, "machine": machine_info(), **result}
     row = {"ours s": round(stats["on_policy"]["median"], 4), "floor s": round(floor, 4),
-           "ours/floor (goal <= 1.05)": f"{result['on_policy_over_floor']:.3f}"}  # fmt: skip
+           "ours/floor (goal <= 1.05)": f"{result['on_policy_over_floor']:.3f}",
+           "ours/floor CPU s": f"{result['on_policy_over_floor_cpu']:.3f}"}  # fmt: skip
     if "trl" in stats:
         row["trl s"] = round(stats["trl"]["median"], 4)
         row["ours/trl (goal <= 0.6)"] = f"{result['on_policy_over_trl']:.3f}"

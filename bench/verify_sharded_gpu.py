@@ -9,10 +9,17 @@ Run from the repository root on a machine with CUDA: ``python bench/verify_shard
    * ``raw_fsdp2``: ``hf_compress.pruning.sharded`` on a ``fully_shard`` student: scores, masks on local shards,
      one training step, surgery on the gathered state dict and a sharded teacher, each against the unsharded result;
    * ``trainer_fsdp2``: ``DistillationTrainer`` with the Trainer's FSDP2 (``fsdp="full_shard"``, version 2) on the
-     same steps, final weights against the reference;
-   * ``trainer_zero3``: the same with DeepSpeed ZeRO-3 (SKIPPED when ``deepspeed`` is not installed);
-   * ``refusals``: ``PruningCallback`` and on-policy generation under the Trainer's FSDP must still refuse with a
-     message naming the unverified path (until those paths are implemented and added here).
+     same steps, opted in to the sharded teacher (``HF_COMPRESS_ALLOW_UNVERIFIED_SHARDING=1``,
+     ``teacher_sharding="auto"``): final weights against the reference, ``trainer.teacher_placement == "fsdp2"`` and
+     each rank holding ``1 / world`` of the teacher's parameter bytes;
+   * ``trainer_fsdp2_replicated``: the same with ``teacher_sharding="replicate"`` (a full teacher per rank);
+   * ``trainer_zero3``: DeepSpeed ZeRO-3, opted in: the teacher is a DeepSpeed inference engine
+     (``teacher_placement == "zero3"``), final weights against the reference (SKIPPED when ``deepspeed`` is not
+     installed);
+   * ``refusals``: without the opt-in the sharded teacher, and ``PruningCallback`` and on-policy generation under
+     the Trainer's FSDP, must still refuse with a message naming the unverified path.
+
+When every check passes, the refusal of the sharded teacher (``hf_compress.distillation.placement``) can be lifted.
 
 Prints one ``PASS`` / ``FAIL`` / ``SKIPPED`` line per check and exits non-zero on any ``FAIL``. ``--device cpu``
 runs the same on CPU processes with gloo (where the Trainer's FSDP falls back to DDP: it proves nothing about FSDP,
@@ -31,11 +38,13 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hf_compress.distillation.config import DistillationConfig  # noqa: E402
+from hf_compress.distillation.placement import ALLOW_UNVERIFIED  # noqa: E402
 from hf_compress.distillation.trainer import DistillationTrainer  # noqa: E402
 from hf_compress.pruning.callback import PruningCallback  # noqa: E402
 from tests.conftest import tiny_inputs, tiny_model  # noqa: E402
@@ -49,8 +58,22 @@ def dataset() -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i.clone()} for i in ids]
 
 
-def distil(output_dir: str, device: str, world: int, **sharding) -> dict[str, torch.Tensor]:
-    """STEPS distillation steps at a global batch of BATCH; returns the student's full state dict (every rank)."""
+def teacher_fraction(teacher: torch.nn.Module) -> float:
+    """Fraction of the teacher's parameter elements this rank holds (FSDP2 DTensor shards, ZeRO-3 partitions)."""
+    held = full = 0
+    for p in teacher.parameters():
+        if isinstance(p, DTensor):
+            held, full = held + p.to_local().numel(), full + p.numel()
+        elif hasattr(p, "ds_tensor"):  # ZeRO-3: `p` is an empty placeholder, `ds_tensor` the local partition
+            held, full = held + p.ds_tensor.numel(), full + p.ds_numel
+        else:
+            held, full = held + p.numel(), full + p.numel()
+    return held / full
+
+
+def distil(output_dir: str, device: str, world: int, **sharding) -> tuple[dict[str, torch.Tensor], str, float]:
+    """STEPS distillation steps at a global batch of BATCH; returns the student's full state dict (every rank), the
+    teacher placement and the fraction of the teacher this rank holds."""
     args = DistillationConfig(
         output_dir=output_dir, max_steps=STEPS, per_device_train_batch_size=BATCH // world, learning_rate=0.5,
         optim="sgd", lr_scheduler_type="constant", save_strategy="no", report_to="none", seed=0, disable_tqdm=True,
@@ -61,7 +84,8 @@ def distil(output_dir: str, device: str, world: int, **sharding) -> dict[str, to
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset())
     trainer.train()
     state = trainer.accelerator.get_state_dict(trainer.model)  # gathered (FSDP / ZeRO-3) on the main process
-    return {k: v.detach().float().cpu() for k, v in (state or {}).items()}
+    weights = {k: v.detach().float().cpu() for k, v in (state or {}).items()}
+    return weights, trainer.teacher_placement, teacher_fraction(trainer.teacher_model)
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -72,15 +96,16 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 def reference(workdir: Path, device: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        torch.save(distil(tmp, device, 1), workdir / "reference.pt")
+        torch.save(distil(tmp, device, 1)[0], workdir / "reference.pt")
 
 
-def refusal(make) -> tuple[str, str]:
+def refusal(make, names: str) -> tuple[str, str]:
+    """PASS when `make()` raises a `ValueError` saying that the path `names` is unverified."""
     try:
         make()
     except ValueError as err:
         message = str(err)
-        return ("PASS" if "verified" in message else "FAIL"), message[:160]
+        return ("PASS" if "verified" in message and names in message else "FAIL"), message[:160]
     return "FAIL", "no refusal"
 
 
@@ -102,24 +127,37 @@ def sharded(workdir: Path, device: str) -> None:
 
     ref = torch.load(workdir / "reference.pt")
     fsdp = dict(fsdp="full_shard", fsdp_config={"version": 2})
-    with tempfile.TemporaryDirectory() as tmp:
-        state = distil(tmp, device, world, **fsdp)
-    diff = max_diff(state, ref) if rank == 0 else 0.0
-    results["trainer_fsdp2"] = ("PASS" if diff < 1e-4 else "FAIL", f"max |w - w_ref| = {diff:.3g}")
+    # On CPU the Trainer's FSDP falls back to DDP: the teacher is not sharded there, so only the weights are checked.
+    on_gpu = device == "cuda"
 
+    def trainer_check(expected: str, fraction: float | None, **sharding) -> tuple[str, str]:
+        with tempfile.TemporaryDirectory() as tmp:
+            state, placement, held = distil(tmp, device, world, **sharding)
+        diff = max_diff(state, ref) if rank == 0 else 0.0
+        ok = diff < 1e-4
+        if on_gpu:
+            ok = ok and placement == expected and (fraction is None or abs(held - fraction) < 0.02)
+        return (
+            "PASS" if ok else "FAIL",
+            f"max |w - w_ref| = {diff:.3g}, placement {placement}, teacher held {held:.3f}",
+        )
+
+    os.environ[ALLOW_UNVERIFIED] = "1"  # the opt-in these checks verify
+    results["trainer_fsdp2"] = trainer_check("fsdp2", 1 / world, teacher_sharding="auto", **fsdp)
+    results["trainer_fsdp2_replicated"] = trainer_check("replicated", 1.0, teacher_sharding="replicate", **fsdp)
     if importlib.util.find_spec("deepspeed") is None:
         results["trainer_zero3"] = ("SKIPPED", "deepspeed is not installed")
     else:
         zero3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
                  "gradient_accumulation_steps": "auto", "train_batch_size": "auto"}  # fmt: skip
-        with tempfile.TemporaryDirectory() as tmp:
-            state = distil(tmp, device, world, deepspeed=zero3)
-        diff = max_diff(state, ref) if rank == 0 else 0.0
-        results["trainer_zero3"] = ("PASS" if diff < 1e-4 else "FAIL", f"max |w - w_ref| = {diff:.3g}")
+        # ZeRO-3 keeps small parameters whole (stage3_param_persistence_threshold): the fraction is not checked
+        results["trainer_zero3"] = trainer_check("zero3", None, teacher_sharding="auto", deepspeed=zero3)
+    del os.environ[ALLOW_UNVERIFIED]
 
     def prune_under_fsdp():
         args = DistillationConfig(output_dir=str(workdir / "p"), max_steps=1, report_to="none", **fsdp,
-                                  per_device_train_batch_size=2, use_cpu=device == "cpu")  # fmt: skip
+                                  per_device_train_batch_size=2, use_cpu=device == "cpu",
+                                  teacher_sharding="replicate")  # fmt: skip
         callback = PruningCallback(targets={"heads": 0.5})
         trainer = DistillationTrainer(model=tiny_model("llama", "causal_lm").train(),
                                       teacher_model=tiny_model("llama", "causal_lm", seed=1), args=args,
@@ -128,13 +166,18 @@ def sharded(workdir: Path, device: str) -> None:
 
     def on_policy_under_fsdp():
         args = DistillationConfig(output_dir=str(workdir / "o"), max_steps=1, report_to="none", on_policy_ratio=1.0,
-                                  use_cpu=device == "cpu", **fsdp)  # fmt: skip
+                                  use_cpu=device == "cpu", teacher_sharding="replicate", **fsdp)  # fmt: skip
         DistillationTrainer(model=tiny_model("llama", "causal_lm").train(),
                             teacher_model=tiny_model("llama", "causal_lm", seed=1), args=args)  # fmt: skip
 
+    def sharded_teacher_without_opt_in():
+        with tempfile.TemporaryDirectory() as tmp:
+            distil(tmp, device, world, teacher_sharding="auto", **fsdp)
+
     if device == "cuda":
-        results["refusal_pruning_fsdp"] = refusal(prune_under_fsdp)
-        results["refusal_on_policy_fsdp"] = refusal(on_policy_under_fsdp)
+        results["refusal_teacher_sharding_fsdp2"] = refusal(sharded_teacher_without_opt_in, "teacher")
+        results["refusal_pruning_fsdp"] = refusal(prune_under_fsdp, "fsdp")
+        results["refusal_on_policy_fsdp"] = refusal(on_policy_under_fsdp, "on_policy_ratio")
     else:
         results["refusals"] = ("SKIPPED", "the Trainer's FSDP needs a GPU (on CPU it falls back to DDP)")
     if rank == 0:

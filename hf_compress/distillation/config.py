@@ -51,6 +51,10 @@ class DistillationConfig(TrainingArguments):
         teacher_model_init_kwargs (`dict` or `str`, *optional*):
             Keyword arguments (or a JSON string) for `from_pretrained` when the teacher is given as a path, e.g.
             `{"dtype": "bfloat16"}`. `trust_remote_code` defaults to `False`.
+        teacher_sharding (`str`, *optional*, defaults to `"auto"`):
+            Under a sharded student (accelerate FSDP2, DeepSpeed ZeRO-3): `"auto"` shards the teacher the same way,
+            `"replicate"` keeps a full teacher copy on every rank. Without sharding the teacher is a full copy
+            either way. See [`~hf_compress.distillation.placement`] (the sharded paths are still opt-in).
 
         > On-policy and sequence-level distillation (causal LMs, prompt/completion data; see
         > [`~hf_compress.distillation.on_policy`])
@@ -113,6 +117,10 @@ class DistillationConfig(TrainingArguments):
             "help": 'JSON kwargs for from_pretrained when the teacher is a path, e.g. \'{"dtype": "bfloat16"}\'.'
         },
     )
+    teacher_sharding: Literal["auto", "replicate"] = field(
+        default="auto",
+        metadata={"help": "Under FSDP2 / ZeRO-3: auto shards the teacher like the student, replicate copies it."},
+    )
 
     on_policy_ratio: float = field(
         default=0.0,
@@ -174,7 +182,11 @@ def validate_distillation_options(options: dict[str, Any]) -> None:
         raise ValueError(f"`temperature` must be > 0, got {options['temperature']}.")
     if not 0 <= options["alpha"] <= 1:
         raise ValueError(f"`alpha` must be in [0, 1], got {options['alpha']}.")
-    choices = {"distillation_loss": ["kl", "reverse_kl", "jsd", "mse"], "hidden_loss": ["mse", "cosine"]}
+    choices = {
+        "distillation_loss": ["kl", "reverse_kl", "jsd", "mse"],
+        "hidden_loss": ["mse", "cosine"],
+        "teacher_sharding": ["auto", "replicate"],
+    }
     for name, valid in choices.items():
         if options[name] not in valid:
             raise ValueError(f"`{name}` must be one of {valid}, got {options[name]!r}.")

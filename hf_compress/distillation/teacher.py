@@ -43,7 +43,7 @@ def build_teacher(
     head: str,
     init_kwargs: dict[str, Any],
     eager_attention: bool,
-    device: torch.device,
+    device: torch.device | None,
     dtype: torch.dtype | None,
 ) -> nn.Module:
     """
@@ -55,7 +55,7 @@ def build_teacher(
         head (`str`): The student's head type, one of `DISTILLED_HEADS`.
         init_kwargs (`dict`): `from_pretrained` keyword arguments for a path (`trust_remote_code` defaults to False).
         eager_attention (`bool`): Load with `attn_implementation="eager"` (attention maps) unless set otherwise.
-        device (`torch.device`): Where the teacher runs.
+        device (`torch.device`, *optional*): Where the teacher runs; `None` leaves it where it is (a teacher to shard).
         dtype (`torch.dtype`, *optional*): The mixed-precision dtype of training, or `None` to keep the teacher's.
     """
     if isinstance(teacher, str):

@@ -47,6 +47,7 @@ from hf_compress.distillation.on_policy import (
     rollout,
     special_token_ids,
 )
+from hf_compress.distillation.placement import placement_for, prepare_teacher
 from hf_compress.distillation.teacher import DISTILLED_HEADS, build_teacher, check_compatible, distilled_head
 from hf_compress.distributed import register_auto_shutdown
 
@@ -65,7 +66,10 @@ class DistillationTrainer(Trainer):
     The loss is `alpha * soft + (1 - alpha) * CE` (see [`distillation_loss`]) plus optional hidden-state and attention
     terms, configured by [`DistillationConfig`] (a plain `TrainingArguments` uses its defaults). Supported heads:
     sequence / token classification, question answering (start and end logits), masked LM, causal LM (shifted) and
-    encoder-decoder LM. The teacher is never wrapped, synchronised or saved: checkpoints hold the student only.
+    encoder-decoder LM. The teacher is never synchronised or saved: checkpoints hold the student only.
+    `trainer.teacher_placement` says where it lives (see [`~hf_compress.distillation.placement`]): a full copy per
+    process, or, under accelerate FSDP2 / DeepSpeed ZeRO-3, sharded like the student (`teacher_sharding="auto"`,
+    opt-in until verified on a GPU) or replicated (`teacher_sharding="replicate"`).
 
     Two teacher modes, reported by `trainer.teacher_mode` and logged at start:
 
@@ -128,10 +132,15 @@ class DistillationTrainer(Trainer):
             side = getattr(self.processing_class, "padding_side", None)
             side = side or getattr(getattr(self.data_collator, "tokenizer", None), "padding_side", "right")
             self.data_collator = TeacherCacheCollator(self.data_collator, side)
+        # Decided (and an unverified sharding plan refused) before the teacher is loaded.
+        sharding = self.distillation_args["teacher_sharding"]
+        self.teacher_placement = None if teacher_model is None else placement_for(self.accelerator, sharding)
         self.teacher_model = None if teacher_model is None else self._build_teacher(teacher_model)
         if self.teacher_model is not None:
             self._check_compatible(student, self.teacher_model)
         self._configure_intermediate_losses(student, self.teacher_model)
+        if self.teacher_model is not None:
+            self.teacher_model = prepare_teacher(self.teacher_model, self.teacher_placement, self.accelerator)
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
         live = self.teacher_model is not None
         self._generates = check_generation_options(self.distillation_args, self._head, sharded, live)
@@ -139,7 +148,7 @@ class DistillationTrainer(Trainer):
         logger.info(
             f"DistillationTrainer teacher mode: {self.teacher_mode} ("
             + ("stored teacher logits, no teacher forward" if self.teacher_mode == "cached" else "teacher forward")
-            + " on each training batch)."
+            + f" on each training batch), teacher placement: {self.teacher_placement}."
         )
         # Our compute_loss normalises every head by `num_items_in_batch`, so let the Trainer count it for us.
         self.model_accepts_loss_kwargs = True
@@ -163,13 +172,10 @@ class DistillationTrainer(Trainer):
     def _build_teacher(self, teacher: PreTrainedModel | nn.Module | str | None) -> nn.Module:
         kd = self.distillation_args
         dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+        # A sharded teacher stays where it was loaded: sharding moves each rank's part to its device.
+        device = self.accelerator.device if self.teacher_placement in ("device", "replicated") else None
         return build_teacher(
-            teacher,
-            self._head,
-            kd["teacher_model_init_kwargs"],
-            kd["attention_loss_weight"] > 0,
-            self.accelerator.device,
-            dtype,
+            teacher, self._head, kd["teacher_model_init_kwargs"], kd["attention_loss_weight"] > 0, device, dtype
         )
 
     def _check_compatible(self, student: nn.Module, teacher: nn.Module) -> None:

@@ -9,7 +9,8 @@ The recipe for a sharded student (each step is a collective: call it on every ra
 4. after training, [`full_state_dict`] gathers the weights on rank 0, which loads them into an unsharded model and
    runs [`remove_masked`] (the surgery of `PruningCallback`) before saving.
 
-[`shard_teacher`] shards a frozen teacher over the same mesh, so no rank holds a full teacher copy.
+[`shard_teacher`] (from `hf_compress.distributed`, shared with `DistillationTrainer`) shards a frozen teacher over the
+same mesh, so no rank holds a full teacher copy.
 
 This is the raw FSDP2 path, tested with gloo on CPU processes. The Trainer-level paths (accelerate's FSDP plugin,
 DeepSpeed ZeRO-3) are not verified yet: `PruningCallback` refuses them (see `bench/verify_sharded_gpu.py`).
@@ -24,11 +25,11 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from hf_compress.models.families import get_layers, unwrap
+from hf_compress.distributed import shard_teacher
+from hf_compress.models.families import unwrap
 from hf_compress.pruning.hidden import prune_hidden
 from hf_compress.pruning.importance import unit_layout, unit_scores
 from hf_compress.pruning.masks import PruningMasks, parameter_masks
@@ -126,19 +127,3 @@ def remove_masked(model: nn.Module, masks: PruningMasks, targets: list[str]) -> 
     if hidden:  # after heads and blocks: the config then holds the head count the kept hidden size must respect
         prune_hidden(model, hidden, verify=False)  # no copy at the end of training; tests cover the families
     return {"heads": heads, "ffn_neurons": neurons, "hidden": hidden, "layers": dropped}
-
-
-def shard_teacher(teacher: nn.Module, mesh: DeviceMesh | None = None) -> nn.Module:
-    """Freeze `teacher` (eval mode, no gradients) and shard it with FSDP2: one unit per transformer layer plus the
-    root, so a forward holds one gathered layer at a time and no rank keeps a full copy.
-
-    Args:
-        teacher (`nn.Module`): The teacher, on the device of `mesh`.
-        mesh (`DeviceMesh`, *optional*): 1-D data-parallel mesh; defaults to FSDP2's (all ranks).
-    """
-    teacher.eval().requires_grad_(False)
-    for layer in get_layers(teacher):
-        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
-    # Explicit for the root too: no backward follows a teacher forward, so nothing stays gathered after it.
-    fully_shard(teacher, mesh=mesh, reshard_after_forward=True)
-    return teacher

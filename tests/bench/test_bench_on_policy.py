@@ -32,3 +32,9 @@ def test_tiny_run_reports_the_floor_ratio(tmp_path):
     assert result["floor_s"] == pytest.approx(floor)
     assert result["on_policy_over_floor"] == pytest.approx(stats["on_policy"]["median"] / floor)
     assert all(stats[k]["n"] == 3 for k in ("generate", "student_step", "teacher_forward"))
+    cpu = result["step_cpu_s"]  # the load-robust cross-check, from the same steps
+    assert cpu["on_policy"]["n"] == 2 and all(
+        cpu[k]["n"] == 3 for k in ("generate", "student_step", "teacher_forward")
+    )
+    floor_cpu = sum(cpu[k]["median"] for k in ("generate", "student_step", "teacher_forward"))
+    assert result["on_policy_over_floor_cpu"] == pytest.approx(cpu["on_policy"]["median"] / floor_cpu)

@@ -46,7 +46,7 @@ def test_every_distillation_field_has_help():
     assert names == {
         "temperature", "alpha", "distillation_loss", "jsd_beta", "loss_chunk_size", "hidden_loss_weight",
         "hidden_loss", "layer_map", "attention_loss_weight", "teacher_model_init_kwargs", "on_policy_ratio", "seq_kd",
-        "max_new_tokens", "generation_temperature", "generation_top_p",
+        "max_new_tokens", "generation_temperature", "generation_top_p", "teacher_sharding",
     }  # fmt: skip
     for f in dataclasses.fields(DistillationConfig):
         if f.name in names:
