@@ -240,11 +240,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", choices=list(SIZES), default="small")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--trl", action="store_true", help="Also time TRL's on-policy DistillationTrainer.")
+    parser.add_argument("--quality-steps", type=int, default=None, help="Training steps of the quality comparison.")
     parser.add_argument("--output", default=str(RESULTS_DIR / "on_policy.json"))
     args = parser.parse_args(argv)
     setup_threads(args.threads)
     hf_logging.set_verbosity_error()
-    size = SIZES[args.size]
+    size = dict(SIZES[args.size])
+    if args.quality_steps is not None:
+        if args.quality_steps < 0:
+            parser.error(f"--quality-steps must be >= 0, got {args.quality_steps}.")
+        size["quality_steps"] = args.quality_steps
     teacher, student, tokenizer = build_pair(args.size, size["student_layers"])
     # Timing: prompt-only chat prompts, the one format TRL's DistillationTrainer accepts, for every variant.
     examples = make_examples(args.size, size["batch"] * size["steps"], size["prompt_words"])
