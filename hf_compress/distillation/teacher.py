@@ -125,3 +125,17 @@ def _vocab_size(model: nn.Module) -> int:
     if embeddings is not None and getattr(embeddings, "weight", None) is not None:
         return embeddings.weight.shape[0]
     return model.config.vocab_size
+
+
+def teacher_forward(teacher: nn.Module, inputs: dict[str, Any], flags: dict[str, bool], head: str) -> Any:
+    """
+    The teacher's outputs on `inputs` without autograd: under `torch.inference_mode()`, or `torch.no_grad()` when
+    `flags` asks for hidden states / attention maps (the intermediate losses may save them for backward). LM heads
+    run without a KV cache.
+    """
+    teacher_flags = {**flags, "use_cache": False} if head in ("causal_lm", "seq2seq_lm") else flags
+    # inference_mode skips autograd bookkeeping entirely; its tensors cannot be saved for backward: the logit
+    # losses only read teacher rows into fresh buffers, but the hidden-state / attention losses might save them.
+    context = torch.no_grad() if flags else torch.inference_mode()
+    with context:
+        return teacher(**inputs, **teacher_flags)

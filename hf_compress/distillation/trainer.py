@@ -8,6 +8,9 @@ private method, `_set_signature_columns_if_needed` (to keep cached teacher and p
 hook exists). The hidden-state projection is checkpointed and resumed by a
 callback ([`~hf_compress.distillation.callbacks.HiddenProjectionCheckpoint`]); the training loop, saving,
 evaluation and distribution are the Trainer's.
+The loss terms are plain functions: the head's logit terms in [`~hf_compress.distillation.logit_terms`], the
+hidden-state / attention terms and their layer map in [`~hf_compress.distillation.intermediate`], the teacher
+forward in [`~hf_compress.distillation.teacher`].
 """
 
 from __future__ import annotations
@@ -33,12 +36,18 @@ from hf_compress.distillation.checks import (
     LabelChecker,
     check_finite_components,
     check_input_vocabulary,
-    check_layer_map,
     label_classes,
 )
 from hf_compress.distillation.components import LossComponents
-from hf_compress.distillation.config import default_layer_map, distillation_options
-from hf_compress.distillation.losses import attention_loss, distillation_loss, hidden_state_loss, soft_loss
+from hf_compress.distillation.config import distillation_options
+from hf_compress.distillation.intermediate import (
+    mapped_attention_loss,
+    mapped_hidden_loss,
+    output_flags,
+    projection_widths,
+    resolve_layer_map,
+)
+from hf_compress.distillation.logit_terms import logit_terms, pop_targets
 from hf_compress.distillation.on_policy import (
     GENERATED_KEY,
     TRL_COLUMNS,
@@ -48,15 +57,18 @@ from hf_compress.distillation.on_policy import (
     special_token_ids,
 )
 from hf_compress.distillation.placement import placement_for, prepare_teacher
-from hf_compress.distillation.teacher import DISTILLED_HEADS, build_teacher, check_compatible, distilled_head
+from hf_compress.distillation.teacher import (
+    DISTILLED_HEADS,
+    build_teacher,
+    check_compatible,
+    distilled_head,
+    teacher_forward,
+)
 from hf_compress.distributed import register_auto_shutdown
 
 __all__ = ["DistillationTrainer"]
 
 logger = logging.get_logger(__name__)
-
-# Output logits -> the input key holding their targets.
-TARGETS = {"qa": {"start_logits": "start_positions", "end_logits": "end_positions"}}
 
 
 class DistillationTrainer(Trainer):
@@ -184,37 +196,10 @@ class DistillationTrainer(Trainer):
 
     def _configure_intermediate_losses(self, student: nn.Module, teacher: nn.Module) -> None:
         kd = self.distillation_args
-        self.layer_map: dict[int, int] = {}
+        self.layer_map: dict[int, int] = resolve_layer_map(kd, student, teacher, self._head)
         self.hidden_projection = None
-        if teacher is not None and kd["layer_map"]:  # checked whether or not a hidden / attention loss reads it
-            check_layer_map(kd["layer_map"], student.config.num_hidden_layers, teacher.config.num_hidden_layers)
-        if kd["hidden_loss_weight"] == 0 and kd["attention_loss_weight"] == 0:
-            return
-        if teacher is None:
-            raise ValueError(
-                "`hidden_loss_weight` and `attention_loss_weight` must be 0 with cached teacher outputs (no teacher "
-                f"states are stored), got {kd['hidden_loss_weight']} and {kd['attention_loss_weight']}."
-            )
-        if self._head == "seq2seq_lm":
-            raise ValueError(
-                "`hidden_loss_weight` and `attention_loss_weight` must be 0 for encoder-decoder students, got "
-                f"{kd['hidden_loss_weight']} and {kd['attention_loss_weight']}."
-            )
-        n_student, n_teacher = student.config.num_hidden_layers, teacher.config.num_hidden_layers
-        self.layer_map = kd["layer_map"] or default_layer_map(n_student, n_teacher)
-        if kd["attention_loss_weight"] > 0:
-            heads = (student.config.num_attention_heads, teacher.config.num_attention_heads)
-            if heads[0] != heads[1]:
-                raise ValueError(
-                    f"`attention_loss_weight` needs equal head counts, got student {heads[0]} and teacher "
-                    f"{heads[1]}; set `attention_loss_weight=0`."
-                )
-            for m in (student, teacher):
-                if m.config._attn_implementation != "eager":
-                    logger.info(f"Switching {type(m).__name__} to eager attention to return attention maps.")
-                    m.set_attn_implementation("eager")
-        widths = (student.config.hidden_size, teacher.config.hidden_size)
-        if kd["hidden_loss_weight"] > 0 and widths[0] != widths[1]:
+        widths = projection_widths(kd, student, teacher) if self.layer_map else None  # {}: no intermediate loss
+        if widths is not None:
             if self.optimizer is not None:
                 logger.warning("A custom optimizer was passed: add `trainer.hidden_projection` parameters to it.")
             projection = HiddenProjection(len(self.layer_map), *widths).to(self.accelerator.device)
@@ -274,17 +259,12 @@ class DistillationTrainer(Trainer):
         # Student-generated completions: soft term only (no cross-entropy on the student's own samples).
         alpha = 1.0 if inputs.pop(GENERATED_KEY, None) == "student" else kd["alpha"]
         teacher_outputs = pop_teacher_outputs(inputs)
-        pairs = TARGETS.get(self._head, {"logits": "labels"})
-        targets = {key: inputs.pop(key) for key in list(pairs.values()) if key in inputs}
+        targets = pop_targets(self._head, inputs)
         self._check_labels(targets.get("labels"), self.state.global_step, 1 - kd["alpha"])
         if self._head == "seq2seq_lm" and "labels" in targets and "decoder_input_ids" not in inputs:
             student = unwrap_peft_model(self.accelerator.unwrap_model(model))
             inputs["decoder_input_ids"] = student.prepare_decoder_input_ids_from_labels(labels=targets["labels"])
-        flags = {}
-        if kd["hidden_loss_weight"] > 0:
-            flags["output_hidden_states"] = True
-        if kd["attention_loss_weight"] > 0:
-            flags["output_attentions"] = True
+        flags = output_flags(kd)
         if teacher_outputs is None:  # teacher first: its activations are freed before the student's graph is built
             teacher_outputs = self._teacher_forward(inputs, flags)
         elif flags:
@@ -294,15 +274,18 @@ class DistillationTrainer(Trainer):
             )
         outputs = model(**inputs, **flags)
 
-        token_loss, components = self._logit_terms(
-            outputs, teacher_outputs, inputs, targets, num_items_in_batch, alpha
+        smoothing = self.args.label_smoothing_factor
+        token_loss, components = logit_terms(
+            self._head, outputs, teacher_outputs, inputs, targets, kd, alpha, num_items_in_batch, smoothing
         )
-        aux = 0.0
+        aux, mask = 0.0, inputs.get("attention_mask")
         if kd["hidden_loss_weight"] > 0:
-            components["loss_hidden"] = self._hidden_loss(outputs, teacher_outputs, inputs.get("attention_mask"))
+            components["loss_hidden"] = mapped_hidden_loss(
+                outputs, teacher_outputs, self.layer_map, kd["hidden_loss"], mask, self.hidden_projection
+            )
             aux = aux + kd["hidden_loss_weight"] * components["loss_hidden"]
         if kd["attention_loss_weight"] > 0:
-            components["loss_attention"] = self._attention_loss(outputs, teacher_outputs, inputs.get("attention_mask"))
+            components["loss_attention"] = mapped_attention_loss(outputs, teacher_outputs, self.layer_map, mask)
             aux = aux + kd["attention_loss_weight"] * components["loss_attention"]
         check_finite_components(components, self.state.global_step)  # before backward and the optimizer step
 
@@ -329,64 +312,7 @@ class DistillationTrainer(Trainer):
                 f"`teacher_model` is None but a batch has no cached teacher columns ({', '.join(CACHE_COLUMNS)}); "
                 "pass the teacher or cache its outputs for this dataset too."
             )
-        teacher_flags = {**flags, "use_cache": False} if self._head in ("causal_lm", "seq2seq_lm") else flags
-        # inference_mode skips autograd bookkeeping entirely; its tensors cannot be saved for backward: the logit
-        # losses only read teacher rows into fresh buffers, but the hidden-state / attention losses might save them.
-        context = torch.no_grad() if flags else torch.inference_mode()
-        with context:
-            return self.teacher_model(**inputs, **teacher_flags)
-
-    def _logit_terms(self, outputs, teacher_outputs, inputs, targets, num_items_in_batch, alpha):
-        """`alpha * soft + (1 - alpha) * hard` over the head's logits (start and end logits averaged for QA)."""
-        kd = self.distillation_args
-        common = dict(
-            temperature=kd["temperature"],
-            divergence=kd["distillation_loss"],
-            beta=kd["jsd_beta"],
-            chunk_size=kd["loss_chunk_size"],
-        )
-        pairs = TARGETS.get(self._head, {"logits": "labels"})
-        total, soft, hard = 0.0, 0.0, 0.0
-        for logits_key, target_key in pairs.items():
-            student, teacher = _get(outputs, logits_key, "student"), _get(teacher_outputs, logits_key, "teacher")
-            labels = targets.get(target_key)
-            if labels is not None and self._head == "qa":  # out-of-span positions are ignored, as in the model
-                labels = labels.reshape(-1)
-                labels = labels.clamp(0, student.shape[1]).masked_fill(labels >= student.shape[1], -100)
-            if labels is None and student.dim() == 3:  # soft term only, over the non-padding positions
-                mask = inputs.get("decoder_attention_mask" if self._head == "seq2seq_lm" else "attention_mask")
-                part = soft_loss(student, teacher, None if mask is None else mask.bool(), **common)
-                parts = {"soft": part, "hard": torch.zeros_like(part)}
-            else:
-                part, parts = distillation_loss(
-                    student,
-                    teacher,
-                    labels,
-                    alpha=alpha,
-                    shift_labels=self._head == "causal_lm",
-                    num_items_in_batch=num_items_in_batch,
-                    label_smoothing=self.args.label_smoothing_factor,
-                    return_components=True,
-                    **common,
-                )
-            total, soft, hard = total + part, soft + parts["soft"], hard + parts["hard"]
-        n = len(pairs)
-        return total / n, {"loss_soft": soft / n, "loss_hard": hard / n}
-
-    def _attention_loss(self, outputs, teacher_outputs, mask) -> torch.Tensor:
-        student_maps, teacher_maps = outputs.attentions, teacher_outputs.attentions
-        losses = [attention_loss(student_maps[s], teacher_maps[t], mask) for s, t in self.layer_map.items()]
-        return torch.stack(losses).mean()
-
-    def _hidden_loss(self, outputs, teacher_outputs, mask) -> torch.Tensor:
-        # hidden_states[0] is the embedding output, so transformer layer i is hidden_states[i + 1].
-        student_states = [outputs.hidden_states[s + 1] for s in self.layer_map]
-        teacher_states = [teacher_outputs.hidden_states[t + 1] for t in self.layer_map.values()]
-        if self.hidden_projection is not None:
-            student_states = self.hidden_projection(student_states)
-        kind = self.distillation_args["hidden_loss"]
-        losses = [hidden_state_loss(s, t, kind, mask) for s, t in zip(student_states, teacher_states)]
-        return torch.stack(losses).mean()
+        return teacher_forward(self.teacher_model, inputs, flags, self._head)
 
     # ---- logging -----------------------------------------------------------------------------------------------
 
@@ -444,11 +370,3 @@ class DistillationTrainer(Trainer):
                     language=language,
                     license=license,
                 )
-
-
-def _get(outputs, key: str, who: str) -> torch.Tensor:
-    value = outputs.get(key) if hasattr(outputs, "get") else None
-    if value is None:
-        keys = list(outputs.keys()) if hasattr(outputs, "keys") else type(outputs).__name__
-        raise ValueError(f"The {who} model must return `{key}` to be distilled, got outputs {keys}.")
-    return value
