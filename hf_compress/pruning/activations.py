@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from hf_compress.models.families import block_module, get_layers, head_counts, unwrap
-from hf_compress.pruning.hidden import hidden_layout
+from hf_compress.pruning.hidden_channels import hidden_layout
 from hf_compress.pruning.importance import head_groups
 from hf_compress.pruning.surgery import skip_layers
 

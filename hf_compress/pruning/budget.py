@@ -33,7 +33,8 @@ from hf_compress.models.families import (
 )
 from hf_compress.models.hidden_sizes import hidden_multiple
 from hf_compress.pruning.activations import ActivationScores, activation_scores, block_skip_scores, kl_to_reference
-from hf_compress.pruning.hidden import hidden_layout, prune_hidden
+from hf_compress.pruning.hidden import prune_hidden
+from hf_compress.pruning.hidden_channels import hidden_layout
 from hf_compress.pruning.importance import block_influence_scores, head_groups
 from hf_compress.pruning.surgery import drop_layers, prune_ffn_neurons, prune_heads
 

@@ -43,19 +43,9 @@ from transformers.utils import logging
 
 from hf_compress.distributed import register_auto_shutdown
 from hf_compress.models.families import get_family, unwrap
-from hf_compress.models.hidden_sizes import hidden_multiple
-from hf_compress.pruning.activations import activation_scores, block_skip_scores, hidden_weight_scores
-from hf_compress.pruning.budget import search_budget
 from hf_compress.pruning.checks import check_complete_checkpoint, check_hidden_supported, check_schedule
 from hf_compress.pruning.config import PruningConfig
-from hf_compress.pruning.importance import (
-    block_influence_scores,
-    head_groups,
-    layer_scores,
-    layer_unit_scores,
-    unit_layout,
-    unit_scores,
-)
+from hf_compress.pruning.importance import unit_layout
 from hf_compress.pruning.log_order import log_before_integrations
 from hf_compress.pruning.masks import (
     MASKS_NAME,
@@ -66,11 +56,19 @@ from hf_compress.pruning.masks import (
     mask_optimizer_state,
     mask_weights,
     parameter_masks,
-    removes_more,
     save_masks,
     select_units,
 )
-from hf_compress.pruning.schedules import is_pruning_step, kept_hidden_size, sparsity_at
+from hf_compress.pruning.schedules import is_pruning_step, sparsity_at
+from hf_compress.pruning.selection import (
+    add_taylor_scores,
+    budget_masks,
+    hidden_step_sparsity,
+    masks_from_weights,
+    removes_more_units,
+    select_heads,
+    step_scores,
+)
 from hf_compress.pruning.sharded import remove_masked
 from hf_compress.pruning.surgery import skip_layers
 from hf_compress.pruning.unstructured import magnitude_masks, prunable_weights
@@ -122,14 +120,6 @@ def _check_model(model: torch.nn.Module, config: PruningConfig) -> None:
             f"({model_type}) does not expose; prune `targets` such as 'hidden', 'heads' or 'layers' with "
             "`importance='magnitude'` or 'taylor', and expert neurons with `experts.prune_expert_neurons`."
         )
-
-
-def _uniform_heads(masks: PruningMasks) -> int | None:
-    """Query heads every kept block keeps under ``masks`` (what surgery writes to the config), ``None`` if they differ
-    or heads are not pruned (the config's count stays)."""
-    kept = range(len(masks.heads)) if masks.layers is None else masks.layers.nonzero().flatten().tolist()
-    counts = {int(masks.heads[layer].sum()) for layer in kept if layer in masks.heads}
-    return counts.pop() if len(counts) == 1 else None
 
 
 class PruningCallback(TrainerCallback):
@@ -316,46 +306,17 @@ class PruningCallback(TrainerCallback):
     def _accumulate_taylor(self, model) -> None:
         """Add this step's ``sum |w * grad|`` of every unit; the sums stay on the model's device (no host sync)."""
         for target in self.config.structured_targets:
-            if target == "layers":
-                scores = {"layers": layer_scores(model, "taylor")}
-            elif target == "hidden":
-                scores = {"hidden": hidden_weight_scores(model, "taylor")}
-            else:
-                layout = self._layout(model, target)
-                scores = {f"{target}.{i}": layer_unit_scores(n, rows, "taylor") for i, (n, rows) in layout.items()}
-            for key, value in scores.items():
-                total = self._taylor.get(key)
-                self._taylor[key] = value if total is None else total.to(value.device) + value
+            layout = self._layout(model, target) if target in ("heads", "ffn_neurons") else None
+            add_taylor_scores(self._taylor, model, target, layout)
 
     def _scores(self, target: str, args, model, train_dataloader) -> dict[int, torch.Tensor]:
         importance = self.config.importance
         if importance == "taylor" and not self._taylor:
             logger.warning(f"No Taylor scores were accumulated before pruning {target}; using magnitude instead.")
             importance = "magnitude"
-        if target == "layers":
-            if importance == "activation":  # the damage of skipping each block
-                scores = block_skip_scores(model, self._calibration(args, train_dataloader))
-            elif importance == "block_influence":
-                # ShortGPT removes the blocks that change their input the least: low influence = low importance.
-                scores = block_influence_scores(model, self._calibration(args, train_dataloader))
-            elif importance == "taylor":
-                scores = self._taylor["layers"]
-            else:
-                scores = layer_scores(model, "magnitude")
-            return {0: _mean_over_ranks(scores, args.device)}
-        if target == "hidden":
-            if importance == "activation":
-                scores = activation_scores(model, self._calibration(args, train_dataloader)).hidden
-            else:
-                scores = self._taylor["hidden"] if importance == "taylor" else hidden_weight_scores(model)
-            return {0: _mean_over_ranks(scores, args.device)}
-        if importance == "activation":
-            found = activation_scores(model, self._calibration(args, train_dataloader))
-            scores = found.head_group_scores(unwrap(model)) if target == "heads" else found.ffn_neurons
-        elif importance == "taylor":
-            scores = {int(k.split(".")[1]): v for k, v in self._taylor.items() if k.startswith(f"{target}.")}
-        else:
-            scores = unit_scores(model, target, "magnitude", layout=self._layout(model, target))
+        layout = self._layout(model, target) if target in ("heads", "ffn_neurons") else None
+        batches = self._calibration(args, train_dataloader)  # a generator: read only by calibrated importances
+        scores = step_scores(model, target, importance, self._taylor, batches, layout)
         return {layer: _mean_over_ranks(value, args.device) for layer, value in scores.items()}
 
     def _calibration(self, args, train_dataloader):
@@ -384,7 +345,7 @@ class PruningCallback(TrainerCallback):
         for target in sorted(config.targets, key=lambda t: t == "hidden"):  # hidden last: it reads the head masks
             sparsity = self._target_sparsity(target, step)
             if target == "hidden":
-                sparsity = self._hidden_sparsity(model, masks, sparsity)
+                sparsity = hidden_step_sparsity(model, masks, sparsity)
             # Skip scoring when the masks would come back unchanged. Block influence still runs: its calibration
             # DataLoader advances the global RNG, which the rest of training depends on.
             calibrated = config.importance in ("block_influence", "activation")
@@ -402,7 +363,9 @@ class PruningCallback(TrainerCallback):
             elif target == "ffn_neurons":
                 masks.ffn_neurons = select_units(scores, masks.ffn_neurons, sparsity, config.scope, min_keep=1)
             else:
-                masks.heads = self._select_heads(model, scores, sparsity)
+                layout = self._layout(model, "heads")
+                minimum = config.min_heads_per_layer
+                masks.heads = select_heads(self.masks.heads, scores, layout, sparsity, config.scope, minimum)
         masks = _broadcast(masks, args.device)
         if not masks.equals(self.masks):
             self._updates += 1
@@ -411,49 +374,15 @@ class PruningCallback(TrainerCallback):
         if logger.isEnabledFor(logging.INFO):  # `sparsity()` counts every mask
             logger.info(f"Pruning step {step}: sparsity {self.masks.sparsity()}")
 
-    def _hidden_sparsity(self, model, masks: PruningMasks, sparsity: float) -> float:
-        """``sparsity`` of the hidden target moved so that the kept size is one the config can save (see
-        :func:`~hf_compress.pruning.schedules.kept_hidden_size`), for the head count surgery will write."""
-        size = masks.hidden.numel()
-        multiple = hidden_multiple(unwrap(model).config, _uniform_heads(masks))
-        return (size - kept_hidden_size(size, sparsity, multiple, int(masks.hidden.sum()))) / size
-
     def _budget_masks(self, args, model, train_dataloader) -> PruningMasks:
         """Masks of the shape the budget search picks (rank 0 prints the candidates table)."""
         batches = list(self._calibration(args, train_dataloader))
-        count = self.config.budget_candidates
-        verbose = args.process_index == 0
-        result = search_budget(unwrap(model), self.config.budget, batches, max_candidates=count, verbose=verbose)
-        self.budget_table = result.table
-        masks = PruningMasks.full(model, list(self.config.targets))
-        for target in ("heads", "ffn_neurons"):
-            for layer, indices in result.removed[target].items():
-                getattr(masks, target)[layer][indices] = False
-        for target in ("hidden", "layers"):
-            getattr(masks, target)[result.removed[target]] = False
+        masks, self.budget_table = budget_masks(model, self.config, batches, verbose=args.process_index == 0)
         return masks
 
     def _removes_more(self, model, target: str, sparsity: float) -> bool:
-        masks, scope = self.masks, self.config.scope
-        if target == "unstructured":
-            return removes_more(masks.weights, sparsity, scope)
-        if target in ("layers", "hidden"):
-            return removes_more({0: getattr(masks, target)}, sparsity, "local")
-        if target == "ffn_neurons":
-            return removes_more(masks.ffn_neurons, sparsity, scope)
-        layout = self._layout(model, "heads")  # the unit is a head group: `view(groups, -1)` of a layer's heads
-        groups = {layer: keep.view(layout[layer][0], -1).all(1) for layer, keep in masks.heads.items()}
-        return removes_more(groups, sparsity, scope)
-
-    def _select_heads(self, model, scores, sparsity) -> dict[int, torch.Tensor]:
-        """Select whole head groups (single heads without GQA); ``min_heads_per_layer`` is rounded up to groups."""
-        layout = self._layout(model, "heads")  # layer -> (number of groups, ...); a group is consecutive heads
-        keep = {layer: self.masks.heads[layer].view(layout[layer][0], -1).all(1) for layer in scores}
-        sizes = {layer: self.masks.heads[layer].numel() // layout[layer][0] for layer in scores}
-        size = sizes[0]
-        min_groups = -(-self.config.min_heads_per_layer // size)
-        new = select_units(scores, keep, sparsity, self.config.scope, min_keep=min_groups)
-        return {layer: new[layer].repeat_interleave(size) for layer in scores}
+        layout = self._layout(model, "heads") if target == "heads" else None
+        return removes_more_units(self.masks, target, sparsity, self.config.scope, layout)
 
     def _restore(self, checkpoint: str, model) -> None:
         path = os.path.join(checkpoint, MASKS_NAME)
@@ -462,16 +391,7 @@ class PruningCallback(TrainerCallback):
             return
         # Resuming from a checkpoint outside `args.output_dir`: removed structure is exactly zero in the weights.
         logger.warning(f"No {MASKS_NAME} in {checkpoint}; rebuilding head/neuron/weight masks from zeroed weights.")
-        for target in ("heads", "ffn_neurons"):
-            if target in self.config.targets:
-                alive = {layer: s > 0 for layer, s in unit_scores(model, target, "magnitude").items()}
-                if target == "heads":
-                    alive = {k: v.repeat_interleave(len(head_groups(model, k)[0])) for k, v in alive.items()}
-                setattr(self.masks, target, alive)
-        if "hidden" in self.config.targets:
-            self.masks.hidden = hidden_weight_scores(model) > 0
-        weights = prunable_weights(model)
-        self.masks.weights = {name: weights[name].detach().cpu() != 0 for name in self.masks.weights}
+        masks_from_weights(model, self.masks, self.config.targets)
 
     def _physical_removal(self, model) -> None:
         targets = self.config.structured_targets

@@ -19,7 +19,7 @@ from torch import nn
 
 from hf_compress.checks import readable_weights
 from hf_compress.models.families import ffn_size, get_layers, head_counts, head_slices, neuron_slices, unwrap
-from hf_compress.pruning.hidden import hidden_carriers, hidden_size
+from hf_compress.pruning.hidden_channels import hidden_carriers, hidden_size
 from hf_compress.pruning.importance import normalize_per_layer
 from hf_compress.pruning.schedules import units_to_remove
 
