@@ -8,7 +8,8 @@ GLUE dev set, at the same thread count:
   ONNX Runtime in fp32 and ``quantize_dynamic`` int8: what a user would pick instead of compressing;
 * ``<float>`` and ``<final>``: our float stage the int8 stage came from (``pruned`` in the quick start) and the final
   int8 stage, in PyTorch (``hf_compress.from_pretrained``);
-* ``<float>-onnx`` / ``<float>-onnx-int8``: our float stage exported and run by ONNX Runtime.
+* ``<float>-onnx`` / ``<float>-onnx-int8``: our float stage exported and run by ONNX Runtime;
+  ``<float>-onnx-int8-emb4``: the same int8 graph with our 4-bit word-embedding table (``embedding_bits=4``).
 
 Columns: accuracy, retention, weight bytes (``*.safetensors`` of a PyTorch folder, the ``.onnx`` file of a graph),
 median latency at batch 1 and 32 (the first 32 dev sentences padded to 64 tokens, every row timed interleaved),
@@ -166,7 +167,11 @@ def measure(stages: dict[str, Path], workdir: Path, size: dict, threads: int, no
             continue  # our int8 modules have no ONNX form: the float stage's int8 graph is their ONNX counterpart
         print(f"exporting {path} ...", flush=True)
         exports[names[key]] = export = export_onnx(path, workdir / key)
-        for suffix, graph in (("onnx", export.model), ("onnx-int8", export.quantized)):
+        graphs = [("onnx", export.model), ("onnx-int8", export.quantized)]
+        if key == "float":  # the same graph with our 4-bit word-embedding table (recipes' `embedding_bits: 4`)
+            exports[f"{names[key]}-emb4"] = emb4 = export_onnx(path, workdir / "float-emb4", embedding_bits=4)
+            graphs.append(("onnx-int8-emb4", emb4.quantized))
+        for suffix, graph in graphs:
             session = onnx_session(graph, num_threads=threads)
             rows[f"{names[key]}-{suffix}"] = {
                 "runtime": "onnxruntime",
@@ -180,6 +185,8 @@ def measure(stages: dict[str, Path], workdir: Path, size: dict, threads: int, no
         if node:
             expected = torch_labels(model, tokenizer)
             js = {dtype: node_labels(workdir / key, dtype) for dtype in ("fp32", "q8")}
+            if key == "float":
+                js["q8_emb4"] = node_labels(workdir / "float-emb4", "q8")
             same = {f"{dtype}_same_labels": js[dtype] == expected for dtype in js if js[dtype] is not None}
             labels[names[key]] = {"sentences": list(SENTENCES), "pytorch": expected, **js, **same}
     print("timing ...", flush=True)

@@ -34,6 +34,7 @@ import yaml
 from torch import nn
 from transformers import AutoTokenizer
 
+from hf_compress.export.embeddings import EMBEDDING_BITS, quantize_word_embeddings
 from hf_compress.export.runtime import onnx_session, require, run_onnx
 from hf_compress.loading import from_pretrained
 from hf_compress.models.heads import detect_head
@@ -165,6 +166,22 @@ def _load_tokenizer(folder: Path):
     ) from error
 
 
+def _check_embedding_table(model: nn.Module, group_size: int) -> None:
+    """Refuse `embedding_bits=4` before tracing: a table tied to the LM head, or a group size the width can't take."""
+    table, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is not None and head.weight is table.weight:
+        raise ValueError(
+            f"`embedding_bits=4`: the word embeddings of this {type(model).__name__} are tied to its LM head, which "
+            "must stay a full matmul; export with `embedding_bits=8`."
+        )
+    width = table.weight.shape[1]
+    if not isinstance(group_size, int) or group_size < 2 or group_size % 2 or width % group_size:
+        raise ValueError(
+            f"`embedding_group_size` must be an even divisor of the hidden size {width}, got {group_size!r}; "
+            "try 64 or 32."
+        )
+
+
 def _input_names(model: nn.Module, tokenizer) -> list[str]:
     names = ["input_ids", "attention_mask"]
     takes = inspect.signature(model.forward).parameters
@@ -216,6 +233,8 @@ def export_onnx(
     atol: float = 1e-4,
     rtol: float = 1e-3,
     per_channel: bool = False,
+    embedding_bits: int = 8,
+    embedding_group_size: int = 64,
 ) -> OnnxExport:
     """Export a float model folder to `onnx/model.onnx` and `onnx/model_quantized.onnx` (transformers.js layout).
 
@@ -243,6 +262,13 @@ def export_onnx(
             Relative tolerance of the float check.
         per_channel (`bool`, *optional*, defaults to `False`):
             Per-channel weight scales in `quantize_dynamic`.
+        embedding_bits (`int`, *optional*, defaults to 8):
+            Word-embedding table of `model_quantized.onnx`: 8 is ONNX Runtime's int8 Gather; 4 stores it as the
+            4-bit table of our PyTorch int4 stage (fp16 scale and offset per `embedding_group_size` columns, decoded
+            with standard ONNX operators: see `hf_compress.export.embeddings`), about half the bytes of the int8
+            table. Needs `quantize=True` and an embedding not tied to an LM head.
+        embedding_group_size (`int`, *optional*, defaults to 64):
+            Columns per scale / offset pair of the 4-bit table; an even divisor of the hidden size.
 
     Returns:
         [`OnnxExport`]: paths, sizes and measured differences.
@@ -256,6 +282,10 @@ def export_onnx(
     """
     folder = Path(folder)
     _check_folder(folder)
+    if embedding_bits not in EMBEDDING_BITS:
+        raise ValueError(f"`embedding_bits` must be one of {EMBEDDING_BITS}, got {embedding_bits!r}.")
+    if embedding_bits == 4 and not quantize:
+        raise ValueError("`embedding_bits=4` sets the table of `model_quantized.onnx`: it needs `quantize=True`.")
     if len(check_texts) < 2 or not all(isinstance(t, str) and t for t in check_texts):
         raise ValueError(f"`check_texts` must hold at least two non-empty strings, got {list(check_texts)!r}.")
     require("onnx")
@@ -270,6 +300,8 @@ def export_onnx(
             f"heads: {[h for h in OUTPUTS if h]} and models without a head."
         )
     output_name = OUTPUTS[head]
+    if embedding_bits == 4:
+        _check_embedding_table(model, embedding_group_size)
     names = _input_names(model, tokenizer)
     root = Path(output) if output is not None else folder
     (root / "onnx").mkdir(parents=True, exist_ok=True)
@@ -299,8 +331,16 @@ def export_onnx(
 
     if quantize:
         quantized = root / "onnx" / "model_quantized.onnx"
+        source, excluded = str(path), []
+        if embedding_bits == 4:  # our 4-bit table first; the quantiser then leaves its decode nodes alone
+            source = require("onnx").load(str(path))
+            excluded = quantize_word_embeddings(source, embedding_group_size, input_name=names[0])
         ort_quantization.quantize_dynamic(
-            str(path), str(quantized), weight_type=ort_quantization.QuantType.QInt8, per_channel=per_channel
+            source,
+            str(quantized),
+            weight_type=ort_quantization.QuantType.QInt8,
+            per_channel=per_channel,
+            nodes_to_exclude=excluded,
         )
         result.quantized, result.quantized_bytes = str(quantized), quantized.stat().st_size
 

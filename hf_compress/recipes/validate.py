@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from hf_compress.export import export_onnx
+from hf_compress.export.embeddings import EMBEDDING_BITS
 from hf_compress.quantization.quantize import quantize_model
 from hf_compress.recipes.checks import check_corpus_files, check_data, check_stage_order, check_teacher
 from hf_compress.recipes.schema import (
@@ -100,9 +101,25 @@ def _stage(raw: Any, index: int) -> Stage:
         stage.vocabulary = function_kwargs(prune_vocabulary, stage.vocabulary, f"{path}.vocabulary", skip=3)
     if kind == "export_onnx":  # folder and output come from the pipeline
         stage.export = function_kwargs(export_onnx, stage.export, f"{path}.export", skip=2)
+        check_export_values(stage.export, f"{path}.export")
     if kind == "distill":
         stage.student = student_kwargs(stage.student, f"{path}.student")
     return stage
+
+
+def check_export_values(export: dict[str, Any], path: str) -> None:
+    """The ``export_onnx`` values that can be judged before training: table bits, their quantize flag, group size."""
+    bits = export.get("embedding_bits", 8)
+    if bits not in EMBEDDING_BITS:
+        raise RecipeError(f"`{path}.embedding_bits` is {bits!r}; use one of {list(EMBEDDING_BITS)}.")
+    if bits == 4 and export.get("quantize", True) is False:
+        raise RecipeError(
+            f"`{path}.embedding_bits` is 4 but `{path}.quantize` is false; the 4-bit table lives in "
+            "`model_quantized.onnx`: drop one of them."
+        )
+    group = export.get("embedding_group_size", 64)
+    if group < 2 or group % 2:
+        raise RecipeError(f"`{path}.embedding_group_size` is {group!r}; use an even number such as 64 or 32.")
 
 
 def validate(recipe: dict[str, Any] | Recipe, base_dir: str | Path | None = None) -> Recipe:

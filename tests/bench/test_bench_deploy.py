@@ -17,7 +17,8 @@ import pytest
 pytest.importorskip("onnxruntime", reason='needs the ONNX extra: pip install "hf-compress[onnx]"')
 
 REPO = Path(__file__).resolve().parents[2]
-ROWS = ["teacher", "teacher-onnx", "teacher-onnx-int8", "pruned", "pruned-onnx", "pruned-onnx-int8", "int8"]
+ROWS = ["teacher", "teacher-onnx", "teacher-onnx-int8", "pruned", "pruned-onnx", "pruned-onnx-int8",
+        "pruned-onnx-int8-emb4", "int8"]  # fmt: skip
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess:
@@ -37,13 +38,15 @@ def test_tiny_deploy_bench(tmp_path):
     assert list(rows) == ROWS
     assert [rows[name]["runtime"] for name in ROWS] == ["pytorch", *["onnxruntime"] * 2, "pytorch"] + [
         "onnxruntime"
-    ] * 2 + ["pytorch"]
+    ] * 3 + ["pytorch"]
     # the float graphs compute what PyTorch computes: same predictions on the same 64 sentences
     assert rows["teacher-onnx"]["accuracy"] == rows["teacher"]["accuracy"]
     assert rows["pruned-onnx"]["accuracy"] == rows["pruned"]["accuracy"]
     assert rows["teacher-onnx-int8"]["weight_bytes"] < 0.5 * rows["teacher-onnx"]["weight_bytes"]
     assert rows["pruned-onnx"]["weight_bytes"] < 0.5 * rows["teacher-onnx"]["weight_bytes"]  # vocabulary + heads
     assert payload["exports"]["pruned"]["max_abs_diff"] < 1e-4
+    # the 4-bit word-embedding table: a smaller int8 graph (the table is most of a vocabulary-pruned tiny model)
+    assert rows["pruned-onnx-int8-emb4"]["weight_bytes"] < 0.9 * rows["pruned-onnx-int8"]["weight_bytes"]
 
     teacher, onnx_int8 = rows["teacher"], rows["teacher-onnx-int8"]
     for row in rows.values():

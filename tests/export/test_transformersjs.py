@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import pipeline
 
-from hf_compress.export import export_onnx
+from hf_compress.export import export_onnx, onnx_session, run_onnx
 from hf_compress.loading import from_pretrained
 from hf_compress.pruning.surgery import prune_heads
 from tests.export.conftest import SENTENCES, save_folder, tiny_classifier, wordpiece_tokenizer
@@ -71,6 +71,20 @@ def test_transformersjs_classifies_like_pytorch(exported):
 
     q8 = classify_with_node(exported, "q8")  # onnx/model_quantized.onnx
     assert [p["label"] for p in q8] == [p["label"] for p in expected]
+
+
+def test_transformersjs_runs_the_4_bit_embedding_graph(exported, tmp_path):
+    """`embedding_bits=4` uses standard operators only: transformers.js' q8 path runs it like ONNX Runtime."""
+    result = export_onnx(exported, tmp_path / "q4", embedding_bits=4, embedding_group_size=32)
+    session = onnx_session(result.quantized)
+    tokenizer = wordpiece_tokenizer()
+    logits = run_onnx(session, dict(tokenizer(list(SENTENCES), padding=True, return_tensors="pt")))
+    probabilities = torch.softmax(torch.from_numpy(logits), -1).max(-1).values.tolist()
+
+    q8 = classify_with_node(tmp_path / "q4", "q8")
+
+    assert [p["label"] for p in q8] == ["positive", "negative"]
+    assert [p["score"] for p in q8] == pytest.approx(probabilities, abs=1e-4)
 
 
 def test_remote_models_are_off(tmp_path):
