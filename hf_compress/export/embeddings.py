@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hf_compress.quantization.layers import quantize_groups
+from hf_compress.quantization.layers import check_group_size, quantize_groups
 
 __all__ = ["EMBEDDING_BITS", "quantize_word_embeddings", "word_embedding_gather"]
 
@@ -94,10 +94,7 @@ def quantize_word_embeddings(model: Any, group_size: int = 64, input_name: str =
     inits = _initializers(model)
     table = numpy_helper.to_array(inits[node.input[0]])
     rows, cols = table.shape
-    if not isinstance(group_size, int) or group_size < 2 or group_size % 2 or cols % group_size:
-        raise ValueError(
-            f"`group_size` must be an even divisor of the hidden size {cols}, got {group_size!r}; try 64 or 32."
-        )
+    check_group_size(group_size, cols)
     packed, scale, offset = (t.numpy() for t in quantize_groups(torch.from_numpy(np.array(table)), group_size))
     base = node.input[0].replace("/", "_").replace(".", "_") + "_q4"
     groups = cols // group_size

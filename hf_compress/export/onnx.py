@@ -38,6 +38,7 @@ from hf_compress.export.embeddings import EMBEDDING_BITS, quantize_word_embeddin
 from hf_compress.export.runtime import onnx_session, require, run_onnx
 from hf_compress.loading import from_pretrained
 from hf_compress.models.heads import detect_head
+from hf_compress.quantization.layers import check_group_size
 from hf_compress.quantization.quantize import QUANTIZATION_KEY, is_quantized
 
 __all__ = ["CHECK_TEXTS", "OUTPUTS", "OnnxExport", "export_onnx", "float_source"]
@@ -174,12 +175,7 @@ def _check_embedding_table(model: nn.Module, group_size: int) -> None:
             f"`embedding_bits=4`: the word embeddings of this {type(model).__name__} are tied to its LM head, which "
             "must stay a full matmul; export with `embedding_bits=8`."
         )
-    width = table.weight.shape[1]
-    if not isinstance(group_size, int) or group_size < 2 or group_size % 2 or width % group_size:
-        raise ValueError(
-            f"`embedding_group_size` must be an even divisor of the hidden size {width}, got {group_size!r}; "
-            "try 64 or 32."
-        )
+    check_group_size(group_size, table.weight.shape[1], name="embedding_group_size")
 
 
 def _input_names(model: nn.Module, tokenizer) -> list[str]:

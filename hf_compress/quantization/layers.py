@@ -62,6 +62,14 @@ def quantize_rows(weight: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, to
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # candidate ranges of quantize_groups, fractions of min..max
 
 
+def check_group_size(group_size: object, cols: int | None = None, name: str = "group_size") -> None:
+    """The rule of :func:`quantize_groups`' groups: an even integer >= 2 dividing ``cols`` (when known)."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size % 2:
+        raise ValueError(f"`{name}` must be an even integer such as 64 or 32, got {group_size!r}.")
+    if cols is not None and cols % group_size:
+        raise ValueError(f"`{name}` must be an even divisor of the {cols} columns, got {group_size}; try 64 or 32.")
+
+
 def quantize_groups(weight: torch.Tensor, group_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric 4-bit quantisation of a 2-D tensor in groups of ``group_size`` columns per row.
 
@@ -73,8 +81,7 @@ def quantize_groups(weight: torch.Tensor, group_size: int = 64) -> tuple[torch.T
     if weight.dim() != 2:
         raise ValueError(f"`weight` must be 2-D, got shape {tuple(weight.shape)}.")
     rows, cols = weight.shape
-    if group_size < 2 or group_size % 2 or cols % group_size:
-        raise ValueError(f"`group_size` must be an even divisor of the {cols} columns, got {group_size}.")
+    check_group_size(group_size, cols)
     x = weight.detach().float().reshape(rows, cols // group_size, group_size)
     low, high = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
     best = best_err = None

@@ -23,6 +23,7 @@ from hf_compress.quantization.layers import (
     Compute,
     Int8Embedding,
     Int8Linear,
+    check_group_size,
     is_conv1d,
     quantize_groups,
     quantize_rows,
@@ -100,9 +101,8 @@ def quantize_model(
     check_compute(compute)
     if embedding_bits not in (4, 8):
         raise ValueError(f"`embedding_bits` must be 4 or 8, got {embedding_bits}.")
-    if embedding_group_size is not None and (not isinstance(embedding_group_size, int) or embedding_group_size < 2
-                                             or embedding_group_size % 2):  # fmt: skip
-        raise ValueError(f"`embedding_group_size` must be an even integer >= 2, got {embedding_group_size!r}.")
+    if embedding_group_size is not None:
+        check_group_size(embedding_group_size, name="embedding_group_size")
     for arg, patterns in (("modules", modules), ("exclude", exclude)):
         if patterns is not None and (isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns)):
             raise TypeError(f"`{arg}` must be a list of name patterns, got {patterns!r}.")
@@ -124,11 +124,7 @@ def quantize_model(
         width = tables[word].embedding_dim
         if embedding_group_size is None:
             embedding_group_size = math.gcd(width, 64)
-        if width % embedding_group_size or embedding_group_size % 2:
-            raise ValueError(
-                f"`embedding_group_size` {embedding_group_size} does not evenly divide the width {width} "
-                f"of `{word}` into even groups; pick an even divisor of {width}."
-            )
+        check_group_size(embedding_group_size, width, name="embedding_group_size")
     record, layouts = {}, {}
     for name in sorted(chosen):
         module, kind = candidates[name]

@@ -20,6 +20,7 @@ import yaml
 
 from hf_compress.export import export_onnx
 from hf_compress.export.embeddings import EMBEDDING_BITS
+from hf_compress.quantization.layers import check_group_size
 from hf_compress.quantization.quantize import quantize_model
 from hf_compress.recipes.checks import check_corpus_files, check_data, check_stage_order, check_teacher
 from hf_compress.recipes.schema import (
@@ -117,9 +118,10 @@ def check_export_values(export: dict[str, Any], path: str) -> None:
             f"`{path}.embedding_bits` is 4 but `{path}.quantize` is false; the 4-bit table lives in "
             "`model_quantized.onnx`: drop one of them."
         )
-    group = export.get("embedding_group_size", 64)
-    if group < 2 or group % 2:
-        raise RecipeError(f"`{path}.embedding_group_size` is {group!r}; use an even number such as 64 or 32.")
+    try:
+        check_group_size(export.get("embedding_group_size", 64), name=f"{path}.embedding_group_size")
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
 
 
 def validate(recipe: dict[str, Any] | Recipe, base_dir: str | Path | None = None) -> Recipe:

@@ -81,7 +81,7 @@ def test_export_with_4_bit_embeddings_is_smaller_and_agrees(tmp_path, tokenizer)
     [
         ({"embedding_bits": 3}, "`embedding_bits` must be one of"),
         ({"embedding_bits": 4, "quantize": False}, "needs `quantize=True`"),
-        ({"embedding_bits": 4, "embedding_group_size": 48}, "even divisor of the hidden size 64"),
+        ({"embedding_bits": 4, "embedding_group_size": 48}, "even divisor of the 64 columns"),
     ],
 )
 def test_bad_values_are_refused_before_anything_is_written(tmp_path, pruned_folder, kwargs, match):
@@ -124,7 +124,7 @@ def test_graph_whose_table_feeds_another_node_is_refused():
     [
         ({"embedding_bits": 2}, "embedding_bits` is 2"),
         ({"embedding_bits": 4, "quantize": False}, "quantize` is false"),
-        ({"embedding_group_size": 7}, "embedding_group_size` is 7"),
+        ({"embedding_group_size": 7}, "embedding_group_size` must be an even integer such as 64 or 32, got 7"),
     ],
 )
 def test_recipe_values_are_checked_before_training(export, match):

@@ -80,7 +80,7 @@ def test_int4_applies_to_the_word_table_only_and_legacy_files_still_load(tmp_pat
     assert embeddings.position_embeddings.bits == 8 and embeddings.position_embeddings.group_size is None
     record = getattr(model.config, QUANTIZATION_KEY)
     assert record["embeddings"]["bert.embeddings.word_embeddings"] == {"bits": 4, "group_size": 16}
-    with pytest.raises(ValueError, match="`embedding_group_size` 6 does not evenly divide the width 16"):
+    with pytest.raises(ValueError, match="`embedding_group_size` must be an even divisor of the 16 columns, got 6"):
         quantize_model(tiny_model("bert", "seq_cls"), embedding_bits=4, embedding_group_size=6)
     # A file written before per-table layouts: every table per-row int4, no "embeddings" entry in the record.
     legacy = quantize_model(tiny_model("bert", "seq_cls"))
