@@ -147,7 +147,9 @@ def torch_labels(model, tokenizer) -> list[str]:
     return [model.config.id2label[int(i)] for i in logits.argmax(-1)]
 
 
-def measure(stages: dict[str, Path], workdir: Path, size: dict, threads: int, node: bool) -> dict:
+def measure(
+    stages: dict[str, Path], workdir: Path, size: dict, threads: int, node: bool, per_channel: bool = False
+) -> dict:
     """Export, evaluate and time every row; returns ``{"rows": ..., "exports": ..., "node": ...}``."""
     names = {"teacher": "teacher", "float": stages["float"].name, "final": stages["final"].name}
     keys = ["teacher", "float"] + (["final"] if stages["final"] != stages["float"] else [])
@@ -166,10 +168,12 @@ def measure(stages: dict[str, Path], workdir: Path, size: dict, threads: int, no
         if key == "final":
             continue  # our int8 modules have no ONNX form: the float stage's int8 graph is their ONNX counterpart
         print(f"exporting {path} ...", flush=True)
-        exports[names[key]] = export = export_onnx(path, workdir / key)
+        exports[names[key]] = export = export_onnx(path, workdir / key, per_channel=per_channel)
         graphs = [("onnx", export.model), ("onnx-int8", export.quantized)]
         if key == "float":  # the same graph with our 4-bit word-embedding table (recipes' `embedding_bits: 4`)
-            exports[f"{names[key]}-emb4"] = emb4 = export_onnx(path, workdir / "float-emb4", embedding_bits=4)
+            exports[f"{names[key]}-emb4"] = emb4 = export_onnx(
+                path, workdir / "float-emb4", embedding_bits=4, per_channel=per_channel
+            )
             graphs.append(("onnx-int8-emb4", emb4.quantized))
         for suffix, graph in graphs:
             session = onnx_session(graph, num_threads=threads)
@@ -242,6 +246,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", choices=sorted(SIZES), default="full", help="tiny: build tiny folders, few repeats.")
     parser.add_argument("--threads", type=int, default=2, help="Intra-op threads of PyTorch and ONNX Runtime.")
     parser.add_argument("--node", action="store_true", help="Also classify the README sentences with transformers.js.")
+    parser.add_argument(
+        "--per-channel", action="store_true", help="Per-channel int8 weight scales in every int8 graph (teacher too)."
+    )
     parser.add_argument("--export-dir", type=Path, help="Keep the exported folders here (default: a temporary one).")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "deploy.json", help="JSON results file.")
     args = parser.parse_args(argv)
@@ -262,7 +269,8 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(str(err))
         workdir = args.export_dir or Path(tmp) / "exports"
         payload["stages"] = {key: str(path) for key, path in stages.items()}
-        payload.update(measure(stages, workdir, SIZES[args.size], threads, args.node))
+        payload["per_channel"] = args.per_channel
+        payload.update(measure(stages, workdir, SIZES[args.size], threads, args.node, args.per_channel))
     add_ratios(payload["rows"])
     payload["machine"]["load_average_1m_end"] = machine_info()["load_average_1m"]
     print_table(payload["rows"])

@@ -8,6 +8,7 @@ graphs) and writes the layout that transformers.js and optimum read::
     FOLDER/config.json, tokenizer.json, tokenizer_config.json, ...
     FOLDER/onnx/model.onnx             # float32; inputs input_ids, attention_mask (+ token_type_ids), output logits
     FOLDER/onnx/model_quantized.onnx   # onnxruntime.quantization.quantize_dynamic, QInt8 weights
+                                       # (embedding_bits=4: with our 4-bit word-embedding table, see embeddings.py)
 
 Batch and sequence axes are dynamic. After export the float graph is run by ONNX Runtime on real tokenised sentences
 of another shape than the traced one and compared with the PyTorch logits; the int8 graph's agreement is measured
