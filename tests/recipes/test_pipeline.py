@@ -364,3 +364,11 @@ def test_export_onnx_stage_exports_the_float_stage_behind_int8_and_measures_both
     assert export["onnx_int8"]["bytes"] == export["quantized_bytes"]  # tiny graphs: int8 overhead may outweigh
     with pytest.raises(RecipeError, match=r"`stages\[0\].export.opsett` is not a export_onnx\(\) field"):
         validate(make_recipe(files, [{"type": "export_onnx", "export": {"opsett": 17}}]))
+
+
+def test_export_onnx_stage_values_are_checked_when_the_recipe_is_validated(files):
+    teacher = {"name": "teacher", "type": "finetune_teacher", "training": TRAIN}
+    recipe = validate(make_recipe(files, [teacher, {"type": "export_onnx", "export": {"embedding_bits": 4}}]))
+    assert recipe.stages[1].export == {"embedding_bits": 4}
+    with pytest.raises(RecipeError, match=r"`stages\[1\].export.embedding_bits` is 3; use one of \[4, 8\]"):
+        validate(make_recipe(files, [teacher, {"type": "export_onnx", "export": {"embedding_bits": 3}}]))
