@@ -355,10 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="Folder to write (default: the model folder itself).")
     p.add_argument("--no-quantize", action="store_true", help="Skip onnx/model_quantized.onnx.")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17).")
-    p.add_argument(
-        "--embedding-bits", type=int, choices=(4, 8), default=8,
-        help="Word-embedding table of model_quantized.onnx: 8 (ONNX Runtime int8) or 4 (about half the bytes).",
-    )  # fmt: skip
+    p.add_argument("--embedding-bits", type=int, choices=(4, 8), default=8, help="Word table of model_quantized.onnx.")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="Run the packaged quick-start recipe into ./outputs/quickstart.")

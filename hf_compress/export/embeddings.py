@@ -93,7 +93,7 @@ def quantize_word_embeddings(model: Any, group_size: int = 64, input_name: str =
     node = word_embedding_gather(model, input_name)
     inits = _initializers(model)
     table = numpy_helper.to_array(inits[node.input[0]])
-    rows, cols = table.shape
+    cols = table.shape[1]
     check_group_size(group_size, cols)
     packed, scale, offset = (t.numpy() for t in quantize_groups(torch.from_numpy(np.array(table)), group_size))
     base = node.input[0].replace("/", "_").replace(".", "_") + "_q4"
