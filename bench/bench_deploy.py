@@ -1,20 +1,27 @@
 """Where compressed models run: PyTorch vs ONNX Runtime (fp32 and dynamic int8), teacher vs our compressed stages.
 
-From the folders of one finished recipe run (``--run outputs/quickstart``), side by side in one process, on the SST-2
+From the folders of one finished recipe run (``--run outputs/quickstart``), side by side in one run, on the SST-2
 GLUE dev set, at the same thread count:
 
 * ``teacher``: the unchanged fine-tuned teacher in PyTorch fp32 (the reference of every ratio);
 * ``teacher-onnx`` / ``teacher-onnx-int8``: that teacher exported with ``hf_compress.export.export_onnx`` and run by
-  ONNX Runtime in fp32 and ``quantize_dynamic`` int8: what a user would pick instead of compressing;
+  ONNX Runtime in fp32 and ``quantize_dynamic`` int8 (default scales): what a user would pick instead of
+  compressing; with ``--per-channel`` also ``teacher-onnx-int8-per-channel``, the teacher with our graphs' scales;
 * ``<float>`` and ``<final>``: our float stage the int8 stage came from (``pruned`` in the quick start) and the final
   int8 stage, in PyTorch (``hf_compress.from_pretrained``);
 * ``<float>-onnx`` / ``<float>-onnx-int8``: our float stage exported and run by ONNX Runtime;
   ``<float>-onnx-int8-emb4``: the same int8 graph with our 4-bit word-embedding table (``embedding_bits=4``).
 
 Columns: accuracy, retention, weight bytes (``*.safetensors`` of a PyTorch folder, the ``.onnx`` file of a graph),
-median latency at batch 1 and 32 (the first 32 dev sentences padded to 64 tokens, every row timed interleaved),
-and ratios vs the PyTorch teacher and vs the ONNX Runtime int8 teacher. ``--node`` also classifies the two README
-sentences with transformers.js (``tests/export/js``) from the exported folders and checks the labels against PyTorch.
+median latency at batch 1 and 32 (the first 32 dev sentences padded to 64 tokens), and ratios vs the PyTorch teacher
+and vs the ONNX Runtime int8 teacher. ``--timing workers`` (default) times every row in its own process, as a
+deployment runs one model (ONNX Runtime with its default threading), the rows taking turns over several rounds
+(``common.time_ms_in_workers``); ``--timing loop`` times all rows interleaved in this one process (ONNX Runtime's
+idle threads sleeping so that they do not slow the PyTorch rows): there every call starts with caches that the
+other rows filled and threads that sleep, which costs the small graphs most — a 5 MB graph run call after call
+stays in cache, a 23 MB one does not. ``--node`` also classifies
+the two README sentences with transformers.js (``tests/export/js``) from the exported folders and checks the labels
+against PyTorch.
 
 Usage (from the repository root): ``python bench/bench_deploy.py --run outputs/quickstart --threads 2`` (a few
 minutes); ``--size tiny`` builds tiny random folders itself (teacher, vocabulary + per-layer pruned, int8) and runs in
@@ -31,9 +38,10 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
-from common import RESULTS_DIR, machine_info, setup_threads, time_ms, write_json
+from common import RESULTS_DIR, machine_info, setup_threads, time_ms, time_ms_in_workers, write_json
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 from transformers import logging as hf_logging
 
@@ -53,7 +61,12 @@ JS = REPO / "tests" / "export" / "js"
 SEQ = 64
 SENTENCES = ("This new framework is fantastic!", "The plot was dull and the acting was even worse.")
 # eval sentences (None = all 872) and timed repeats at batch 1 / batch 32
-SIZES = {"tiny": dict(eval_rows=64, repeats=(3, 2)), "full": dict(eval_rows=None, repeats=(30, 8))}
+# (per worker turn with `--timing workers`, over `rounds` turns; all of them interleaved with `--timing loop`)
+SIZES = {
+    "tiny": dict(eval_rows=64, repeats=(3, 2), rounds=1),
+    "full": dict(eval_rows=None, repeats=(30, 8), rounds=5),
+}
+TIMINGS = ("workers", "loop")
 MODEL_STAGES = ("finetune_teacher", "prune_vocabulary", "distill", "prune", "quantize")
 
 
@@ -148,15 +161,24 @@ def torch_labels(model, tokenizer) -> list[str]:
 
 
 def measure(
-    stages: dict[str, Path], workdir: Path, size: dict, threads: int, node: bool, per_channel: bool = False
+    stages: dict[str, Path],
+    workdir: Path,
+    size: dict,
+    threads: int,
+    node: bool,
+    per_channel: bool = False,
+    timing: str = "workers",
 ) -> dict:
     """Export, evaluate and time every row; returns ``{"rows": ..., "exports": ..., "node": ...}``."""
     names = {"teacher": "teacher", "float": stages["float"].name, "final": stages["final"].name}
     keys = ["teacher", "float"] + (["final"] if stages["final"] != stages["float"] else [])
-    rows, calls, labels, exports = {}, {}, {}, {}
+    rows, calls, specs, labels, exports = {}, {}, {}, {}, {}
+    workdir.mkdir(parents=True, exist_ok=True)
     for key in keys:
         path, tokenizer = stages[key], AutoTokenizer.from_pretrained(stages[key])
         data, timed = tokenized_rows(tokenizer, size["eval_rows"]), latency_inputs(tokenizer)
+        inputs_file = workdir / f"latency-inputs-{key}.npz"
+        np.savez(inputs_file, **{k: v.numpy() for k, v in timed.items()})
         model = from_pretrained(path).eval()
         rows[names[key]] = {
             "runtime": "pytorch",
@@ -165,11 +187,16 @@ def measure(
             "weight_bytes": weight_bytes(path),
         }
         calls[names[key]] = lambda batch, m=model, x=timed: m(**{k: v[:batch] for k, v in x.items()})
+        specs[names[key]] = {"runtime": "pytorch", "path": str(path), "inputs": str(inputs_file)}
         if key == "final":
             continue  # our int8 modules have no ONNX form: the float stage's int8 graph is their ONNX counterpart
         print(f"exporting {path} ...", flush=True)
-        exports[names[key]] = export = export_onnx(path, workdir / key, per_channel=per_channel)
+        # the teacher's reference int8 graph has ONNX Runtime's default scales (what a user would try first)
+        exports[names[key]] = export = export_onnx(path, workdir / key, per_channel=per_channel and key != "teacher")
         graphs = [("onnx", export.model), ("onnx-int8", export.quantized)]
+        if key == "teacher" and per_channel:  # ... and, beside it, the per-channel int8 graph of our rows
+            teacher_pc = export_onnx(path, workdir / "teacher-per-channel", per_channel=True)
+            graphs.append(("onnx-int8-per-channel", teacher_pc.quantized))
         if key == "float":  # the same graph with our 4-bit word-embedding table (recipes' `embedding_bits: 4`)
             exports[f"{names[key]}-emb4"] = emb4 = export_onnx(
                 path, workdir / "float-emb4", embedding_bits=4, per_channel=per_channel
@@ -186,6 +213,7 @@ def measure(
             calls[f"{names[key]}-{suffix}"] = lambda batch, s=session, x=timed: run_onnx(
                 s, {k: v[:batch] for k, v in x.items()}
             )
+            specs[f"{names[key]}-{suffix}"] = {"runtime": "onnxruntime", "path": graph, "inputs": str(inputs_file)}
         if node:
             expected = torch_labels(model, tokenizer)
             js = {dtype: node_labels(workdir / key, dtype) for dtype in ("fp32", "q8")}
@@ -193,11 +221,16 @@ def measure(
                 js["q8_emb4"] = node_labels(workdir / "float-emb4", "q8")
             same = {f"{dtype}_same_labels": js[dtype] == expected for dtype in js if js[dtype] is not None}
             labels[names[key]] = {"sentences": list(SENTENCES), "pytorch": expected, **js, **same}
-    print("timing ...", flush=True)
-    for batch, repeats in zip((1, 32), size["repeats"]):
-        fns = {name: functools.partial(call, batch) for name, call in calls.items()}
-        for name, stats in time_ms(fns, repeats=repeats, warmup=1).items():
-            rows[name].setdefault("latency_ms", {})[f"b{batch}"] = stats
+    print(f"timing ({timing}) ...", flush=True)
+    if timing == "workers":
+        batches = {f"b{batch}": (batch, repeats) for batch, repeats in zip((1, 32), size["repeats"])}
+        for name, stats in time_ms_in_workers(specs, batches, threads, rounds=size["rounds"], workdir=workdir).items():
+            rows[name]["latency_ms"] = stats
+    else:
+        for batch, repeats in zip((1, 32), size["repeats"]):
+            fns = {name: functools.partial(call, batch) for name, call in calls.items()}
+            for name, stats in time_ms(fns, repeats=repeats, warmup=1).items():
+                rows[name].setdefault("latency_ms", {})[f"b{batch}"] = stats
     return {"rows": rows, "exports": {name: e.to_dict() for name, e in exports.items()}, "node": labels}
 
 
@@ -247,7 +280,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2, help="Intra-op threads of PyTorch and ONNX Runtime.")
     parser.add_argument("--node", action="store_true", help="Also classify the README sentences with transformers.js.")
     parser.add_argument(
-        "--per-channel", action="store_true", help="Per-channel int8 weight scales in every int8 graph (teacher too)."
+        "--per-channel",
+        action="store_true",
+        help="Per-channel int8 weight scales in our int8 graphs; adds a per-channel teacher row beside the default.",
+    )
+    parser.add_argument(
+        "--timing",
+        choices=TIMINGS,
+        default="workers",
+        help="workers: every row in its own process, as deployed (default); loop: all rows interleaved in this one.",
     )
     parser.add_argument("--export-dir", type=Path, help="Keep the exported folders here (default: a temporary one).")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "deploy.json", help="JSON results file.")
@@ -269,8 +310,8 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(str(err))
         workdir = args.export_dir or Path(tmp) / "exports"
         payload["stages"] = {key: str(path) for key, path in stages.items()}
-        payload["per_channel"] = args.per_channel
-        payload.update(measure(stages, workdir, SIZES[args.size], threads, args.node, args.per_channel))
+        payload["per_channel"], payload["timing"] = args.per_channel, args.timing
+        payload.update(measure(stages, workdir, SIZES[args.size], threads, args.node, args.per_channel, args.timing))
     add_ratios(payload["rows"])
     payload["machine"]["load_average_1m_end"] = machine_info()["load_average_1m"]
     print_table(payload["rows"])

@@ -12,7 +12,9 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -101,6 +103,67 @@ def time_ms(fns: Mapping[str, Callable[[], object]], repeats: int = 10, warmup: 
                 if run >= warmup:
                     times[name].append((time.perf_counter() - start) * 1000)
     return {name: summarize(values) for name, values in times.items()}
+
+
+def time_ms_in_workers(
+    specs: Mapping[str, dict],
+    batches: Mapping[str, tuple[int, int]],
+    threads: int,
+    rounds: int = 3,
+    workdir: Path | None = None,
+    pause_s: float = 0.2,
+) -> dict[str, dict[str, dict]]:
+    """Wall time in milliseconds of each model of ``specs``, every model in its own process (``latency_worker.py``).
+
+    This is how a deployment runs one model: nothing else in the process, ONNX Runtime with its default threading
+    (idle threads spin), PyTorch with ``threads`` intra-op threads. All workers load first; then, ``rounds`` times,
+    each worker in turn (order reversed every other round, a ``pause_s`` pause between turns so the previous worker's
+    threads are idle) runs each batch size of ``batches`` (``{"b1": (1, repeats), ...}``) ``repeats`` times while the
+    others wait. Returns ``{name: {key: summarize(times)}}`` over all rounds.
+
+    Args:
+        specs (`Mapping[str, dict]`): ``{name: {"runtime": "pytorch" | "onnxruntime", "path": ..., "inputs": npz}}``.
+        batches (`Mapping[str, tuple[int, int]]`): Batch size and timed repeats per turn, by result key.
+        threads (`int`): Intra-op threads of every worker.
+        rounds (`int`, *optional*, defaults to 3): Turns per worker.
+        workdir (`Path`, *optional*): Where the spec files go (a temporary folder by default).
+        pause_s (`float`, *optional*, defaults to 0.2): Idle seconds between two turns.
+    """
+    if rounds < 1 or any(repeats < 1 or batch < 1 for batch, repeats in batches.values()):
+        raise ValueError(f"`rounds` and every batch size and repeat count must be >= 1, got {rounds} and {batches}.")
+    worker = Path(__file__).resolve().parent / "latency_worker.py"
+    times: dict[str, dict[str, list[float]]] = {name: {key: [] for key in batches} for name in specs}
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        procs = {}
+        try:
+            for name, spec in specs.items():
+                spec_file = Path(tmp) / f"{len(procs)}.json"
+                spec_file.write_text(json.dumps({**spec, "threads": threads, "batches": dict(batches)}))
+                procs[name] = subprocess.Popen(
+                    [sys.executable, str(worker), str(spec_file)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    text=True, bufsize=1,
+                )  # fmt: skip
+            for name, proc in procs.items():
+                line = proc.stdout.readline().strip()
+                if line != "ready":
+                    raise RuntimeError(f"the latency worker of {name!r} failed to start (exit {proc.wait()}).")
+            names = list(specs)
+            for turn in range(rounds):
+                for name in names if turn % 2 == 0 else names[::-1]:
+                    time.sleep(pause_s)
+                    procs[name].stdin.write("time\n")
+                    procs[name].stdin.flush()
+                    reply = procs[name].stdout.readline()
+                    if not reply:
+                        raise RuntimeError(f"the latency worker of {name!r} died (exit {procs[name].wait()}).")
+                    for key, values in json.loads(reply).items():
+                        times[name][key].extend(values)
+        finally:
+            for proc in procs.values():
+                if proc.stdin:
+                    proc.stdin.close()
+                proc.wait(timeout=60)
+    return {name: {key: summarize(values) for key, values in by_key.items()} for name, by_key in times.items()}
 
 
 class StepTimer(TrainerCallback):
