@@ -2,7 +2,8 @@
 
 * hidden channels: aggregated ``|x|`` of every hidden norm's output (the residual stream as the blocks read it);
 * attention heads: L2 norm of each head's slice of the attention output (the input of the output projection);
-* FFN neurons: aggregated ``|x|`` of each neuron's activation (the input of the down projection);
+* FFN neurons: aggregated ``|x|`` of each neuron's activation (the input of the down projection); in a block of
+  routed experts (Mixtral, Qwen2-MoE, Qwen3-MoE), of each expert's neurons over the tokens routed to that expert;
 * layers: the loss increase (or, without labels, the KL divergence to the full model) when a block is skipped, beside
   the ShortGPT block influence of :func:`hf_compress.pruning.importance.block_influence_scores`.
 
@@ -13,12 +14,12 @@ Scores are token averages over the unmasked tokens of the batches. Head scores a
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from hf_compress.models.families import block_module, get_layers, head_counts, unwrap
+from hf_compress.models.families import block_module, expert_module, get_layers, head_counts, unwrap
 from hf_compress.pruning.hidden_channels import hidden_layout
 from hf_compress.pruning.importance import head_groups
 from hf_compress.pruning.surgery import skip_layers
@@ -48,13 +49,56 @@ def head_norm_sum(
     return channel_abs_sum(norms, mask)
 
 
+EXPERT_ARGS = ("hidden_states", "top_k_index")  # the first arguments of transformers 5's fused experts modules
+
+
+def expert_neuron_abs_sum(
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    act_fn,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum of |act|, tokens)`` per expert neuron of one fused experts call: `(experts, ffn)` and `(experts, 1)`.
+
+    ``act = act_fn(gate) * up`` with ``gate, up = (x @ gate_up_proj[e].T).chunk(2)`` is what expert ``e`` feeds its
+    down projection, over the tokens routed to it (any top-k slot; padding excluded by ``mask``).
+
+    Args:
+        hidden_states (`torch.Tensor` of shape `(tokens, hidden)`): The experts' input.
+        top_k_index (`torch.LongTensor` of shape `(tokens, top_k)`): The experts chosen for each token.
+        gate_up_proj (`torch.Tensor` of shape `(experts, 2 * ffn, hidden)`): The fused gate / up weights.
+        act_fn (`Callable`): The experts' activation.
+        mask (`torch.Tensor`, *optional*): 1 for real tokens, 0 for padding, `tokens` values in any shape.
+    """
+    experts, ffn = gate_up_proj.shape[0], gate_up_proj.shape[1] // 2
+    x = hidden_states.detach().reshape(-1, hidden_states.shape[-1])
+    keep = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    if mask is not None:
+        keep = mask.to(x.device).reshape(-1).bool()
+    totals, counts = torch.zeros(experts, ffn), torch.zeros(experts, 1)
+    for expert in range(experts):
+        tokens = ((top_k_index == expert).any(-1) & keep).nonzero().flatten()
+        if tokens.numel() == 0:
+            continue
+        gate, up = nn.functional.linear(x[tokens], gate_up_proj[expert].detach()).chunk(2, dim=-1)
+        totals[expert] = (act_fn(gate) * up).float().abs().sum(0).cpu()
+        counts[expert] = float(tokens.numel())
+    return totals, counts
+
+
 @dataclass
 class ActivationScores:
-    """Minitron activation importance: per hidden channel, per layer per query head, per layer per FFN neuron."""
+    """Minitron activation importance: per hidden channel, per layer per query head, per layer per FFN neuron.
+
+    ``ffn_neurons`` holds the dense FFN blocks; ``expert_neurons`` the blocks of routed experts, one row of neuron
+    scores per expert (a row of zeros for an expert no calibration token was routed to).
+    """
 
     hidden: torch.Tensor
     heads: dict[int, torch.Tensor]
     ffn_neurons: dict[int, torch.Tensor]
+    expert_neurons: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def head_group_scores(self, model: nn.Module) -> dict[int, torch.Tensor]:
         """Head scores summed over the prunable units of each layer (query groups under grouped-query attention)."""
@@ -125,8 +169,17 @@ def activation_scores(model: nn.Module, batches: Iterable[dict]) -> ActivationSc
         def neurons_hook(module, args, layer=layer):
             acc.add(("ffn", layer), channel_abs_sum(args[0], mask[0]))
 
+        def experts_hook(module, args, kwargs, layer=layer):
+            hidden_states, top_k_index = (args[i] if i < len(args) else kwargs[n] for i, n in enumerate(EXPERT_ARGS))
+            sums = expert_neuron_abs_sum(hidden_states, top_k_index, module.gate_up_proj, module.act_fn, mask[0])
+            acc.add(("experts", layer), sums)
+
         handles.append(block_module(inner, layer, "o").register_forward_pre_hook(heads_hook))
-        handles.append(block_module(inner, layer, "down").register_forward_pre_hook(neurons_hook))
+        experts = expert_module(inner, layer)
+        if experts is None:
+            handles.append(block_module(inner, layer, "down").register_forward_pre_hook(neurons_hook))
+        else:
+            handles.append(experts.register_forward_pre_hook(experts_hook, with_kwargs=True))
     was_training = inner.training
     inner.eval()
     count = 0
@@ -144,7 +197,8 @@ def activation_scores(model: nn.Module, batches: Iterable[dict]) -> ActivationSc
     return ActivationScores(
         hidden=acc.mean("hidden"),
         heads={layer: acc.mean(("heads", layer)) for layer in layers},
-        ffn_neurons={layer: acc.mean(("ffn", layer)) for layer in layers},
+        ffn_neurons={layer: acc.mean(("ffn", layer)) for layer in layers if ("ffn", layer) in acc.sums},
+        expert_neurons={layer: acc.mean(("experts", layer)) for layer in layers if ("experts", layer) in acc.sums},
     )
 
 

@@ -112,13 +112,11 @@ def _check_model(model: torch.nn.Module, config: PruningConfig) -> None:
         check_hidden_supported(model_type, "budget")
     if "hidden" in config.targets:
         check_hidden_supported(model_type, "targets")
-    moe = get_family(model).experts is not None
-    if moe and (config.budget is not None or config.importance == "activation"):
-        key, value = ("budget", config.budget) if config.budget is not None else ("importance", "activation")
+    if get_family(model).experts is not None and config.budget is not None:
         raise ValueError(
-            f"`{key}` is {value!r}, which needs per-neuron FFN activations that a mixture-of-experts model "
-            f"({model_type}) does not expose; prune `targets` such as 'hidden', 'heads' or 'layers' with "
-            "`importance='magnitude'` or 'taylor', and expert neurons with `experts.prune_expert_neurons`."
+            f"`budget` is {config.budget!r}, whose search enumerates dense FFN widths that a mixture-of-experts model "
+            f"({model_type}) does not have; prune `targets` such as 'hidden', 'heads' or 'layers' (any importance), "
+            "and expert neurons with `experts.prune_expert_neurons_by_activation`."
         )
 
 
@@ -196,7 +194,8 @@ class PruningCallback(TrainerCallback):
         if "ffn_neurons" in self.config.targets and get_family(model).experts is not None:
             raise ValueError(
                 f"`targets` has 'ffn_neurons', which PruningCallback does not prune in a mixture-of-experts model "
-                f"({unwrap(model).config.model_type}); remove expert neurons with `experts.prune_expert_neurons`."
+                f"({unwrap(model).config.model_type}); remove expert neurons with "
+                "`experts.prune_expert_neurons_by_activation` (or `prune_expert_neurons`)."
             )
         self._layouts = {}
         self._updates = 0

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from hf_compress.models.families import expert_module, get_family, get_layers, num_experts, unwrap
+from hf_compress.pruning.activations import activation_scores
 from hf_compress.pruning.importance import run_calibration
 from hf_compress.pruning.masks import select_units
 from hf_compress.pruning.surgery import prune_ffn_neurons, record_structure
@@ -388,3 +389,68 @@ def prune_experts_by_router(
     removed = select_experts(scores, sparsity, min_keep=min_keep)
     prune_experts(model, removed)
     return removed
+
+
+def select_expert_neurons(scores: dict[int, torch.Tensor], sparsity: float) -> dict[int, dict[int, list[int]]]:
+    """The lowest-scoring neurons of every expert, the same number in each expert of a layer.
+
+    Every layer keeps ``(1 - sparsity)`` of its expert width, rounded to a positive multiple of
+    :data:`WIDTH_MULTIPLE` (what :func:`prune_expert_neurons` accepts); each expert loses its own lowest scores.
+
+    Args:
+        scores (`dict[int, torch.Tensor]`): Per sparse layer, scores of shape `(experts, ffn)` (higher = more
+            important), e.g. ``activation_scores(model, batches).expert_neurons``.
+        sparsity (`float`): Fraction of each expert's neurons to remove, in [0, 1).
+
+    Example:
+
+    >>> plan = select_expert_neurons({0: torch.arange(32.0).reshape(2, 16).flip(1)}, sparsity=0.5)
+    >>> plan[0][0]
+    [8, 9, 10, 11, 12, 13, 14, 15]
+    """
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"`sparsity` must be in [0, 1), got {sparsity}.")
+    plan = {}
+    for layer, values in scores.items():
+        if values.dim() != 2:
+            raise ValueError(f"`scores[{layer}]` must have shape (experts, ffn), got {tuple(values.shape)}.")
+        size = values.shape[1]
+        keep = max(WIDTH_MULTIPLE, round((1 - sparsity) * size / WIDTH_MULTIPLE) * WIDTH_MULTIPLE)
+        if keep >= size:
+            continue
+        lowest = values.float().argsort(dim=1, stable=True)[:, : size - keep]
+        plan[layer] = {expert: sorted(row.tolist()) for expert, row in enumerate(lowest)}
+    return plan
+
+
+def prune_expert_neurons_by_activation(
+    model: nn.Module, batches: Iterable[dict], sparsity: float
+) -> dict[int, dict[int, list[int]]]:
+    """Remove the ``sparsity`` fraction of every expert's neurons that fire least on ``batches`` (Minitron).
+
+    :func:`~hf_compress.pruning.activations.activation_scores` (mean ``|act_fn(gate) * up|`` of each expert neuron
+    over the tokens routed to that expert) -> :func:`select_expert_neurons` -> :func:`prune_expert_neurons`.
+    Dense blocks and Qwen2-MoE's shared expert are left whole.
+
+    Args:
+        model (`PreTrainedModel`): A Mixtral, Qwen2-MoE or Qwen3-MoE model.
+        batches (`Iterable[dict]`): Calibration batches (dicts of model inputs).
+        sparsity (`float`): Fraction of each expert's neurons to remove, in [0, 1).
+
+    Returns:
+        `dict[int, dict[int, list[int]]]`: The removed neurons per layer and expert (indices before removal).
+
+    Example:
+
+    >>> from hf_compress.pruning.experts import prune_expert_neurons_by_activation
+    >>> removed = prune_expert_neurons_by_activation(model, calibration_batches, sparsity=0.5)  # doctest: +SKIP
+    """
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"`sparsity` must be in [0, 1), got {sparsity}.")
+    scores = activation_scores(model, batches).expert_neurons
+    if not scores:
+        raise ValueError(f"`model` ({unwrap(model).config.model_type}) has no routed experts to score.")
+    plan = select_expert_neurons(scores, sparsity)
+    if plan:
+        prune_expert_neurons(model, plan)
+    return plan

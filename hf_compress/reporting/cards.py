@@ -71,7 +71,7 @@ def load_code(repo_id: str, config: Mapping | None = None, onnx: bool = False) -
         return code
     ort_class = head.auto_class.replace("AutoModel", "ORTModel")
     return (
-        f"{code}\n\n# ONNX Runtime (onnx/model_quantized.onnx: dynamic int8), no hf_compress needed\n"
+        f"{code}\n\n# ONNX Runtime (onnx/model_quantized.onnx: int8 weights), no hf_compress needed\n"
         f"from optimum.onnxruntime import {ort_class}\n\n"
         f'model = {ort_class}.from_pretrained("{repo_id}", subfolder="onnx", file_name="model_quantized.onnx")\n\n'
         "# transformers.js (JavaScript):\n"

@@ -66,7 +66,7 @@ def sentence_load_code(repo_id: str, plain: bool, onnx: bool = False) -> str:
     if not onnx:
         return code
     return (
-        f"{code}\n\n# ONNX Runtime (onnx/model_quantized.onnx: dynamic int8), no hf_compress needed:\n"
+        f"{code}\n\n# ONNX Runtime (onnx/model_quantized.onnx: int8 weights), no hf_compress needed:\n"
         "# pip install sentence-transformers[onnx]\n"
         "from sentence_transformers import SentenceTransformer\n\n"
         f'model = SentenceTransformer("{repo_id}", backend="onnx", '

@@ -13,15 +13,18 @@ from hf_compress.distillation.student import make_student
 from hf_compress.distillation.trainer import DistillationTrainer
 from hf_compress.loading import from_pretrained, save_pretrained
 from hf_compress.models.families import expert_module, ffn_size, get_layers, head_counts, num_experts
+from hf_compress.pruning.activations import activation_scores
 from hf_compress.pruning.callback import PruningCallback
 from hf_compress.pruning.config import PruningConfig
 from hf_compress.pruning.experts import (
     RouterStatistics,
     expert_importance,
     prune_expert_neurons,
+    prune_expert_neurons_by_activation,
     prune_experts,
     prune_experts_by_router,
     router_statistics,
+    select_expert_neurons,
     select_experts,
 )
 from hf_compress.pruning.surgery import drop_layers, layer_structure, prune_ffn_neurons, prune_heads, record_structure
@@ -226,6 +229,80 @@ def test_prune_experts_by_router_removes_the_least_used(family):
     removed = prune_experts_by_router(model, batches, sparsity=0.25)
     assert removed == {layer: [int(scores.argmin())] for layer, scores in mass.items()}
     assert [num_experts(model, i) for i in range(2)] == [3, 3]
+
+
+def test_expert_neuron_activations_match_the_experts_own_forward(family):
+    """Oracle: with top-1 routing and identity down projections, each expert's output for a token is its gate weight
+    times the activation vector it feeds ``down_proj``: the scores are the mean |activation| over routed tokens."""
+    model = moe_model(family, num_experts_per_tok=1)
+    inputs = tiny_inputs(batch=2, seq=8, seed=3)
+    inputs["attention_mask"][1, 5:] = 0  # padding is left out
+    captured = {}
+    with torch.no_grad():
+        for layer in range(2):
+            experts = expert_module(model, layer)
+            experts.down_proj.copy_(torch.eye(WIDTH).expand_as(experts.down_proj))  # hidden 16 == width 16
+
+            def hook(module, args, output, layer=layer):
+                captured[layer] = (args[1], args[2], output)
+
+            experts.register_forward_hook(hook)
+    scores = activation_scores(model, [inputs]).expert_neurons
+    assert set(scores) == {0, 1} and scores[0].shape == (4, WIDTH)
+    keep = inputs["attention_mask"].flatten().bool()
+    for layer, (index, weights, output) in captured.items():
+        act = (output / weights[:, :1])[keep].abs()
+        for expert in range(4):
+            routed = index[keep, 0] == expert
+            expected = act[routed].mean(0) if routed.any() else torch.zeros(WIDTH)
+            torch.testing.assert_close(scores[layer][expert], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_dead_expert_neurons_score_zero(family):
+    model = moe_model(family)
+    with torch.no_grad():  # neuron 5 of expert 2, layer 1: zero its gate and up rows
+        expert_module(model, 1).gate_up_proj[2, [5, WIDTH + 5]] = 0
+    batches = [tiny_inputs(batch=4, seq=8, seed=s) for s in range(2)]
+    scores = activation_scores(model, batches)
+    assert scores.expert_neurons[1][2][5] == 0
+    assert (scores.expert_neurons[1] > 0).sum() >= 4 * WIDTH - 4  # the others fire (experts routed to)
+    assert scores.ffn_neurons == {}  # no dense block in these models
+    assert scores.hidden.shape == (16,) and scores.heads[0].shape == (4,)
+
+
+def test_select_expert_neurons_keeps_an_aligned_width_per_expert():
+    scores = torch.rand(3, 16, generator=torch.Generator().manual_seed(0))
+    plan = select_expert_neurons({1: scores}, sparsity=0.3)  # keeps round(0.7 * 16 / 8) * 8 = 8
+    assert set(plan[1]) == {0, 1, 2}
+    for expert, removed in plan[1].items():
+        assert removed == sorted(scores[expert].argsort()[:8].tolist())
+    assert select_expert_neurons({1: scores}, sparsity=0.1) == {}  # rounds back to the full width
+    assert len(select_expert_neurons({1: scores}, sparsity=0.99)[1][0]) == 8  # never below one multiple
+    with pytest.raises(ValueError, match="`sparsity`"):
+        select_expert_neurons({1: scores}, sparsity=1.0)
+    with pytest.raises(ValueError, match=r"`scores\[1\]` must have shape \(experts, ffn\)"):
+        select_expert_neurons({1: scores[0]}, sparsity=0.5)
+
+
+def test_prune_expert_neurons_by_activation_equals_zeroing_them(family, tmp_path):
+    model, reference = moe_model(family), moe_model(family)
+    batches = [tiny_inputs(batch=4, seq=8, seed=s) for s in range(2)]
+    removed = prune_expert_neurons_by_activation(model, batches, sparsity=0.5)
+    assert set(removed) == {0, 1} and all(len(r) == 8 for plan in removed.values() for r in plan.values())
+    with torch.no_grad():
+        for layer, plan in removed.items():
+            for expert, neurons in plan.items():
+                expert_module(reference, layer).down_proj[expert][:, neurons] = 0
+    assert [expert_module(model, i).down_proj.shape[2] for i in range(2)] == [8, 8]
+    inputs = tiny_inputs(batch=2, seq=8, seed=5)
+    torch.testing.assert_close(_logits(model, inputs), _logits(reference, inputs), rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path)  # a uniform width: plain from_pretrained rebuilds it
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(_logits(reloaded, inputs), _logits(model, inputs), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="has no routed experts"):
+        prune_expert_neurons_by_activation(transformers.AutoModelForCausalLM.from_config(
+            transformers.LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=16)), batches, 0.5)  # fmt: skip
 
 
 def test_heads_pruning_equals_zeroed_value_rows(family):
