@@ -1,4 +1,5 @@
-"""Mixture-of-experts pruning: whole experts chosen by router statistics, and expert FFN neurons.
+"""Mixture-of-experts pruning: whole experts chosen by router statistics (:mod:`hf_compress.pruning.routing`), and
+expert FFN neurons, given or chosen by their Minitron activations over the tokens routed to each expert.
 
 transformers 5 fuses the routed experts of a sparse block into 3-D tensors (``gate_up_proj`` [experts, 2 * ffn,
 hidden], ``down_proj`` [experts, hidden, ffn]) beside a router with one ``weight`` row per expert. Removing expert
@@ -16,152 +17,39 @@ counts / widths go to the config (``num_experts`` / ``num_local_experts``, ``moe
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
-from hf_compress.models.families import expert_module, get_family, get_layers, num_experts, unwrap
+from hf_compress.models.families import expert_module, get_layers, num_experts, unwrap
 from hf_compress.pruning.activations import activation_scores
-from hf_compress.pruning.importance import run_calibration
 from hf_compress.pruning.masks import select_units
+from hf_compress.pruning.routing import (  # re-exported: the MoE API lives in one module for users
+    ExpertScore,
+    RouterStatistics,
+    expert_importance,
+    router_module,
+    router_statistics,
+    routing_sums,
+    sparse_layers,
+)
 from hf_compress.pruning.surgery import prune_ffn_neurons, record_structure
 
-ExpertScore = Literal["mass", "frequency", "weight"]
+__all__ = [
+    "WIDTH_MULTIPLE",
+    "ExpertScore",
+    "RouterStatistics",
+    "expert_importance",
+    "prune_expert_neurons",
+    "prune_expert_neurons_by_activation",
+    "prune_experts",
+    "prune_experts_by_router",
+    "router_statistics",
+    "routing_sums",
+    "select_expert_neurons",
+    "select_experts",
+]
 WIDTH_MULTIPLE = 8  # expert widths the grouped_mm kernel accepts in 16-bit and 32-bit dtypes (16-byte rows)
-
-
-@dataclass
-class RouterStatistics:
-    """Routing of one sparse block over calibration tokens (padding excluded).
-
-    Attributes:
-        tokens (`int`): Tokens routed.
-        counts (`torch.Tensor` of shape `(experts,)`): Times each expert was among a token's top-k.
-        weight_sums (`torch.Tensor` of shape `(experts,)`): Sum of the gate weights each expert received.
-        probability_sums (`torch.Tensor` of shape `(experts,)`): Sum of each expert's router softmax probability.
-    """
-
-    tokens: int
-    counts: torch.Tensor
-    weight_sums: torch.Tensor
-    probability_sums: torch.Tensor
-
-    @property
-    def frequency(self) -> torch.Tensor:
-        """Fraction of tokens routed to each expert (sums to ``top_k``)."""
-        return self.counts / max(self.tokens, 1)
-
-    @property
-    def mean_weight(self) -> torch.Tensor:
-        """Mean gate weight of each expert over the tokens routed to it (0 for an expert never chosen)."""
-        return self.weight_sums / self.counts.clamp(min=1)
-
-
-def routing_sums(
-    router_logits: torch.Tensor,
-    top_k_weights: torch.Tensor,
-    top_k_index: torch.Tensor,
-    mask: torch.Tensor | None = None,
-) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(tokens, counts, weight_sums, probability_sums)`` of one router call (see :class:`RouterStatistics`).
-
-    Args:
-        router_logits (`torch.Tensor` of shape `(tokens, experts)`): The router's logits.
-        top_k_weights (`torch.Tensor` of shape `(tokens, top_k)`): Gate weights of the chosen experts.
-        top_k_index (`torch.LongTensor` of shape `(tokens, top_k)`): The chosen experts.
-        mask (`torch.Tensor` of shape `(tokens,)`, *optional*): 1 for real tokens, 0 for padding.
-    """
-    experts = router_logits.shape[-1]
-    keep = torch.ones(router_logits.shape[0], dtype=torch.float32) if mask is None else mask.float().flatten()
-    keep = keep.to(router_logits.device)
-    rows = keep[:, None].expand_as(top_k_index).flatten()
-    index = top_k_index.flatten()
-    counts = torch.zeros(experts, device=router_logits.device).index_add_(0, index, rows)
-    weights = top_k_weights.float().flatten() * rows
-    weight_sums = torch.zeros(experts, device=router_logits.device).index_add_(0, index, weights)
-    probabilities = (router_logits.float().softmax(-1) * keep[:, None]).sum(0)
-    return int(keep.sum()), counts.cpu(), weight_sums.cpu(), probabilities.cpu()
-
-
-def _sparse_layers(model: nn.Module) -> list[int]:
-    return [layer for layer in range(len(get_layers(model))) if expert_module(model, layer) is not None]
-
-
-def _router(model: nn.Module, layer: int) -> nn.Module:
-    return get_layers(model)[layer].get_submodule(get_family(model).router)
-
-
-@torch.no_grad()
-def router_statistics(model: nn.Module, batches: Iterable[dict]) -> dict[int, RouterStatistics]:
-    """Routing statistics of every sparse block of ``model`` over ``batches`` (dicts of model inputs).
-
-    The routers' outputs are captured with temporary forward hooks (any head works); padding tokens (``0`` in a
-    batch's ``attention_mask``) are left out. The model runs in eval mode; its training mode is restored afterwards.
-
-    Args:
-        model (`PreTrainedModel`):
-            A Mixtral, Qwen2-MoE or Qwen3-MoE model, optionally wrapped by PEFT / DDP / `torch.compile`.
-        batches (`Iterable[dict]`):
-            Calibration batches, e.g. the first batches of the training data.
-
-    Returns:
-        `dict[int, RouterStatistics]`: Layer index -> statistics, for the sparse blocks only.
-
-    Example:
-
-    >>> from hf_compress.pruning.experts import expert_importance, router_statistics
-    >>> stats = router_statistics(model, [tokenizer(texts, return_tensors="pt", padding=True)])  # doctest: +SKIP
-    >>> stats[0].frequency  # doctest: +SKIP
-    tensor([0.6250, 0.3750, 0.5000, 0.5000])
-    """
-    inner = unwrap(model)
-    layers = _sparse_layers(inner)
-    if not layers:
-        raise ValueError(f"`model` ({inner.config.model_type}) has no mixture-of-experts block to collect routing of.")
-    totals = {layer: [0, 0.0, 0.0, 0.0] for layer in layers}
-    mask: list[torch.Tensor | None] = [None]
-
-    def capture(layer: int):
-        def hook(module, args, output):
-            logits, weights, index = output
-            sums = routing_sums(logits, weights, index, mask[0])
-            totals[layer] = [total + value for total, value in zip(totals[layer], sums)]
-
-        return hook
-
-    handles = [_router(inner, layer).register_forward_hook(capture(layer)) for layer in layers]
-    run_calibration(model, batches, handles, mask, "router statistics")
-    return {layer: RouterStatistics(*values) for layer, values in totals.items()}
-
-
-def expert_importance(
-    statistics: dict[int, RouterStatistics], method: ExpertScore = "mass"
-) -> dict[int, torch.Tensor]:
-    """Per-layer score of every expert from :func:`router_statistics` (higher = more important).
-
-    Args:
-        statistics (`dict[int, RouterStatistics]`):
-            Output of `router_statistics`.
-        method (`Literal["mass", "frequency", "weight"]`, *optional*, defaults to `"mass"`):
-            `"mass"`: gate weight each expert receives per token (frequency x mean gate weight: its share of the
-            block's output); `"frequency"`: fraction of tokens routed to it; `"weight"`: its mean gate weight when
-            chosen.
-
-    Example:
-
-    >>> stats = {0: RouterStatistics(4, torch.tensor([4.0, 2, 2, 0]), torch.tensor([2.0, 1, 1.5, 0]), torch.ones(4))}
-    >>> expert_importance(stats)[0]
-    tensor([0.5000, 0.2500, 0.3750, 0.0000])
-    """
-    if method not in ("mass", "frequency", "weight"):
-        raise ValueError(f"`method` must be one of ['mass', 'frequency', 'weight'], got {method!r}.")
-    if method == "frequency":
-        return {layer: s.frequency for layer, s in statistics.items()}
-    if method == "weight":
-        return {layer: s.mean_weight for layer, s in statistics.items()}
-    return {layer: s.weight_sums / max(s.tokens, 1) for layer, s in statistics.items()}
 
 
 def select_experts(scores: dict[int, torch.Tensor], sparsity: float, min_keep: int = 1) -> dict[int, list[int]]:
@@ -212,7 +100,7 @@ def _sync_experts(model: nn.Module, layer: int) -> None:
     """Write the current expert count / width into the runtime attributes of the block's MoE modules."""
     count, experts = num_experts(model, layer), expert_module(model, layer)
     experts.intermediate_dim = experts.down_proj.shape[2]
-    for module in (experts, _router(model, layer)):
+    for module in (experts, router_module(model, layer)):
         module.num_experts = count
 
 
@@ -247,7 +135,7 @@ def prune_experts(model: nn.Module, experts: dict[int, list[int]]) -> nn.Module:
             continue
         if expert_module(inner, layer) is None:
             raise ValueError(f"`experts` names layer {layer}, a dense block without experts; list sparse layers only.")
-        total, top_k = num_experts(inner, layer), _router(inner, layer).top_k
+        total, top_k = num_experts(inner, layer), router_module(inner, layer).top_k
         indices = _indices(f"experts[{layer}]", indices, total)
         if total - len(indices) < top_k:
             raise ValueError(
@@ -260,7 +148,7 @@ def prune_experts(model: nn.Module, experts: dict[int, list[int]]) -> nn.Module:
         for layer, indices in plan.items():
             keep = torch.ones(num_experts(inner, layer), dtype=torch.bool)
             keep[indices] = False
-            module, router = expert_module(inner, layer), _router(inner, layer)
+            module, router = expert_module(inner, layer), router_module(inner, layer)
             for owner, name in ((module, "gate_up_proj"), (module, "down_proj"), (router, "weight")):
                 param = getattr(owner, name)
                 _replace(owner, name, param[keep.to(param.device)])
@@ -268,7 +156,7 @@ def prune_experts(model: nn.Module, experts: dict[int, list[int]]) -> nn.Module:
                 _replace(router, "bias", router.bias[keep.to(router.bias.device)])
             _sync_experts(inner, layer)
     record_structure(inner)
-    counts = {num_experts(inner, layer) for layer in _sparse_layers(inner)}
+    counts = {num_experts(inner, layer) for layer in sparse_layers(inner)}
     if len(counts) == 1 and isinstance(getattr(inner, "num_experts", None), int):  # `*ForCausalLM` (aux loss)
         inner.num_experts = counts.pop()
     return model
@@ -385,7 +273,7 @@ def prune_experts_by_router(
     """
     inner = unwrap(model)
     scores = expert_importance(router_statistics(model, batches), method)
-    min_keep = max(_router(inner, layer).top_k for layer in scores)
+    min_keep = max(router_module(inner, layer).top_k for layer in scores)
     removed = select_experts(scores, sparsity, min_keep=min_keep)
     prune_experts(model, removed)
     return removed
