@@ -158,11 +158,14 @@ def time_ms_in_workers(
                         raise RuntimeError(f"the latency worker of {name!r} died (exit {procs[name].wait()}).")
                     for key, values in json.loads(reply).items():
                         times[name][key].extend(values)
-        finally:
+        finally:  # closing stdin ends a worker; one that does not end is killed
             for proc in procs.values():
-                if proc.stdin:
-                    proc.stdin.close()
-                proc.wait(timeout=60)
+                proc.stdin.close()
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
     return {name: {key: summarize(values) for key, values in by_key.items()} for name, by_key in times.items()}
 
 

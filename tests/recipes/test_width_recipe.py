@@ -28,6 +28,7 @@ def test_width_recipe_stages_shrink_every_axis_reload_and_export(tmp_path):
     shipped = yaml.safe_load((REPO_ROOT / "recipes" / "minilm_sst2_25x.yaml").read_text())
     pruning = next(s for s in shipped["stages"] if s["type"] == "prune")["pruning"]
     assert set(pruning["targets"]) == {"heads", "ffn_neurons", "hidden"}  # the shipped recipe prunes all three
+    shipped_export = next(s for s in shipped["stages"] if s["type"] == "export_onnx").get("export", {})
 
     # 96 -> 64 channels: a width the 4-bit groups of 64 divide and 6 heads do not (BERT then builds only from the
     # recorded head width, as the 25x recipe's 384 -> 256 with 12 heads)
@@ -47,7 +48,7 @@ def test_width_recipe_stages_shrink_every_axis_reload_and_export(tmp_path):
         },
         {"name": "int4", "type": "quantize", "quantization": {"include_embeddings": True, "embedding_bits": 4}},
         {"type": "evaluate"},
-        {"name": "onnx", "type": "export_onnx"},
+        {"name": "onnx", "type": "export_onnx", "export": shipped_export},  # the shipped settings
     ]
     recipe = {
         "name": "tiny-25x",
