@@ -352,7 +352,8 @@ def test_make_student_keeps_the_experts(family, tmp_path):
     assert torch.equal(_logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path)), _logits(student))
 
 
-def test_pruning_callback_inside_distillation_trainer(family, tmp_path):
+@pytest.mark.parametrize("importance", ["magnitude", "activation"])
+def test_pruning_callback_inside_distillation_trainer(family, importance, tmp_path):
     """Experts pruned one-shot by router statistics, then heads pruned while distilling from the full teacher."""
     teacher, student = moe_model(family, seed=1), moe_model(family, seed=2)
     prune_experts_by_router(student, [tiny_inputs(batch=4, seq=8, seed=s) for s in range(2)], sparsity=0.25)
@@ -368,7 +369,8 @@ def test_pruning_callback_inside_distillation_trainer(family, tmp_path):
         disable_tqdm=True,
         alpha=0.5,
     )
-    callback = PruningCallback(PruningConfig(targets={"heads": 0.5}, schedule="one_shot", start_step=1))
+    config = PruningConfig(targets={"heads": 0.5}, schedule="one_shot", start_step=1, importance=importance)
+    callback = PruningCallback(config)
     trainer = DistillationTrainer(
         model=student, teacher_model=teacher, args=args, train_dataset=RandomTokenDataset(n=12), callbacks=[callback]
     )
