@@ -157,7 +157,7 @@ def common_args(size: dict, lr: float, out: str) -> dict:
         data_seed=0,
         report_to="none",
         use_cpu=True,
-        bf16=False,
+        bf16=size.get("bf16", False),
         fp16=False,
         save_strategy="no",
         logging_steps=1,

@@ -11,6 +11,11 @@ throughput (tokens scored per second) are measured before and after recovery.
 
 Usage (from the repository root): ``python bench/bench_minitron.py --size full``; ``--size tiny`` is a smoke test
 (the tests pass ``--model`` a tiny saved Llama). Results go to ``bench/results/minitron.json``.
+
+A longer token budget for one variant, with the perplexity curve on the way: ``--variants search --steps 3000
+--bf16 --eval-at 60 250 500 1000 2000``. The KD text (WikiText-2 valid) is repeated, epoch after epoch, when the
+budget needs more tokens than it has; ``--bf16`` runs the recovery in bfloat16 autocast (the teacher in bfloat16,
+the student's weights and the perplexity evaluations in float32).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import datasets
 import torch
 from bench_llm import TEXTS, blocks, kd_trainer, perplexity, token_stream
 from common import RESULTS_DIR, machine_info, setup_threads, summarize, write_json
-from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
 from transformers import logging as hf_logging
 
 from hf_compress.models.builtin import resolve_model_path
@@ -34,6 +39,7 @@ from hf_compress.pruning.budget import Shape, count_parameters, search_budget
 from hf_compress.pruning.importance import block_influence_scores
 from hf_compress.reporting.measure import format_table
 
+VARIANTS = ("depth", "width", "search")
 SIZES = {
     "tiny": dict(seq=32, batch=2, steps=6, skip=2, calibration=2, eval_tokens=512, chunk=32, candidates=3),
     "full": dict(seq=128, batch=4, steps=60, skip=3, calibration=4, eval_tokens=8192, chunk=256, candidates=4),
@@ -65,8 +71,30 @@ def depth_only(teacher, batches: list[dict], budget: int) -> tuple[torch.nn.Modu
     return student, {"dropped_layers": drop, "shape": vars(Shape(keep, config.hidden_size, heads, ffn))}
 
 
-def distil(teacher, student, tokenizer, train, size: dict, lr: float, out: str) -> dict:
-    trainer, timer = kd_trainer(teacher, student, tokenizer, train, size, lr, out, ())
+class PerplexityCurve(TrainerCallback):
+    """WikiText-2 test perplexity of the student after each of ``steps`` (the learning rate not yet decayed there)."""
+
+    def __init__(self, rows: torch.Tensor, steps, teacher_ppl: float, tokens_per_step: int):
+        self.rows, self.steps, self.teacher_ppl, self.tokens_per_step = rows, set(steps), teacher_ppl, tokens_per_step
+        self.points: list[dict] = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step in self.steps and state.global_step < state.max_steps:
+            result = perplexity(model, self.rows)
+            model.train()
+            self.points.append(
+                {
+                    "step": state.global_step,
+                    "train_tokens": state.global_step * self.tokens_per_step,
+                    "ppl": result["ppl"],
+                    "ppl_ratio": result["ppl"] / self.teacher_ppl,
+                }
+            )
+            print(f"  step {state.global_step}: ppl {result['ppl']:.2f} ({self.points[-1]['ppl_ratio']:.3f}x)", flush=True)
+
+
+def distil(teacher, student, tokenizer, train, size: dict, lr: float, out: str, curve=None) -> dict:
+    trainer, timer = kd_trainer(teacher, student, tokenizer, train, size, lr, out, () if curve is None else (curve,))
     trainer.remove_callback(PrinterCallback)
     start = time.perf_counter()
     trainer.train()
@@ -76,6 +104,7 @@ def distil(teacher, student, tokenizer, train, size: dict, lr: float, out: str) 
         "step_s": summarize(timer.step_times(skip=size["skip"])),
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
+        "curve": [] if curve is None else curve.points,
     }
 
 
@@ -92,11 +121,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=None, help="Override the size's recovery steps.")
     parser.add_argument("--lr", type=float, default=2e-4, help="Peak learning rate of every recovery.")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's).")
+    parser.add_argument(
+        "--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="Which students to build and distil."
+    )
+    parser.add_argument("--bf16", action="store_true", help="Recover in bfloat16 autocast (teacher in bfloat16).")
+    parser.add_argument(
+        "--eval-at", type=int, nargs="*", default=[], help="Also measure test perplexity after these recovery steps."
+    )
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "minitron.json", help="JSON result path.")
     args = parser.parse_args(argv)
     size = dict(SIZES[args.size])
     if args.steps is not None:
         size["steps"] = args.steps
+    if size["steps"] < 1:
+        parser.error(f"argument --steps: must be >= 1, got {size['steps']}")
+    if any(step < 1 or step >= size["steps"] for step in args.eval_at):
+        parser.error(f"argument --eval-at: every step must be in [1, {size['steps'] - 1}], got {args.eval_at}")
+    size["bf16"] = args.bf16
     setup_threads(args.threads)
     hf_logging.set_verbosity_error()
     datasets.disable_progress_bars()
@@ -112,9 +153,10 @@ def main(argv: list[str] | None = None) -> dict:
     n = size["calibration"] * size["batch"]
     rows = blocks(token_stream(tokenizer, TEXTS["tinyshakespeare"], n * size["seq"]), size["seq"])
     batches = [{"input_ids": rows[i : i + size["batch"]]} for i in range(0, n, size["batch"])]
-    train_rows = blocks(
-        token_stream(tokenizer, TEXTS["wikitext2_valid"], size["steps"] * size["batch"] * size["seq"]), size["seq"]
-    )
+    needed = size["steps"] * size["batch"] * size["seq"]
+    train_rows = blocks(token_stream(tokenizer, TEXTS["wikitext2_valid"])[:needed], size["seq"])
+    if len(train_rows) < size["batch"]:
+        raise ValueError(f"WikiText-2 valid has fewer than {size['batch']} rows of {size['seq']} tokens.")
     columns = {"input_ids": train_rows.tolist(), "attention_mask": torch.ones_like(train_rows).tolist()}
     train = datasets.Dataset.from_dict({**columns, "labels": train_rows.tolist()}).with_format("torch")
     rows_eval = blocks(token_stream(tokenizer, TEXTS["wikitext2_test"], size["eval_tokens"]), size["seq"])
@@ -122,9 +164,12 @@ def main(argv: list[str] | None = None) -> dict:
     payload["teacher"] = teacher_eval
 
     students = {}
-    students["depth"] = depth_only(teacher, batches, budget)
+    if "depth" in args.variants:
+        students["depth"] = depth_only(teacher, batches, budget)
     grid = dict(max_candidates=size["candidates"], layer_importance="block_influence")
     for name, extra in (("width", {"depth": (1.0,)}), ("search", {})):
+        if name not in args.variants:
+            continue
         print(f"budget search ({name}):", flush=True)
         result = search_budget(teacher, budget, batches, **grid, **extra)
         students[name] = (result.model, {"shape": vars(result.shape), "table": result.table})
@@ -134,7 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
         for name, (student, info) in students.items():
             print(f"{name}: {info['shape']} -> distilling ...", flush=True)
             pruned = _measure(student, rows_eval)
-            recovery = distil(teacher, student.train(), tokenizer, train, size, args.lr, f"{tmp}/{name}")
+            curve = PerplexityCurve(rows_eval, args.eval_at, teacher_eval["ppl"], size["batch"] * size["seq"])
+            recovery = distil(teacher, student.train(), tokenizer, train, size, args.lr, f"{tmp}/{name}", curve)
             recovered = _measure(student, rows_eval)
             variants[name] = {
                 **info,
@@ -150,8 +196,11 @@ def main(argv: list[str] | None = None) -> dict:
     payload["settings"] = {
         "steps": size["steps"],
         "batch": f"{size['batch']}x{size['seq']}",
-        "train_tokens": int(train_rows.numel()),
+        "train_tokens": needed,
+        "distinct_train_tokens": int(train_rows.numel()),
+        "epochs": needed / train_rows.numel(),
         "train_text": "wikitext2_valid",
+        "precision": "bf16 autocast (teacher bf16)" if args.bf16 else "fp32",
         "calibration": f"{size['calibration']} batches of tinyshakespeare",
         "learning_rate": args.lr,
         "layer_importance": "block_influence (the search's skip-loss option costs num_layers + 1 forwards per batch)",

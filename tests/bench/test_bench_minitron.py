@@ -22,7 +22,7 @@ LAYERS, HIDDEN = 6, 32
 
 
 @pytest.fixture(scope="module")
-def minitron(tmp_path_factory) -> dict:
+def tiny_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench_minitron")
     tokenizer = word_tokenizer()
     torch.manual_seed(0)
@@ -39,15 +39,23 @@ def minitron(tmp_path_factory) -> dict:
     )
     LlamaForCausalLM(config).save_pretrained(root / "tiny")
     tokenizer.save_pretrained(root / "tiny")
-    output = root / "minitron.json"
+    return root
+
+
+def run_bench(root, name: str, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = str(REPO)  # this checkout's hf_compress, not the installed one
     command = [sys.executable, str(REPO / "bench" / "bench_minitron.py"), "--size", "tiny", "--threads", "1"]
-    command += ["--fraction", "0.7", "--model", str(root / "tiny"), "--output", str(output)]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    command += ["--fraction", "0.7", "--model", str(root / "tiny"), "--output", str(root / f"{name}.json"), *extra]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def minitron(tiny_root) -> dict:
+    result = run_bench(tiny_root, "minitron")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "ppl/teacher recovered" in result.stdout and f"wrote {output}" in result.stdout
-    return json.loads(output.read_text())
+    assert "ppl/teacher recovered" in result.stdout and f"wrote {tiny_root / 'minitron.json'}" in result.stdout
+    return json.loads((tiny_root / "minitron.json").read_text())
 
 
 @pytest.mark.slow
@@ -69,3 +77,27 @@ def test_depth_keeps_width_and_width_keeps_depth(minitron):
     assert len(depth["dropped_layers"]) == LAYERS - depth["shape"]["layers"]
     assert width["shape"]["layers"] == LAYERS and width["shape"]["hidden"] <= HIDDEN
     assert sum(row["chosen"] for row in minitron["variants"]["search"]["table"]) == 1
+
+
+@pytest.mark.slow
+def test_one_variant_in_bf16_with_a_perplexity_curve(tiny_root):
+    """``--variants search --bf16 --eval-at``: only that student, recovered in bf16 autocast, measured on the way."""
+    result = run_bench(tiny_root, "curve", "--variants", "search", "--bf16", "--steps", "5", "--eval-at", "2", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads((tiny_root / "curve.json").read_text())
+    assert set(payload["variants"]) == {"search"}
+    assert payload["settings"]["precision"].startswith("bf16") and payload["settings"]["steps"] == 5
+    curve = payload["variants"]["search"]["recovery"]["curve"]
+    assert [point["step"] for point in curve] == [2, 4]
+    teacher = payload["teacher"]["ppl"]
+    for point in curve:
+        assert math.isfinite(point["ppl"]) and math.isclose(point["ppl_ratio"], point["ppl"] / teacher)
+        assert point["train_tokens"] == point["step"] * 2 * 32  # tiny size: batch 2 x 32 tokens
+    assert payload["variants"]["search"]["recovered"]["ppl"] != curve[-1]["ppl"]  # step 5 trained further
+
+
+@pytest.mark.slow
+def test_eval_steps_outside_the_run_are_refused(tiny_root):
+    result = run_bench(tiny_root, "bad", "--steps", "5", "--eval-at", "5")
+    assert result.returncode == 2 and "--eval-at" in result.stderr and "[1, 4]" in result.stderr
+    assert not (tiny_root / "bad.json").exists()
