@@ -34,8 +34,8 @@ from pathlib import Path
 
 import datasets
 import torch
-from bench_llm import TEXTS, blocks, kd_trainer, perplexity, token_stream
 from common import RESULTS_DIR, machine_info, setup_threads, summarize, write_json
+from lm_common import TEXTS, blocks, kd_trainer, perplexity, token_stream
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
 from transformers import logging as hf_logging
 

@@ -6,7 +6,7 @@
 
 Every student is pruned one-shot from the same calibration batches (activation importance, Minitron), then distilled
 from the full teacher (``alpha=1``, forward KL, ``T=1``) for the same steps / batches / learning rate / seed with
-``hf_compress.DistillationTrainer``; WikiText-2 test perplexity (method of ``bench_llm.py``) and evaluation
+``hf_compress.DistillationTrainer``; WikiText-2 test perplexity (method of ``lm_common.py``) and evaluation
 throughput (tokens scored per second) are measured before and after recovery.
 
 Usage (from the repository root): ``python bench/bench_minitron.py --size full``; ``--size tiny`` is a smoke test
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import datasets
 import torch
-from bench_llm import TEXTS, blocks, kd_trainer, perplexity, token_stream
 from common import RESULTS_DIR, machine_info, setup_threads, summarize, write_json
+from lm_common import TEXTS, blocks, kd_trainer, perplexity, token_stream
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
 from transformers import logging as hf_logging
 
@@ -90,7 +90,8 @@ class PerplexityCurve(TrainerCallback):
                     "ppl_ratio": result["ppl"] / self.teacher_ppl,
                 }
             )
-            print(f"  step {state.global_step}: ppl {result['ppl']:.2f} ({self.points[-1]['ppl_ratio']:.3f}x)", flush=True)
+            ratio = self.points[-1]["ppl_ratio"]
+            print(f"  step {state.global_step}: ppl {result['ppl']:.2f} ({ratio:.3f}x the teacher)", flush=True)
 
 
 def distil(teacher, student, tokenizer, train, size: dict, lr: float, out: str, curve=None) -> dict:

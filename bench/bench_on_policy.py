@@ -37,9 +37,9 @@ import time
 from pathlib import Path
 
 import torch
-from bench_llm import CpuStepTimer
 from common import RESULTS_DIR, StepTimer, machine_info, setup_threads, summarize, write_json
 from datasets import Dataset
+from lm_common import CpuStepTimer
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers import logging as hf_logging

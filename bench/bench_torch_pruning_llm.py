@@ -13,7 +13,7 @@ The default ratio (1/3) is the one whose uniform shape lands near half of SmolLM
 Every stage is timed and a failure is recorded with its stage and exact error; when the documented recipe fails, a
 second attempt keeps every head (``heads_kept``: no ``num_heads``, q / k / v ignored, so only the hidden size and the
 FFN are pruned). The whole run is capped by ``--cap`` seconds (``SIGALRM``). Measured when the pruning finishes:
-parameters and shapes, WikiText-2 test perplexity on the first ``eval_tokens`` tokens (``bench_llm.perplexity``:
+parameters and shapes, WikiText-2 test perplexity on the first ``eval_tokens`` tokens (``lm_common.perplexity``:
 blocks of 128, no recovery training), and whether ``save_pretrained`` + plain ``AutoModelForCausalLM.from_pretrained``
 gives the same logits. Next to it, the one-shot (before recovery) perplexity of hf_compress's width-only Minitron
 student from ``bench/results/minitron.json`` (same teacher, evaluation text, tokens and block size) when that file
@@ -37,8 +37,8 @@ import traceback
 from pathlib import Path
 
 import torch
-from bench_llm import PPL_METHOD, TEXTS, blocks, perplexity, token_stream
 from common import RESULTS_DIR, machine_info, setup_threads, write_json
+from lm_common import PPL_METHOD, TEXTS, blocks, perplexity, token_stream
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers import logging as hf_logging
 

@@ -1,0 +1,125 @@
+"""What the LM benches share: their texts, the WikiText-2 perplexity method, and one forward-KL KD trainer setup.
+
+``bench_llm.py``, ``bench_minitron.py``, ``bench_gemma3.py``, ``bench_torch_pruning_llm.py`` and ``bench_on_policy.py``
+import from here, so every LM number in BENCHMARKS.md is measured the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from common import StepTimer
+from transformers import default_data_collator
+
+from hf_compress.distillation import DistillationConfig, DistillationTrainer
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+TEXTS = {
+    "tinyshakespeare": DATA / "tinyshakespeare" / "train.txt",
+    "wikitext2_valid": DATA / "wikitext2_valid_test" / "wiki.valid.tokens",
+    "wikitext2_test": DATA / "wikitext2_valid_test" / "wiki.test.tokens",
+}
+PPL_METHOD = (
+    "WikiText-2 test (data/wikitext2_valid_test/wiki.test.tokens, the <unk>-tokenised release, not wikitext-2-raw) "
+    "tokenised as one stream; its first `tokens` tokens cut into non-overlapping blocks of `block_size` (stride = "
+    "block size, no context carried across blocks, the last partial block dropped); ppl = exp(mean next-token NLL "
+    "over the block_size - 1 predicted positions of every block)"
+)
+
+
+def token_stream(tokenizer, path: Path, limit: int | None = None) -> torch.Tensor:
+    """Token ids of a text file as one stream (tokenised line by line, newlines kept); the first ``limit`` ids."""
+    ids: list[int] = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        ids.extend(tokenizer(line, add_special_tokens=False)["input_ids"])
+        if limit is not None and len(ids) >= limit:
+            break
+    if limit is not None and len(ids) < limit:
+        raise ValueError(f"`{path.name}` has {len(ids)} tokens, fewer than the {limit} needed; lower the size.")
+    return torch.tensor(ids[:limit], dtype=torch.long)
+
+
+def blocks(ids: torch.Tensor, seq: int) -> torch.Tensor:
+    """``ids`` cut into ``(n, seq)`` non-overlapping rows; the trailing partial row is dropped."""
+    n = len(ids) // seq
+    if n == 0:
+        raise ValueError(f"`seq` {seq} is longer than the {len(ids)} tokens available.")
+    return ids[: n * seq].view(n, seq)
+
+
+@torch.inference_mode()
+def perplexity(model, rows: torch.Tensor, batch: int = 8) -> dict:
+    """Token-weighted perplexity of ``model`` on equal-length ``rows`` (see ``PPL_METHOD``), with its wall time."""
+    model.eval()
+    start, nll, count = time.perf_counter(), 0.0, 0
+    for i in range(0, len(rows), batch):
+        ids = rows[i : i + batch]
+        loss = model(input_ids=ids, labels=ids).loss  # mean over the (seq - 1) shifted positions of every row
+        tokens = ids.shape[0] * (ids.shape[1] - 1)
+        nll, count = nll + float(loss) * tokens, count + tokens
+    return {
+        "ppl": math.exp(nll / count),
+        "nll": nll / count,
+        "tokens_scored": count,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+class CpuStepTimer(StepTimer):
+    """``StepTimer`` that also records the process CPU time (all threads) of every step."""
+
+    def __init__(self):
+        super().__init__()
+        self._cpu: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._cpu.append(time.process_time())
+        super().on_step_begin(args, state, control, **kwargs)
+
+    def cpu_times(self, skip: int = 0) -> list[float]:
+        return [b - a for a, b in zip(self._cpu, self._cpu[1:])][skip:]
+
+
+def common_args(size: dict, lr: float, out: str) -> dict:
+    """TrainingArguments shared by both trainers, so they see the same batches, schedule and optimizer."""
+    return dict(
+        output_dir=out,
+        max_steps=size["steps"],
+        per_device_train_batch_size=size["batch"],
+        learning_rate=lr,
+        lr_scheduler_type="linear",
+        warmup_steps=max(1, size["steps"] // 10),
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        seed=0,
+        data_seed=0,
+        report_to="none",
+        use_cpu=True,
+        bf16=size.get("bf16", False),
+        fp16=False,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def kd_trainer(teacher, student, tokenizer, train, size: dict, lr: float, out: str, callbacks=()):
+    """Our forward-KL `DistillationTrainer` for the LM benches (chunked loss), and its CPU step timer."""
+    config = DistillationConfig(
+        **common_args(size, lr, out), alpha=1.0, temperature=1.0, distillation_loss="kl", loss_chunk_size=size["chunk"]
+    )
+    timer = CpuStepTimer()
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=config,
+        train_dataset=train,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+        callbacks=[timer, *callbacks],
+    )
+    return trainer, timer
