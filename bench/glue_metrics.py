@@ -21,10 +21,11 @@ import yaml
 from common import machine_info, setup_threads, write_json
 from transformers import AutoTokenizer
 
-from hf_compress.cli import MODEL_STAGES, stage_reports
 from hf_compress.loading import from_pretrained
 from hf_compress.models.builtin import resolve_model_path
 from hf_compress.recipes.data import data_collator, load_text_dataset
+from hf_compress.recipes.outputs import stage_reports
+from hf_compress.recipes.schema import MODEL_STAGES
 from hf_compress.reporting.measure import format_table
 
 

@@ -35,6 +35,13 @@ from hf_compress.export import export_onnx, float_source
 from hf_compress.loading import from_pretrained
 from hf_compress.quantization.quantize import is_quantized
 from hf_compress.recipes.lock import check_output_dir
+from hf_compress.recipes.outputs import (
+    evaluation_results,
+    exported_onnx,
+    final_model_folder,
+    report_rows,
+    stage_reports,
+)
 from hf_compress.recipes.pipeline import run_recipe
 from hf_compress.recipes.plan import plan_recipe
 from hf_compress.recipes.schema import MODEL_STAGES, RecipeError, dump_resolved
@@ -42,7 +49,7 @@ from hf_compress.recipes.stages.card import card_metadata
 from hf_compress.recipes.validate import load_recipe
 from hf_compress.reporting.cards import write_card
 from hf_compress.reporting.hub import ONNX_DIR, push_folder
-from hf_compress.reporting.measure import format_table, human_bytes, summary_row
+from hf_compress.reporting.measure import format_table, human_bytes
 from hf_compress.shipped import shipped_path
 
 # `demo --quick`: the quick-start stages on a small slice of SST-2 (a couple of minutes on 2 CPU cores)
@@ -87,73 +94,6 @@ def _stage_logging():
 def packaged_recipe(name: str) -> Path:
     """The shipped recipe ``recipes/<name>.yaml`` (in the wheel, or in the source checkout)."""
     return shipped_path("recipes", f"{name}.yaml")
-
-
-# ---------------------------------------------------------------------------------------------- stage folders
-
-
-def stage_reports(out: str | Path) -> list[tuple[str, dict[str, Any]]]:
-    """``(stage name, report.json)`` of every finished stage folder of ``out``, in recipe order."""
-    out = Path(out)
-    if not out.is_dir():
-        raise FileNotFoundError(f"`DIR` {str(out)!r} does not exist; pass the --output-dir of `hf-compress run`.")
-    found = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/report.json")}
-    if not found:
-        raise FileNotFoundError(
-            f"`DIR` {str(out)!r} has no stage folder with a report.json; run "
-            f"`hf-compress run RECIPE --output-dir {out}` first."
-        )
-    order: list[str] = []
-    if (out / "recipe.yaml").is_file():
-        order = [
-            s.get("name") or s.get("type")
-            for s in (yaml.safe_load((out / "recipe.yaml").read_text()) or {}).get("stages", [])
-        ]
-    rank = {name: i for i, name in enumerate(order)}
-    names = sorted(found, key=lambda n: (rank.get(n, len(rank)), found[n].get("finished_at", ""), n))
-    return [(name, found[name]) for name in names]
-
-
-def _evaluation(out: str | Path, stages: list[tuple[str, dict]]) -> tuple[dict[str, dict], str | None]:
-    """Per-model measurements and the reference name from the latest ``evaluate`` stage's evaluation.json."""
-    measured, reference = {}, None
-    for name, report in stages:
-        path = Path(out) / name / "evaluation.json"
-        if report.get("type") == "evaluate" and path.is_file():
-            data = json.loads(path.read_text())
-            measured, reference = data.get("models", {}), data.get("reference")
-    return measured, reference
-
-
-def report_rows(out: str | Path) -> list[dict[str, str]]:
-    """One table row per model (teacher first): params, size, sparsity, metrics, latency and ratios to the teacher."""
-    stages = stage_reports(out)
-    measured, reference_name = _evaluation(out, stages)
-    entries: dict[str, dict] = {}
-    if reference_name in measured:
-        entries[reference_name] = measured[reference_name]
-    for name, report in stages:
-        if report.get("type") in MODEL_STAGES and "model" in report:
-            entries[name] = measured.get(name) or {**report["model"], "metrics": report.get("metrics") or {}}
-    if reference_name is None:
-        reference_name = next((n for n, r in stages if r.get("type") == "finetune_teacher"), None)
-    if not entries:
-        raise FileNotFoundError(f"`DIR` {str(out)!r} has no finished model stage; run its recipe first.")
-    reference = entries.get(reference_name)
-    return [
-        summary_row(name, report, None if name == reference_name else reference) for name, report in entries.items()
-    ]
-
-
-def final_model_folder(out: str | Path) -> Path:
-    """The folder of the last finished model stage of ``out`` (or ``out`` itself when it is a model folder)."""
-    out = Path(out)
-    if (out / "config.json").is_file():
-        return out
-    models = [name for name, report in stage_reports(out) if report.get("type") in MODEL_STAGES]
-    if not models:
-        raise FileNotFoundError(f"`DIR` {str(out)!r} has no finished model stage; run its recipe first.")
-    return out / models[-1]
 
 
 # --------------------------------------------------------------------------------------------------- commands
@@ -207,7 +147,7 @@ def cmd_card(args: argparse.Namespace) -> int:
     spec = yaml.safe_load(recipe_file.read_text()) if recipe_file.is_file() else {}
     stages = stage_reports(out) if folder != out else []
     report = dict(stages).get(folder.name, {})
-    evaluated, reference_name = _evaluation(out, stages)
+    evaluated, reference_name = evaluation_results(out, stages)
     measured = evaluated.get(folder.name) or {**report.get("model", {}), "metrics": report.get("metrics") or {}}
     reference = evaluated.get(reference_name) if reference_name != folder.name else None
     write_card(
@@ -220,16 +160,6 @@ def cmd_card(args: argparse.Namespace) -> int:
     )
     print(f"Wrote {folder / 'README.md'}")
     return 0
-
-
-def exported_onnx(out: str | Path, folder: Path) -> Path | None:
-    """The ``onnx/`` export of ``folder``: its own, else the one of the last ``export_onnx`` stage of ``out``."""
-    if (folder / ONNX_DIR).is_dir():
-        return folder / ONNX_DIR
-    if Path(out) == folder:
-        return None
-    stages = [name for name, report in stage_reports(out) if report.get("type") == "export_onnx"]
-    return next((Path(out) / n / ONNX_DIR for n in reversed(stages) if (Path(out) / n / ONNX_DIR).is_dir()), None)
 
 
 def cmd_push(args: argparse.Namespace) -> int:
