@@ -57,8 +57,8 @@ from hf_compress.pruning.masks import (
     mask_weights,
     parameter_masks,
     save_masks,
-    select_units,
 )
+from hf_compress.pruning.ranking import select_units
 from hf_compress.pruning.schedules import is_pruning_step, sparsity_at
 from hf_compress.pruning.selection import (
     add_taylor_scores,

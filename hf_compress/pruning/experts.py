@@ -23,7 +23,7 @@ from torch import nn
 
 from hf_compress.models.families import expert_module, get_layers, num_experts, unwrap
 from hf_compress.pruning.activations import activation_scores
-from hf_compress.pruning.masks import select_units
+from hf_compress.pruning.ranking import select_units
 from hf_compress.pruning.routing import (  # re-exported: the MoE API lives in one module for users
     ExpertScore,
     RouterStatistics,

@@ -29,7 +29,8 @@ from hf_compress.pruning.importance import (
     layer_unit_scores,
     unit_scores,
 )
-from hf_compress.pruning.masks import PruningMasks, removes_more, select_units
+from hf_compress.pruning.masks import PruningMasks
+from hf_compress.pruning.ranking import removes_more, select_units
 from hf_compress.pruning.schedules import kept_hidden_size
 from hf_compress.pruning.unstructured import prunable_weights
 

@@ -4,7 +4,7 @@ The recipe for a sharded student (each step is a collective: call it on every ra
 
 1. [`sharded_unit_scores`]: importance scores computed on the full tensors (the parameters are all-gathered with
    `FSDPModule.unshard()` for the duration), so every rank gets the unsharded model's scores;
-2. select masks from them as for an unsharded model (`masks.select_units`: deterministic, identical on every rank);
+2. select masks from them as for an unsharded model (`ranking.select_units`: deterministic, identical on every rank);
 3. [`mask_sharded`]: apply the masks to each rank's local shard (`DTensor.to_local()`), never to a full copy;
 4. after training, [`full_state_dict`] gathers the weights on rank 0, which loads them into an unsharded model and
    runs [`remove_masked`] (the surgery of `PruningCallback`) before saving.

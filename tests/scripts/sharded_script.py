@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from hf_compress.models.families import get_layers  # noqa: E402
 from hf_compress.pruning.importance import unit_layout, unit_scores  # noqa: E402
-from hf_compress.pruning.masks import PruningMasks, mask_weights, select_units  # noqa: E402
+from hf_compress.pruning.masks import PruningMasks, mask_weights  # noqa: E402
+from hf_compress.pruning.ranking import select_units  # noqa: E402
 from hf_compress.pruning.sharded import (  # noqa: E402
     full_state_dict,
     gathered,
