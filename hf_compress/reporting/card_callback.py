@@ -24,8 +24,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, unwrap_peft_model
 from hf_compress.models.hub_ids import hub_id
 from hf_compress.models.sentence import is_sentence_transformer, transformer_module
 from hf_compress.pruning.callback import PruningCallback
-from hf_compress.reporting.cards import card_base_model, last_evaluation, training_section, write_card
+from hf_compress.reporting.cards import card_base_model, write_card
 from hf_compress.reporting.measure import model_report
+from hf_compress.reporting.training_section import last_evaluation, training_section
 
 CARD_NAME = "README.md"
 CARD_KEYS = ("model_name", "base_model", "teacher", "datasets", "recipe", "methods", "language", "license")

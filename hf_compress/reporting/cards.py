@@ -5,15 +5,13 @@ the measured metrics; its body has the teacher-vs-result table (from :mod:`hf_co
 loading code (plain ``AutoModel*.from_pretrained`` unless ``config.json`` records hf_compress structure or
 quantisation), the recipe and the limitations that apply. A ``SentenceTransformer`` folder (``modules.json``) gets
 sentence-transformers metadata, loading code and pair metrics (:mod:`hf_compress.reporting.sentence_card`).
-:func:`training_section` formats what a Trainer run knows when it saves (status, teacher, distillation and pruning
-settings, sparsity so far, last evaluation) as the card's "Training" section;
+Its "Training" section comes from :func:`~hf_compress.reporting.training_section.training_section`;
 :mod:`hf_compress.reporting.card_callback` gathers those facts from the Trainer.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from hf_compress.models.hub_ids import hub_id
 from hf_compress.models.sentence import is_sentence_transformer_folder, transformer_folder
 from hf_compress.quantization.quantize import is_quantized
 from hf_compress.reporting import sentence_card
-from hf_compress.reporting.measure import format_table, quality_metrics, summary_row
+from hf_compress.reporting.measure import format_table, metric_name, quality_metrics, summary_row
 from hf_compress.shipped import shipped_path
 
 TEMPLATE_PATH = shipped_path("model_cards", "default.md")
@@ -107,10 +105,6 @@ def _limitations(config: Mapping | None, report: Mapping | None, reports: list) 
             "machine's medians."
         )
     return items
-
-
-def _metric_name(key: str) -> str:
-    return re.sub(r"^(eval|test)_", "", key)
 
 
 def render_card(
@@ -197,8 +191,8 @@ def render_card(
                 task_type=task_type,
                 dataset_type=datasets[0],
                 dataset_name=datasets[0],
-                metric_type=_metric_name(key),
-                metric_name=_metric_name(key),
+                metric_type=metric_name(key),
+                metric_name=metric_name(key),
                 metric_value=round(value, 6),
             )
             for key, value in metrics.items()
@@ -291,117 +285,3 @@ def write_card(folder: str | Path, model_name: str | None = None, **kwargs) -> M
     card = render_card(model_name or folder.resolve().name, **kwargs)
     card.save(folder / "README.md")
     return card
-
-
-def last_evaluation(
-    log_history: list[Mapping], up_to_step: int | None = None
-) -> tuple[int | None, dict[str, float]] | None:
-    """The step and quality metrics of the last ``eval_*`` entry of a Trainer ``log_history`` (at or before
-    ``up_to_step`` when given), or ``None``."""
-    for entry in reversed(log_history or []):
-        if up_to_step is not None and entry.get("step", 0) > up_to_step:
-            continue
-        metrics = {k: v for k, v in entry.items() if k.startswith("eval_") and isinstance(v, int | float)}
-        if quality_metrics(metrics):
-            return entry.get("step"), quality_metrics(metrics)
-    return None
-
-
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
-
-
-def _settings(values: Mapping) -> str:
-    return ", ".join(f"{key} {value}" for key, value in values.items())
-
-
-def _pruning_lines(entry: Mapping) -> list[str]:
-    end = entry.get("end_step")
-    lines = [
-        f"**Pruning** ({entry['importance']} importance, {entry['schedule']} schedule, {entry['scope']} scope, "
-        f"steps {entry['start_step']} to {'the last step' if end is None else end}):",
-        "",
-        "| target | final target | reached in this model |",
-        "|---|---|---|",
-    ]
-    reached = entry.get("sparsity") or {}
-    lines += [f"| {t} | {_percent(goal)} | {_percent(reached.get(t))} |" for t, goal in entry["targets"].items()]
-    lines.append("")
-    state, structured = entry.get("state"), [t for t in entry["targets"] if t != "unstructured"]
-    if state == "masked" and structured:
-        lines.append(
-            f"Pruned {', '.join(structured)} are masked (zeroed in place) in these weights, which keep the "
-            "original shapes; they are removed physically at the end of training."
-        )
-    elif state == "removed":
-        counts = ", ".join(f"{n} {name}" for name, n in (entry.get("removed") or {}).items() if n)
-        lines.append(f"Training ended: {counts} were removed physically." if counts else "Training ended.")
-    elif state != "masked":
-        lines.append("No pruning step had run when this model was saved.")
-    if "unstructured" in entry["targets"] and state in ("masked", "removed"):
-        lines.append("Unstructured zeros stay in the dense weights.")
-    return lines
-
-
-def training_section(
-    step: int,
-    max_steps: int | None = None,
-    final: bool = True,
-    teacher: str | None = None,
-    distillation: Mapping | None = None,
-    pruning: list[Mapping] | None = None,
-    evaluation: tuple[int | None, Mapping] | None = None,
-    hyperparameters: Mapping | None = None,
-) -> str:
-    """Markdown of the card's "Training" section: what a Trainer run knows when it saves a folder.
-
-    Args:
-        step (`int`): the optimizer step of the saved weights.
-        max_steps (`int`, *optional*): the planned number of steps.
-        final (`bool`, *optional*, defaults to `True`): `False` for a checkpoint saved while training ran.
-        teacher (`str`, *optional*): name of the distillation teacher.
-        distillation (`dict`, *optional*): distillation settings, e.g. ``{"temperature": 2.0, "alpha": 0.5}``.
-        pruning (`list[dict]`, *optional*): one dict per pruning callback with ``targets``, ``schedule``,
-            ``importance``, ``scope``, ``start_step``, ``end_step``, ``sparsity`` (reached so far, per target),
-            ``state`` (``"masked"``, ``"removed"`` or ``"none"``) and ``removed`` (counts of removed structures).
-        evaluation (`tuple[int, dict]`, *optional*): ``(step, metrics)`` of the last evaluation, from
-            :func:`last_evaluation`; `None` means the model was not evaluated.
-        hyperparameters (`dict`, *optional*): training hyperparameters to list.
-
-    Example:
-
-    >>> from hf_compress.reporting.cards import training_section
-    >>> print(training_section(40, 100, final=False, teacher="org/teacher", distillation={"temperature": 2.0}))
-    **Status:** Checkpoint saved at step 40 of 100, while training was still running.
-    <BLANKLINE>
-    **Distillation** from teacher `org/teacher`: temperature 2.0.
-    <BLANKLINE>
-    **Evaluation:** not evaluated before this save.
-    """
-    of = f" of {max_steps}" if max_steps else ""
-    if not final:
-        status = f"Checkpoint saved at step {step}{of}, while training was still running."
-    elif step == 0:
-        status = "Saved before any training step."
-    else:
-        status = f"Saved after step {step}{of}."
-    lines = [f"**Status:** {status}", ""]
-    if teacher or distillation:
-        lines += [f"**Distillation** from teacher `{teacher or 'unknown'}`: {_settings(distillation or {})}.", ""]
-    for entry in pruning or []:
-        lines += _pruning_lines(entry) + [""]
-    if evaluation is None:
-        lines.append("**Evaluation:** not evaluated before this save.")
-    else:
-        eval_step, metrics = evaluation
-        values = ", ".join(f"{_metric_name(k)} {v:.4g}" for k, v in metrics.items())
-        if eval_step == step:
-            lines.append(f"**Evaluation** at step {step}: {values}.")
-        else:
-            lines.append(
-                f"**Evaluation:** this model was not evaluated; the last evaluation, at step {eval_step}, "
-                f"gave {values}."
-            )
-    if hyperparameters:
-        lines += ["", f"**Training hyperparameters:** {_settings(hyperparameters)}."]
-    return "\n".join(lines)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +29,11 @@ NOT_QUALITY = ("runtime", "per_second", "epoch", "steps", "flos")  # Trainer boo
 def quality_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
     """The metrics that measure model quality (drops Trainer bookkeeping such as ``eval_runtime`` or ``epoch``)."""
     return {k: v for k, v in (metrics or {}).items() if not any(word in k for word in NOT_QUALITY)}
+
+
+def metric_name(key: str) -> str:
+    """A metric's name without the Trainer's split prefix: ``eval_accuracy`` -> ``accuracy``."""
+    return re.sub(r"^(eval|test)_", "", key)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from hf_compress.reporting.measure import metric_name
+
 LIBRARY_NAME = "sentence-transformers"
 PIPELINE_TAG = "sentence-similarity"
 TAGS = ["sentence-transformers", "feature-extraction"]
@@ -30,7 +32,7 @@ def sentence_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
     ...                   "eval_pairs_cosine_ap": 0.75, "eval_pairs_cosine_mcc": 0.3, "eval_loss": 0.1})
     {'pairs_cosine_accuracy': 0.7, 'pairs_cosine_ap': 0.75, 'loss': 0.1}
     """
-    named = {re.sub(r"^(eval|test)_", "", key): value for key, value in (metrics or {}).items()}
+    named = {metric_name(key): value for key, value in (metrics or {}).items()}
     return {key: value for key, value in named.items() if CARD_METRIC.search(key)}
 
 
