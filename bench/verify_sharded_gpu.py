@@ -47,8 +47,8 @@ from hf_compress.distillation.config import DistillationConfig  # noqa: E402
 from hf_compress.distillation.placement import ALLOW_UNVERIFIED  # noqa: E402
 from hf_compress.distillation.trainer import DistillationTrainer  # noqa: E402
 from hf_compress.pruning.callback import PruningCallback  # noqa: E402
-from tests.conftest import tiny_inputs, tiny_model  # noqa: E402
 from tests.scripts import sharded_script  # noqa: E402
+from tests.tiny_models import tiny_inputs, tiny_model  # noqa: E402
 
 STEPS, BATCH = 3, 8
 

@@ -14,7 +14,7 @@ import hf_compress  # noqa: E402
 from hf_compress.integrations import sentence_transformers as st_integration  # noqa: E402
 from hf_compress.integrations.sentence_transformers import is_sentence_transformer  # noqa: E402
 from hf_compress.models.families import get_layers  # noqa: E402
-from tests.conftest import VOCAB, tiny_model, tiny_sentence_transformer, tiny_tokenizer  # noqa: E402
+from tests.tiny_models import VOCAB, tiny_model, tiny_sentence_transformer, tiny_tokenizer  # noqa: E402
 
 TEXTS = [" ".join(f"w{(5 * i + 2 * j) % 40 + 3}" for j in range(3 + i % 3)) for i in range(12)]
 

@@ -32,7 +32,8 @@ from hf_compress.recipes.lock import check_output_dir
 from hf_compress.recipes.schema import RecipeError
 from hf_compress.recipes.validate import load_recipe
 from hf_compress.vocabulary.prune import prune_vocabulary
-from tests.conftest import VOCAB, tiny_inputs, tiny_model, tiny_tokenizer, write_tsv
+from tests.conftest import write_tsv
+from tests.tiny_models import VOCAB, tiny_inputs, tiny_model, tiny_tokenizer
 
 NAN, INF = math.nan, math.inf
 TRAIN = {"max_steps": 2, "per_device_train_batch_size": 4, "use_cpu": True, "disable_tqdm": True}

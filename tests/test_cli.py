@@ -17,7 +17,8 @@ from hf_compress.cli import DEMO_SENTENCES, QUICK_OVERRIDES, demo_predictions, m
 from hf_compress.quantization.quantize import quantize_model
 from hf_compress.recipes.lock import LOCK_NAME
 from hf_compress.recipes.schema import REPO_ROOT
-from tests.conftest import free_port, tiny_model, tiny_tokenizer
+from tests.conftest import free_port
+from tests.tiny_models import tiny_model, tiny_tokenizer
 
 TRAIN = {
     "max_steps": 2,

@@ -8,7 +8,8 @@ import yaml
 from hf_compress.loading import from_pretrained
 from hf_compress.models.families import get_layers, head_counts
 from hf_compress.recipes.lock import LOCK_NAME
-from tests.conftest import accelerate_launch, tiny_model, tiny_tokenizer, write_tsv
+from tests.conftest import accelerate_launch, write_tsv
+from tests.tiny_models import tiny_model, tiny_tokenizer
 
 ROWS, BATCH, STEPS = 32, 4, 3
 

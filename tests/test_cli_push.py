@@ -9,7 +9,7 @@ import pytest
 
 import hf_compress.reporting.hub
 from hf_compress.cli import main
-from tests.conftest import tiny_model, tiny_tokenizer
+from tests.tiny_models import tiny_model, tiny_tokenizer
 
 
 class FakeApi:

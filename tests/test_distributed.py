@@ -16,7 +16,8 @@ from transformers import Trainer
 import hf_compress.distributed
 from hf_compress import DistillationConfig, DistillationTrainer, PruningCallback, PruningConfig
 from hf_compress.distributed import register_auto_shutdown, shutdown_distributed, shutdown_live_trainers
-from tests.conftest import accelerate_launch, free_port, tiny_model
+from tests.conftest import accelerate_launch, free_port
+from tests.tiny_models import tiny_model
 
 
 def test_noop_without_a_process_group():

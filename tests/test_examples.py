@@ -12,7 +12,8 @@ import pytest
 
 from hf_compress.loading import from_pretrained
 from hf_compress.models.families import head_counts
-from tests.conftest import tiny_model, tiny_tokenizer, write_tsv
+from tests.conftest import write_tsv
+from tests.tiny_models import tiny_model, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "run_glue.py"

@@ -33,8 +33,9 @@ from hf_compress.pruning.surgery import prune_heads
 from hf_compress.recipes.lock import LOCK_NAME, OutputLockedError, acquire_output_lock, output_lock
 from hf_compress.recipes.schema import RecipeError
 from hf_compress.recipes.validate import load_recipe
-from tests.conftest import ROOT, tiny_model, tiny_tokenizer, write_tsv
+from tests.conftest import ROOT, write_tsv
 from tests.scripts.checkpoint_script import build_trainer
+from tests.tiny_models import tiny_model, tiny_tokenizer
 
 TRAIN = {
     "max_steps": 2,

@@ -12,7 +12,7 @@ from hf_compress.pruning.surgery import drop_layers, layer_structure, prune_ffn_
 from hf_compress.quantization.quantize import Int8Linear, quantize_model
 from hf_compress.reporting.cards import load_code
 from hf_compress.reporting.measure import model_size_bytes
-from tests.conftest import DECODERS, FAMILIES, HEADS, tiny_inputs, tiny_model
+from tests.tiny_models import DECODERS, FAMILIES, HEADS, tiny_inputs, tiny_model
 
 GQA = DECODERS[:4]
 UNIFORM_HEADS = {layer: [0, 1] for layer in range(4)}

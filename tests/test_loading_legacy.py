@@ -8,7 +8,7 @@ import torch
 from hf_compress.loading import from_pretrained
 from hf_compress.models.families import head_counts
 from hf_compress.pruning.surgery import prune_heads
-from tests.conftest import HEADS, tiny_inputs, tiny_model
+from tests.tiny_models import HEADS, tiny_inputs, tiny_model
 
 PRUNED = {0: [1], 2: [0, 3]}
 

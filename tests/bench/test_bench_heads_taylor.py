@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import tiny_model, tiny_tokenizer
+from tests.tiny_models import tiny_model, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 LAYERS, HEADS = 4, 4  # tests.conftest.tiny_config("bert")

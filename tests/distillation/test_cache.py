@@ -14,7 +14,7 @@ from hf_compress.distillation.cache import (
 )
 from hf_compress.distillation.config import DistillationConfig
 from hf_compress.distillation.trainer import DistillationTrainer
-from tests.conftest import VOCAB, tiny_inputs, tiny_model, tiny_tokenizer
+from tests.tiny_models import VOCAB, tiny_inputs, tiny_model, tiny_tokenizer
 
 SEQ = 8
 

@@ -12,7 +12,7 @@ from hf_compress.distillation.intermediate import (
     resolve_layer_map,
 )
 from hf_compress.distillation.losses import attention_loss, hidden_state_loss
-from tests.conftest import tiny_model
+from tests.tiny_models import tiny_model
 
 
 def options(hidden=0.0, attention=0.0, layer_map=None):

@@ -19,8 +19,9 @@ from hf_compress.distillation.on_policy import (
     split_prompts,
 )
 from hf_compress.distillation.trainer import DistillationTrainer
-from tests.conftest import ROOT, accelerate_launch, tiny_model, tiny_tokenizer
+from tests.conftest import ROOT, accelerate_launch
 from tests.scripts.on_policy_script import train
+from tests.tiny_models import tiny_model, tiny_tokenizer
 
 SCRIPT = ROOT / "tests" / "scripts" / "on_policy_script.py"
 

@@ -25,7 +25,8 @@ from hf_compress.distillation.placement import (
     zero3_inference_config,
 )
 from hf_compress.distillation.trainer import DistillationTrainer
-from tests.conftest import ROOT, free_port, tiny_inputs, tiny_model
+from tests.conftest import ROOT, free_port
+from tests.tiny_models import tiny_inputs, tiny_model
 
 
 def accelerator(kind, fsdp_version=None, zero_stage=None):

@@ -4,7 +4,7 @@ import transformers
 
 from hf_compress.distillation.student import evenly_spaced_layers, make_student
 from hf_compress.models.families import block_module, get_layers
-from tests.conftest import DECODERS, HEADS, tiny_inputs, tiny_model
+from tests.tiny_models import DECODERS, HEADS, tiny_inputs, tiny_model
 
 
 def _head(family):

@@ -12,7 +12,7 @@ from transformers import TrainingArguments
 
 from hf_compress.distillation.config import DistillationConfig
 from hf_compress.distillation.trainer import DistillationTrainer
-from tests.conftest import VOCAB, tiny_inputs, tiny_model, tiny_tokenizer
+from tests.tiny_models import VOCAB, tiny_inputs, tiny_model, tiny_tokenizer
 
 SEQ = 8
 

@@ -12,7 +12,7 @@ from hf_compress.distillation.callbacks import PROJECTION_FILE, CardWriter
 from hf_compress.distillation.config import DistillationConfig
 from hf_compress.distillation.trainer import DistillationTrainer
 from hf_compress.reporting.card_callback import ModelCardCallback
-from tests.conftest import tiny_inputs, tiny_model
+from tests.tiny_models import tiny_inputs, tiny_model
 
 OVERRIDES = {"__init__", "compute_loss", "create_optimizer", "log", "save_model", "create_model_card",
              "get_batch_samples"}  # fmt: skip

@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 from hf_compress.loading import save_pretrained
 from hf_compress.pruning.surgery import prune_heads
-from tests.conftest import VOCAB, tiny_model
+from tests.tiny_models import VOCAB, tiny_model
 
 SENTENCES = ("This new framework is fantastic!", "The plot was dull and the acting was even worse.")
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

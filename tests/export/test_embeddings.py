@@ -19,9 +19,9 @@ from hf_compress.export.embeddings import quantize_word_embeddings, word_embeddi
 from hf_compress.loading import from_pretrained  # noqa: E402
 from hf_compress.quantization.layers import Int8Embedding  # noqa: E402
 from hf_compress.recipes.validate import RecipeError, check_export_values  # noqa: E402
-from tests.conftest import tiny_model, tiny_tokenizer  # noqa: E402
 from tests.export.conftest import save_folder  # noqa: E402
 from tests.export.test_onnx import pytorch_logits, random_rows  # noqa: E402
+from tests.tiny_models import tiny_model, tiny_tokenizer  # noqa: E402
 
 STANDARD_OPS = {"Gather", "Cast", "Div", "Floor", "Mul", "Sub", "Add", "Unsqueeze", "Concat", "Reshape"}
 

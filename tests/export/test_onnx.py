@@ -18,8 +18,8 @@ from hf_compress.export.runtime import require  # noqa: E402
 from hf_compress.loading import from_pretrained  # noqa: E402
 from hf_compress.quantization.quantize import quantize_int8  # noqa: E402
 from hf_compress.vocabulary.prune import prune_vocabulary  # noqa: E402
-from tests.conftest import FAMILIES, VOCAB, tiny_model, tiny_tokenizer  # noqa: E402
 from tests.export.conftest import SENTENCES, save_folder, tiny_classifier  # noqa: E402
+from tests.tiny_models import FAMILIES, VOCAB, tiny_model, tiny_tokenizer  # noqa: E402
 
 
 def random_rows(batch: int = 32, seq: int = 12, vocab: int = VOCAB, seed: int = 3) -> dict[str, torch.Tensor]:

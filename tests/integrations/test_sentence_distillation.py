@@ -15,8 +15,8 @@ from hf_compress.integrations.sentence_distillation import (  # noqa: E402
     embedding_distillation_loss,
 )
 from hf_compress.integrations.sentence_transformers import prune_sentence_vocabulary  # noqa: E402
-from tests.conftest import tiny_sentence_transformer  # noqa: E402
 from tests.integrations.test_sentence_transformers import TEXTS, _args, _embed  # noqa: E402
+from tests.tiny_models import tiny_sentence_transformer  # noqa: E402
 
 
 def test_embedding_distillation_loss_math():

@@ -27,7 +27,8 @@ from hf_compress.integrations.sentence_transformers import (  # noqa: E402
     save_sentence_transformer,
 )
 from hf_compress.models.families import ffn_size, get_layers, head_counts  # noqa: E402
-from tests.conftest import VOCAB, tiny_sentence_transformer, train_args  # noqa: E402
+from tests.conftest import train_args  # noqa: E402
+from tests.tiny_models import VOCAB, tiny_sentence_transformer
 
 TEXTS = [" ".join(f"w{(7 * i + 3 * j) % (VOCAB - 8) + 3}" for j in range(3 + i % 4)) for i in range(24)]
 

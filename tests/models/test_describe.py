@@ -1,6 +1,6 @@
 from hf_compress.models import describe
 from hf_compress.pruning.surgery import prune_heads
-from tests.conftest import tiny_model
+from tests.tiny_models import tiny_model
 
 
 def test_describe_lists_blocks_heads_groups_and_config_fields(capsys):

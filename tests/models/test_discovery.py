@@ -9,7 +9,8 @@ from hf_compress.loading import from_pretrained, save_pretrained
 from hf_compress.models.discovery import DISCOVERED
 from hf_compress.models.families import block_module, get_family, head_counts, head_dim
 from hf_compress.pruning.surgery import drop_layers, prune_ffn_neurons, prune_heads
-from tests.conftest import VOCAB, tiny_inputs, zero_slices
+from tests.conftest import zero_slices
+from tests.tiny_models import VOCAB, tiny_inputs
 
 COMMON = dict(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=3, num_attention_heads=4, pad_token_id=0)
 UNLISTED = {

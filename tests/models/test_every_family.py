@@ -18,17 +18,8 @@ from hf_compress.models.families import FAMILIES, block_module, ffn_size, get_fa
 from hf_compress.pruning.callback import PruningCallback
 from hf_compress.pruning.config import PruningConfig
 from hf_compress.pruning.surgery import drop_layers, prune_ffn_neurons, prune_heads, skip_layers
-from tests.conftest import (
-    ENCODER_DECODERS,
-    EVERY_DECODER,
-    HEADS,
-    TokenDataset,
-    family_inputs,
-    lm_head,
-    tiny_inputs,
-    tiny_model,
-    zero_slices,
-)
+from tests.conftest import TokenDataset, zero_slices
+from tests.tiny_models import ENCODER_DECODERS, EVERY_DECODER, HEADS, family_inputs, lm_head, tiny_inputs, tiny_model
 
 # Layer 1 loses query heads 0 and 1 (a whole KV group under GQA 4/2), layer 3 loses heads 1 and 3 (one query head
 # from within each group). Encoder-decoders have 2 + 2 blocks: these are encoder block 1 and decoder block 1.

@@ -11,7 +11,8 @@ from hf_compress.models.families import (
     head_slices,
     neuron_slices,
 )
-from tests.conftest import DECODERS, tiny_inputs, tiny_model, value_slices, zero_slices
+from tests.conftest import value_slices, zero_slices
+from tests.tiny_models import DECODERS, tiny_inputs, tiny_model
 
 
 def test_layers_heads_and_ffn_are_found(family):

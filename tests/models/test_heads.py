@@ -3,7 +3,7 @@ import transformers
 
 from hf_compress.distillation.teacher import DISTILLED_HEADS, distilled_head
 from hf_compress.models.heads import BACKBONE, HEADS, LM_HEADS, auto_class_for_task, detect_head, head_of
-from tests.conftest import tiny_model
+from tests.tiny_models import tiny_model
 
 
 def test_detect_head():

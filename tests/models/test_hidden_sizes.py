@@ -11,7 +11,7 @@ from hf_compress.loading import from_pretrained, save_pretrained
 from hf_compress.models.hidden_sizes import hidden_multiple, nearest_hidden_sizes
 from hf_compress.pruning import prune_heads, prune_hidden
 from hf_compress.pruning.hidden import first_output
-from tests.conftest import EVERY_DECODER, EVERY_ENCODER, family_inputs, lm_head, tiny_model
+from tests.tiny_models import EVERY_DECODER, EVERY_ENCODER, family_inputs, lm_head, tiny_model
 
 # every family prune_hidden slices (OLMo-2 is refused: `hidden_refused` in hf_compress/models/table.py)
 HIDDEN_FAMILIES = [f for f in EVERY_ENCODER + EVERY_DECODER if f != "olmo2"]

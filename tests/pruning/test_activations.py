@@ -10,7 +10,8 @@ from hf_compress.pruning.activations import (
     kl_to_reference,
 )
 from hf_compress.pruning.hidden import first_output, prune_hidden, zero_hidden_channels
-from tests.conftest import tiny_inputs, tiny_model, zero_slices
+from tests.conftest import zero_slices
+from tests.tiny_models import tiny_inputs, tiny_model
 
 BATCHES = [tiny_inputs(seed=1), tiny_inputs(seed=2)]
 

@@ -20,7 +20,8 @@ from hf_compress.pruning.callback import PruningCallback
 from hf_compress.pruning.config import PruningConfig
 from hf_compress.pruning.hidden import first_output
 from hf_compress.recipes.schema import REPO_ROOT
-from tests.conftest import ENCODERS, tiny_inputs, tiny_model, tiny_tokenizer, write_recipe
+from tests.conftest import write_recipe
+from tests.tiny_models import ENCODERS, tiny_inputs, tiny_model, tiny_tokenizer
 
 BATCHES = [tiny_inputs(seed=1), tiny_inputs(seed=2)]
 

@@ -12,7 +12,8 @@ from hf_compress.pruning.callback import STATE_NAME, PruningCallback
 from hf_compress.pruning.config import PruningConfig
 from hf_compress.pruning.masks import MASKS_NAME, load_masks
 from hf_compress.pruning.unstructured import prunable_weights
-from tests.conftest import RandomTokenDataset, tiny_model, train_args
+from tests.conftest import RandomTokenDataset, train_args
+from tests.tiny_models import tiny_model
 
 
 def _train(model, tmp_path, config, classes=False, callbacks=(), resume=None, **kwargs):

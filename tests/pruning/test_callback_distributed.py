@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import hf_compress
-from tests.conftest import ROOT, accelerate_launch, tiny_inputs, tiny_model
+from tests.conftest import ROOT, accelerate_launch
+from tests.tiny_models import tiny_inputs, tiny_model
 
 SCRIPT = ROOT / "tests" / "scripts" / "prune_script.py"
 HEAD = {"bert": "seq_cls", "llama": "causal_lm"}  # what the script trains

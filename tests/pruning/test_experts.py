@@ -28,7 +28,8 @@ from hf_compress.pruning.experts import (
     select_experts,
 )
 from hf_compress.pruning.surgery import drop_layers, layer_structure, prune_ffn_neurons, prune_heads, record_structure
-from tests.conftest import VOCAB, RandomTokenDataset, tiny_inputs, value_slices, zero_slices
+from tests.conftest import RandomTokenDataset, value_slices, zero_slices
+from tests.tiny_models import VOCAB, tiny_inputs
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
 WIDTH = 16  # neurons per expert

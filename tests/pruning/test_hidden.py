@@ -19,7 +19,7 @@ from hf_compress.pruning.hidden import (
     hidden_layout,
     zero_hidden_channels,
 )
-from tests.conftest import DECODERS, ENCODERS, tiny_inputs, tiny_model
+from tests.tiny_models import DECODERS, ENCODERS, tiny_inputs, tiny_model
 
 RMS_FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
 LM_HEAD = {family: "masked_lm" if family in ENCODERS else "causal_lm" for family in ENCODERS + DECODERS}

@@ -9,8 +9,9 @@ from hf_compress.pruning import prune_hidden
 from hf_compress.pruning.callback import PruningCallback
 from hf_compress.pruning.config import PruningConfig
 from hf_compress.pruning.hidden import check_zero_channel_oracle, first_output, zero_hidden_channels
-from tests.conftest import lm_head, tiny_model, train_args
+from tests.conftest import train_args
 from tests.pruning.test_experts import MOE, moe_model
+from tests.tiny_models import lm_head, tiny_model
 
 REFUSED = ["olmo2", "bart", "whisper", "vit", "deit"]
 CHANNELS = [1, 6, 7, 13]

@@ -17,7 +17,7 @@ from hf_compress.pruning.importance import (
     unit_scores,
 )
 from hf_compress.pruning.surgery import skip_layers
-from tests.conftest import tiny_inputs, tiny_model
+from tests.tiny_models import tiny_inputs, tiny_model
 
 
 def test_magnitude_score_is_the_norm_of_all_slices():

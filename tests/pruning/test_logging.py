@@ -8,7 +8,8 @@ from hf_compress.distillation.config import DistillationConfig
 from hf_compress.distillation.trainer import DistillationTrainer
 from hf_compress.pruning.callback import PruningCallback
 from hf_compress.pruning.config import PruningConfig
-from tests.conftest import RandomTokenDataset, tiny_model, train_args
+from tests.conftest import RandomTokenDataset, train_args
+from tests.tiny_models import tiny_model
 
 pytest.importorskip("tensorboard")
 

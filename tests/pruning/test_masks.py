@@ -20,7 +20,7 @@ from hf_compress.pruning.masks import (
     structured_slices,
 )
 from hf_compress.pruning.surgery import skip_layers
-from tests.conftest import tiny_inputs, tiny_model
+from tests.tiny_models import tiny_inputs, tiny_model
 
 
 def _masks(model, pooler="pooler.dense.weight"):

@@ -12,7 +12,8 @@ import torch
 
 from hf_compress.pruning.masks import PruningMasks
 from hf_compress.pruning.sharded import is_sharded, mask_sharded, remove_masked
-from tests.conftest import ROOT, free_port, tiny_model
+from tests.conftest import ROOT, free_port
+from tests.tiny_models import tiny_model
 
 
 def test_unsharded_model_is_masked_and_pruned_in_place():

@@ -4,7 +4,8 @@ import transformers
 
 from hf_compress.models.families import block_module, get_layers, head_counts, head_slices, neuron_slices
 from hf_compress.pruning.surgery import drop_layers, layer_structure, prune_ffn_neurons, prune_heads
-from tests.conftest import DECODERS, tiny_inputs, tiny_model, value_slices, zero_slices
+from tests.conftest import value_slices, zero_slices
+from tests.tiny_models import DECODERS, tiny_inputs, tiny_model
 
 HEADS = {1: [0, 1], 3: [2, 3]}  # whole GQA groups in the Llama family
 NEURONS = {0: [1, 2, 3], 2: list(range(0, 32, 3))}

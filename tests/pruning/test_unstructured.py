@@ -11,7 +11,7 @@ from hf_compress.pruning.unstructured import (
     prunable_weights,
     sparsity_report,
 )
-from tests.conftest import tiny_inputs, tiny_model
+from tests.tiny_models import tiny_inputs, tiny_model
 
 
 def test_magnitude_masks_hand_made():

@@ -21,7 +21,7 @@ from hf_compress.quantization.quantize import (
     unpack_int4,
 )
 from hf_compress.reporting.measure import model_size_bytes
-from tests.conftest import tiny_inputs, tiny_model
+from tests.tiny_models import tiny_inputs, tiny_model
 
 transformers.logging.set_verbosity_error()
 

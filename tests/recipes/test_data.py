@@ -10,7 +10,8 @@ from datasets import ClassLabel
 
 from hf_compress.models.builtin import base_model_id, resolve_model_path
 from hf_compress.recipes.data import data_collator, load_raw_split, load_text_dataset
-from tests.conftest import tiny_tokenizer, write_tsv
+from tests.conftest import write_tsv
+from tests.tiny_models import tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -17,7 +17,8 @@ from hf_compress.recipes.lock import LOCK_NAME
 from hf_compress.recipes.pipeline import read_report, run_recipe
 from hf_compress.recipes.schema import RecipeError
 from hf_compress.recipes.validate import validate
-from tests.conftest import tiny_model, tiny_tokenizer, write_tsv
+from tests.conftest import write_tsv
+from tests.tiny_models import tiny_model, tiny_tokenizer
 
 TRAIN = {
     "max_steps": 2,

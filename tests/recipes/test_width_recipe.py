@@ -12,7 +12,8 @@ from hf_compress.models.families import ffn_size, get_layers, head_counts
 from hf_compress.recipes.pipeline import run_recipe
 from hf_compress.recipes.schema import REPO_ROOT
 from hf_compress.reporting.measure import model_size_bytes
-from tests.conftest import tiny_model, tiny_tokenizer, write_tsv
+from tests.conftest import write_tsv
+from tests.tiny_models import tiny_model, tiny_tokenizer
 
 TRAIN = {
     "max_steps": 4,

@@ -23,7 +23,7 @@ from hf_compress.reporting.card_callback import (
 )
 from hf_compress.reporting.cards import needs_hf_compress
 from hf_compress.reporting.measure import count_parameters
-from tests.conftest import tiny_inputs, tiny_model
+from tests.tiny_models import tiny_inputs, tiny_model
 
 transformers.logging.set_verbosity_error()
 SECRET = "hf_doNotLeakThisToken123"

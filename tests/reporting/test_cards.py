@@ -14,7 +14,7 @@ from hf_compress.reporting.cards import (
     write_card,
 )
 from hf_compress.reporting.training_section import training_section
-from tests.conftest import tiny_model
+from tests.tiny_models import tiny_model
 
 transformers.logging.set_verbosity_error()
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ from huggingface_hub.utils import filter_repo_objects
 from hf_compress.quantization.quantize import quantize_model
 from hf_compress.reporting.cards import write_card
 from hf_compress.reporting.hub import check_repo_id, files_to_upload, push_folder, reload_check
-from tests.conftest import tiny_model
+from tests.tiny_models import tiny_model
 
 transformers.logging.set_verbosity_error()
 TOKEN = "hf_FAKEtoken1234567890SECRET"

@@ -19,7 +19,7 @@ from hf_compress.reporting.measure import (
     quality_metrics,
     summary_row,
 )
-from tests.conftest import tiny_inputs, tiny_model
+from tests.tiny_models import tiny_inputs, tiny_model
 
 transformers.logging.set_verbosity_error()
 

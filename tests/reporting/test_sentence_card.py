@@ -23,7 +23,8 @@ from hf_compress.reporting.card_callback import model_card_callback, write_train
 from hf_compress.reporting.cards import render_card, write_card  # noqa: E402
 from hf_compress.reporting.measure import model_report  # noqa: E402
 from hf_compress.reporting.sentence_card import sentence_load_code, sentence_metrics  # noqa: E402
-from tests.conftest import VOCAB, tiny_sentence_transformer, train_args  # noqa: E402
+from tests.conftest import train_args  # noqa: E402
+from tests.tiny_models import VOCAB, tiny_sentence_transformer
 
 TEXTS = [" ".join(f"w{(7 * i + 3 * j) % (VOCAB - 8) + 3}" for j in range(3 + i % 4)) for i in range(24)]
 PAIR_METRICS = {"cosine_accuracy": 0.75, "cosine_ap": 0.8, "cosine_f1": 0.7}

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from hf_compress import PruningCallback, PruningConfig  # noqa: E402
-from tests.conftest import tiny_inputs, tiny_model  # noqa: E402
+from tests.tiny_models import tiny_inputs, tiny_model  # noqa: E402
 
 STEPS = 6
 

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from hf_compress.distillation.config import DistillationConfig  # noqa: E402
 from hf_compress.distillation.trainer import DistillationTrainer  # noqa: E402
 from hf_compress.distributed import shutdown_distributed  # noqa: E402
-from tests.conftest import tiny_inputs, tiny_model  # noqa: E402
+from tests.tiny_models import tiny_inputs, tiny_model  # noqa: E402
 
 
 def dataset(n: int, seq: int = 8) -> list[dict[str, torch.Tensor]]:

@@ -14,7 +14,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from hf_compress import DistillationConfig, DistillationTrainer, PruningCallback, PruningConfig  # noqa: E402
-from tests.conftest import tiny_inputs, tiny_model  # noqa: E402
+from tests.tiny_models import tiny_inputs, tiny_model  # noqa: E402
 
 inputs = tiny_inputs(batch=8)
 rows = [

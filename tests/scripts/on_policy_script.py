@@ -20,7 +20,7 @@ from hf_compress.distillation.config import DistillationConfig  # noqa: E402
 from hf_compress.distillation.on_policy import GENERATED_KEY, PromptCompletionCollator  # noqa: E402
 from hf_compress.distillation.trainer import DistillationTrainer  # noqa: E402
 from hf_compress.distributed import shutdown_distributed  # noqa: E402
-from tests.conftest import tiny_model, tiny_tokenizer  # noqa: E402
+from tests.tiny_models import tiny_model, tiny_tokenizer  # noqa: E402
 
 
 def train(output_dir: str, batch_size: int, steps: int = 3) -> tuple[DistillationTrainer, dict]:

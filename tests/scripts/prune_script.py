@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from hf_compress.distributed import shutdown_distributed  # noqa: E402
 from hf_compress.pruning.callback import PruningCallback  # noqa: E402
 from hf_compress.pruning.config import PruningConfig  # noqa: E402
-from tests.conftest import tiny_inputs, tiny_model  # noqa: E402
+from tests.tiny_models import tiny_inputs, tiny_model  # noqa: E402
 
 
 class RankNoise(TrainerCallback):

@@ -34,7 +34,7 @@ from hf_compress.pruning.sharded import (  # noqa: E402
     shard_teacher,
     sharded_unit_scores,
 )
-from tests.conftest import tiny_inputs, tiny_model  # noqa: E402
+from tests.tiny_models import tiny_inputs, tiny_model  # noqa: E402
 
 TARGETS = ["heads", "ffn_neurons"]
 

