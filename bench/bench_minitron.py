@@ -15,7 +15,9 @@ Usage (from the repository root): ``python bench/bench_minitron.py --size full``
 A longer token budget for one variant, with the perplexity curve on the way: ``--variants search --steps 3000
 --bf16 --eval-at 60 250 500 1000 2000``. The KD text (WikiText-2 valid) is repeated, epoch after epoch, when the
 budget needs more tokens than it has; ``--bf16`` runs the recovery in bfloat16 autocast (the teacher in bfloat16,
-the student's weights and the perplexity evaluations in float32).
+the student's weights and the perplexity evaluations in float32). ``--train-text wikitext2_valid:2 ag_news mrpc``
+distils on a mix instead: each named text's rows, in that order and repeated ``:N`` times, cut at the budget (the
+trainer shuffles them); never on WikiText-2 test, the text every perplexity is measured on.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 import datasets
 import torch
 from common import RESULTS_DIR, machine_info, setup_threads, summarize, write_json
-from lm_common import TEXTS, blocks, kd_trainer, perplexity, token_stream
+from lm_common import TABLE_TEXTS, TEXTS, blocks, kd_trainer, perplexity, token_stream
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
 from transformers import logging as hf_logging
 
@@ -44,6 +46,36 @@ SIZES = {
     "tiny": dict(seq=32, batch=2, steps=6, skip=2, calibration=2, eval_tokens=512, chunk=32, candidates=3),
     "full": dict(seq=128, batch=4, steps=60, skip=3, calibration=4, eval_tokens=8192, chunk=256, candidates=4),
 }
+
+
+def text_spec(value: str) -> tuple[str, int]:
+    """``NAME`` or ``NAME:REPEATS`` of ``--train-text``: a named text and how many times its rows enter the KD pool."""
+    name, _, repeats = value.partition(":")
+    if name not in (*TEXTS, *TABLE_TEXTS) or name == "wikitext2_test":
+        choices = sorted(n for n in (*TEXTS, *TABLE_TEXTS) if n != "wikitext2_test")
+        raise argparse.ArgumentTypeError(f"unknown text {name!r} (the test text is never trained on); use {choices}")
+    if repeats and (not repeats.isdigit() or int(repeats) < 1):
+        raise argparse.ArgumentTypeError(f"repeats in {value!r} must be a whole number >= 1, e.g. {name}:2")
+    return name, int(repeats or 1)
+
+
+def kd_pool(tokenizer, specs: list[tuple[str, int]], seq: int, needed: int) -> tuple[torch.Tensor, list[dict]]:
+    """The KD rows: every text's ``seq``-token rows, in order, each repeated its times; the first ``needed`` tokens.
+
+    The trainer samples the rows in random order and repeats the pool, epoch after epoch, when it is shorter than the
+    budget. One text with one repeat is the stream's first ``needed`` tokens, as before this option existed.
+    """
+    parts, used, texts = [], 0, []
+    for name, repeats in specs:
+        rows = blocks(token_stream(tokenizer, name), seq)
+        take = min(len(rows) * repeats, max(0, needed // seq - used))
+        parts.append(rows.repeat(repeats, 1)[:take])
+        used += take
+        texts.append({"text": name, "repeats": repeats, "distinct_tokens": int(min(take, len(rows)) * seq)})
+    pool = torch.cat(parts)
+    if len(pool) == 0:
+        raise ValueError(f"the KD texts {specs} give no row of {seq} tokens.")
+    return pool, texts
 
 
 def _params(model) -> int:
@@ -129,6 +161,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--eval-at", type=int, nargs="*", default=[], help="Also measure test perplexity after these recovery steps."
     )
+    parser.add_argument(
+        "--train-text",
+        type=text_spec,
+        nargs="+",
+        default=[("wikitext2_valid", 1)],
+        metavar="NAME[:REPEATS]",
+        help="KD texts, e.g. wikitext2_valid:2 ag_news mrpc (default: wikitext2_valid).",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "minitron.json", help="JSON result path.")
     args = parser.parse_args(argv)
     size = dict(SIZES[args.size])
@@ -155,9 +195,10 @@ def main(argv: list[str] | None = None) -> dict:
     rows = blocks(token_stream(tokenizer, TEXTS["tinyshakespeare"], n * size["seq"]), size["seq"])
     batches = [{"input_ids": rows[i : i + size["batch"]]} for i in range(0, n, size["batch"])]
     needed = size["steps"] * size["batch"] * size["seq"]
-    train_rows = blocks(token_stream(tokenizer, TEXTS["wikitext2_valid"])[:needed], size["seq"])
+    train_rows, train_texts = kd_pool(tokenizer, args.train_text, size["seq"], needed)
     if len(train_rows) < size["batch"]:
-        raise ValueError(f"WikiText-2 valid has fewer than {size['batch']} rows of {size['seq']} tokens.")
+        raise ValueError(f"the KD texts have fewer than {size['batch']} rows of {size['seq']} tokens.")
+    distinct = sum(t["distinct_tokens"] for t in train_texts)
     columns = {"input_ids": train_rows.tolist(), "attention_mask": torch.ones_like(train_rows).tolist()}
     train = datasets.Dataset.from_dict({**columns, "labels": train_rows.tolist()}).with_format("torch")
     rows_eval = blocks(token_stream(tokenizer, TEXTS["wikitext2_test"], size["eval_tokens"]), size["seq"])
@@ -198,9 +239,9 @@ def main(argv: list[str] | None = None) -> dict:
         "steps": size["steps"],
         "batch": f"{size['batch']}x{size['seq']}",
         "train_tokens": needed,
-        "distinct_train_tokens": int(train_rows.numel()),
-        "epochs": needed / train_rows.numel(),
-        "train_text": "wikitext2_valid",
+        "distinct_train_tokens": distinct,
+        "epochs": needed / distinct,
+        "train_text": train_texts,
         "precision": "bf16 autocast (teacher bf16)" if args.bf16 else "fp32",
         "calibration": f"{size['calibration']} batches of tinyshakespeare",
         "learning_rate": args.lr,

@@ -22,6 +22,13 @@ TEXTS = {
     "wikitext2_valid": DATA / "wikitext2_valid_test" / "wiki.valid.tokens",
     "wikitext2_test": DATA / "wikitext2_valid_test" / "wiki.test.tokens",
 }
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# Texts kept in tab-separated tables: (files, the text columns, header lines skipped). They are extra KD text only;
+# none of them overlaps WikiText-2 test. ``ag_news`` lives in the shared data folder beside the checkout.
+TABLE_TEXTS = {
+    "mrpc": ((DATA / "mrpc" / "msr_paraphrase_train.txt", DATA / "mrpc" / "msr_paraphrase_test.txt"), (3, 4), 1),
+    "ag_news": ((SHARED_DATA / "ag_news" / "dev.tsv", SHARED_DATA / "ag_news" / "test.tsv"), (0,), 0),
+}
 PPL_METHOD = (
     "WikiText-2 test (data/wikitext2_valid_test/wiki.test.tokens, the <unk>-tokenised release, not wikitext-2-raw) "
     "tokenised as one stream; its first `tokens` tokens cut into non-overlapping blocks of `block_size` (stride = "
@@ -30,15 +37,33 @@ PPL_METHOD = (
 )
 
 
-def token_stream(tokenizer, path: Path, limit: int | None = None) -> torch.Tensor:
-    """Token ids of a text file as one stream (tokenised line by line, newlines kept); the first ``limit`` ids."""
+def text_lines(source: Path | str) -> list[str]:
+    """Lines of a text file or of a named text (``TEXTS``; ``TABLE_TEXTS``: a line per table cell), newlines kept."""
+    if isinstance(source, Path) or source in TEXTS:
+        return Path(TEXTS.get(source, source)).read_text(encoding="utf-8").splitlines(keepends=True)
+    if source not in TABLE_TEXTS:
+        raise ValueError(f"unknown text `{source}`; choose one of {sorted([*TEXTS, *TABLE_TEXTS])}.")
+    files, columns, header = TABLE_TEXTS[source]
+    lines: list[str] = []
+    for path in files:
+        if not path.is_file():
+            raise FileNotFoundError(f"text `{source}` needs {path}, which is missing; pick another text.")
+        for row in path.read_text(encoding="utf-8-sig").splitlines()[header:]:
+            cells = row.split("\t")
+            lines.extend(cells[c].strip() + "\n" for c in columns if c < len(cells) and cells[c].strip())
+    return lines
+
+
+def token_stream(tokenizer, source: Path | str, limit: int | None = None) -> torch.Tensor:
+    """Token ids of a text (see ``text_lines``) as one stream (tokenised line by line); the first ``limit`` ids."""
     ids: list[int] = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+    for line in text_lines(source):
         ids.extend(tokenizer(line, add_special_tokens=False)["input_ids"])
         if limit is not None and len(ids) >= limit:
             break
     if limit is not None and len(ids) < limit:
-        raise ValueError(f"`{path.name}` has {len(ids)} tokens, fewer than the {limit} needed; lower the size.")
+        name = source.name if isinstance(source, Path) else source
+        raise ValueError(f"`{name}` has {len(ids)} tokens, fewer than the {limit} needed; lower the size.")
     return torch.tensor(ids[:limit], dtype=torch.long)
 
 

@@ -81,12 +81,15 @@ def test_depth_keeps_width_and_width_keeps_depth(minitron):
 
 @pytest.mark.slow
 def test_one_variant_in_bf16_with_a_perplexity_curve(tiny_root):
-    """``--variants search --bf16 --eval-at``: only that student, recovered in bf16 autocast, measured on the way."""
-    result = run_bench(tiny_root, "curve", "--variants", "search", "--bf16", "--steps", "5", "--eval-at", "2", "4")
+    """``--variants search --bf16 --eval-at --train-text``: only that student, recovered in bf16 autocast on MRPC
+    text, measured on the way."""
+    extra = ("--variants", "search", "--bf16", "--steps", "5", "--eval-at", "2", "4", "--train-text", "mrpc:2")
+    result = run_bench(tiny_root, "curve", *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads((tiny_root / "curve.json").read_text())
     assert set(payload["variants"]) == {"search"}
     assert payload["settings"]["precision"].startswith("bf16") and payload["settings"]["steps"] == 5
+    assert payload["settings"]["train_text"] == [{"text": "mrpc", "repeats": 2, "distinct_tokens": 5 * 2 * 32}]
     curve = payload["variants"]["search"]["recovery"]["curve"]
     assert [point["step"] for point in curve] == [2, 4]
     teacher = payload["teacher"]["ppl"]

@@ -1,0 +1,63 @@
+"""The KD text options of the LM benches: named texts read from files and tables, and the mixed KD pool of
+``bench_minitron.py --train-text NAME[:REPEATS] ...`` (order, repeats, the budget cut, refused names)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import pytest
+import torch
+
+from tests.bench.test_bench_llm import REPO, word_tokenizer
+
+sys.path.insert(0, str(REPO / "bench"))
+from bench_minitron import kd_pool, text_spec  # noqa: E402
+from lm_common import TABLE_TEXTS, blocks, text_lines, token_stream  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return word_tokenizer()
+
+
+def test_table_text_keeps_the_text_columns_only():
+    lines = text_lines("mrpc")
+    files, columns, header = TABLE_TEXTS["mrpc"]
+    rows = sum(len(path.read_text(encoding="utf-8-sig").splitlines()) - header for path in files)
+    assert columns == (3, 4) and len(lines) <= 2 * rows and len(lines) > rows  # two sentences per pair
+    assert all(line.endswith("\n") and "\t" not in line for line in lines)
+    assert not any(line.startswith(("Quality", "#1 String")) for line in lines)  # header skipped
+    first = files[0].read_text(encoding="utf-8-sig").splitlines()[1].split("\t")
+    assert lines[:2] == [first[3].strip() + "\n", first[4].strip() + "\n"]
+
+
+def test_unknown_text_is_refused():
+    with pytest.raises(ValueError, match="unknown text `nope`"):
+        text_lines("nope")
+
+
+def test_text_spec_parses_and_refuses():
+    assert text_spec("mrpc") == ("mrpc", 1) and text_spec("wikitext2_valid:3") == ("wikitext2_valid", 3)
+    for bad, message in (("wikitext2_test", "never trained on"), ("nope", "unknown text"), ("mrpc:0", ">= 1")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            text_spec(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="whole number"):
+        text_spec("mrpc:two")
+
+
+def test_one_text_is_the_streams_first_tokens(tokenizer):
+    pool, texts = kd_pool(tokenizer, [("wikitext2_valid", 1)], seq=16, needed=160)
+    expected = blocks(token_stream(tokenizer, "wikitext2_valid")[:160], 16)
+    assert torch.equal(pool, expected)
+    assert texts == [{"text": "wikitext2_valid", "repeats": 1, "distinct_tokens": 160}]
+
+
+def test_mixed_pool_repeats_then_appends_and_stops_at_the_budget(tokenizer):
+    # a budget past the twice-repeated first text reaches the second text, and is cut at the budget
+    first = blocks(token_stream(tokenizer, "tinyshakespeare"), 16)
+    pool, texts = kd_pool(tokenizer, [("tinyshakespeare", 2), ("mrpc", 1)], seq=16, needed=len(first) * 32 + 48)
+    assert len(pool) == 2 * len(first) + 3
+    assert torch.equal(pool[: len(first)], first) and torch.equal(pool[len(first) : 2 * len(first)], first)
+    assert torch.equal(pool[2 * len(first) :], blocks(token_stream(tokenizer, "mrpc"), 16)[:3])
+    assert texts[0]["distinct_tokens"] == len(first) * 16 and texts[1]["distinct_tokens"] == 48
