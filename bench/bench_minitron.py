@@ -31,7 +31,7 @@ from pathlib import Path
 import datasets
 import torch
 from common import RESULTS_DIR, machine_info, setup_threads, summarize, write_json
-from lm_common import TABLE_TEXTS, TEXTS, blocks, kd_trainer, perplexity, token_stream
+from lm_common import TABLE_TEXTS, TEXTS, blocks, kd_trainer, mean_kl, perplexity, token_stream
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
 from transformers import logging as hf_logging
 
@@ -224,6 +224,9 @@ def main(argv: list[str] | None = None) -> dict:
             curve = PerplexityCurve(rows_eval, args.eval_at, teacher_eval["ppl"], size["batch"] * size["seq"])
             recovery = distil(teacher, student.train(), tokenizer, train, size, args.lr, f"{tmp}/{name}", curve)
             recovered = _measure(student, rows_eval)
+            held_in = train_rows[: len(rows_eval)]  # the first KD rows, as many as the test rows
+            kl = {"held_in": mean_kl(teacher, student, held_in), "held_out": mean_kl(teacher, student, rows_eval)}
+            print(f"  KL to the teacher: held-in {kl['held_in']:.3f}, held-out {kl['held_out']:.3f} nats/token")
             variants[name] = {
                 **info,
                 "params": _params(student),
@@ -233,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "ppl_ratio_pruned": pruned["ppl"] / teacher_eval["ppl"],
                 "ppl_ratio_recovered": recovered["ppl"] / teacher_eval["ppl"],
                 "tokens_per_s_ratio": recovered["tokens_per_s"] / teacher_eval["tokens_per_s"],
+                "kl_to_teacher": kl,
             }
     payload["variants"] = variants
     payload["settings"] = {

@@ -68,6 +68,8 @@ def test_every_variant_fits_the_budget(minitron):
         for stage in ("pruned", "recovered"):
             assert math.isfinite(variant[stage]["ppl"]) and variant[stage]["tokens_per_s"] > 0
         assert math.isclose(variant["ppl_ratio_recovered"], variant["recovered"]["ppl"] / minitron["teacher"]["ppl"])
+        kl = variant["kl_to_teacher"]  # a pruned, briefly distilled student differs from its teacher everywhere
+        assert kl["held_in"] > 0 and kl["held_out"] > 0 and math.isfinite(kl["held_in"] + kl["held_out"])
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from tests.bench.test_bench_llm import REPO, word_tokenizer
 
 sys.path.insert(0, str(REPO / "bench"))
 from bench_minitron import kd_pool, text_spec  # noqa: E402
-from lm_common import TABLE_TEXTS, blocks, text_lines, token_stream  # noqa: E402
+from lm_common import TABLE_TEXTS, blocks, mean_kl, text_lines, token_stream  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +61,26 @@ def test_mixed_pool_repeats_then_appends_and_stops_at_the_budget(tokenizer):
     assert torch.equal(pool[: len(first)], first) and torch.equal(pool[len(first) : 2 * len(first)], first)
     assert torch.equal(pool[2 * len(first) :], blocks(token_stream(tokenizer, "mrpc"), 16)[:3])
     assert texts[0]["distinct_tokens"] == len(first) * 16 and texts[1]["distinct_tokens"] == 48
+
+
+def test_mean_kl_is_zero_for_the_same_model_and_matches_the_definition():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    teacher, student = LlamaForCausalLM(config).eval(), LlamaForCausalLM(config).eval()
+    rows = torch.randint(0, 50, (3, 8))
+    assert mean_kl(teacher, teacher, rows, batch=2) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        p = torch.softmax(teacher(input_ids=rows).logits, -1)
+        q = torch.softmax(student(input_ids=rows).logits, -1)
+    expected = float((p * (p.log() - q.log())).sum(-1).mean())
+    assert mean_kl(teacher, student, rows, batch=2) == pytest.approx(expected, rel=1e-5) and expected > 0
