@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.bench.test_bench_llm import REPO, word_tokenizer
+from tests.tiny_models import tiny_inputs, tiny_model
 
 sys.path.insert(0, str(REPO / "bench"))
 from bench_minitron import kd_pool, text_spec  # noqa: E402
@@ -64,20 +65,8 @@ def test_mixed_pool_repeats_then_appends_and_stops_at_the_budget(tokenizer):
 
 
 def test_mean_kl_is_zero_for_the_same_model_and_matches_the_definition():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=50,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    teacher, student = LlamaForCausalLM(config).eval(), LlamaForCausalLM(config).eval()
-    rows = torch.randint(0, 50, (3, 8))
+    teacher, student = tiny_model("llama", head="causal_lm", seed=0), tiny_model("llama", head="causal_lm", seed=1)
+    rows = tiny_inputs(batch=3, seq=8)["input_ids"]
     assert mean_kl(teacher, teacher, rows, batch=2) == pytest.approx(0.0, abs=1e-6)
     with torch.no_grad():
         p = torch.softmax(teacher(input_ids=rows).logits, -1)
