@@ -95,7 +95,7 @@ def perplexity(model, rows: torch.Tensor, batch: int = 8) -> dict:
 
 @torch.inference_mode()
 def mean_kl(teacher, student, rows: torch.Tensor, batch: int = 8) -> float:
-    """Mean forward KL(teacher || student) in nats per token over every position of ``rows``, in float32.
+    """Mean forward KL(teacher || student) in nats per token over every position of ``rows`` (softmax in float32).
 
     Measured on held-in (KD) and held-out (test) rows of the same length, the two values tell a student that memorised
     its KD text (held-in far below held-out) from one that fits every text equally badly (the two alike).
