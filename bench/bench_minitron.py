@@ -67,6 +67,9 @@ def kd_pool(tokenizer, specs: list[tuple[str, int]], seq: int, needed: int) -> t
     """
     parts, used, texts = [], 0, []
     for name, repeats in specs:
+        if used >= needed // seq:  # the budget is full: the texts after it are not read
+            texts.append({"text": name, "repeats": repeats, "distinct_tokens": 0})
+            continue
         rows = blocks(token_stream(tokenizer, name), seq)
         take = min(len(rows) * repeats, max(0, needed // seq - used))
         parts.append(rows.repeat(repeats, 1)[:take])

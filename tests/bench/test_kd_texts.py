@@ -73,3 +73,9 @@ def test_mean_kl_is_zero_for_the_same_model_and_matches_the_definition():
         q = torch.softmax(student(input_ids=rows).logits, -1)
     expected = float((p * (p.log() - q.log())).sum(-1).mean())
     assert mean_kl(teacher, student, rows, batch=2) == pytest.approx(expected, rel=1e-5) and expected > 0
+
+
+def test_texts_past_a_full_budget_are_recorded_but_not_used(tokenizer):
+    pool, texts = kd_pool(tokenizer, [("tinyshakespeare", 1), ("mrpc", 1)], seq=16, needed=64)
+    assert torch.equal(pool, blocks(token_stream(tokenizer, "tinyshakespeare", 64), 16))
+    assert texts[1] == {"text": "mrpc", "repeats": 1, "distinct_tokens": 0}
