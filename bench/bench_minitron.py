@@ -17,7 +17,11 @@ A longer token budget for one variant, with the perplexity curve on the way: ``-
 budget needs more tokens than it has; ``--bf16`` runs the recovery in bfloat16 autocast (the teacher in bfloat16,
 the student's weights and the perplexity evaluations in float32). ``--train-text wikitext2_valid:2 ag_news mrpc``
 distils on a mix instead: each named text's rows, in that order and repeated ``:N`` times, cut at the budget (the
-trainer shuffles them); never on WikiText-2 test, the text every perplexity is measured on.
+trainer shuffles them); never on WikiText-2 test, the text every perplexity is measured on. ``--shift-repeats`` cuts
+repeat ``r`` of ``N`` ``r * seq / N`` tokens further into its text, so the repeats are the same tokens in new
+contexts, not copies. ``--teacher-samples 1200 --prompt 32 --top-p 0.9`` adds sequence-level KD data: 1,200 rows the
+teacher writes itself (``hf_compress.distillation.on_policy.generate_completions``), each continuing the first 32
+tokens of a WikiText-2 valid row; they take the place of as many text rows in the budget.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from lm_common import TABLE_TEXTS, TEXTS, blocks, kd_trainer, mean_kl, perplexit
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
 from transformers import logging as hf_logging
 
+from hf_compress.distillation.on_policy import generate_completions, special_token_ids
 from hf_compress.models.builtin import resolve_model_path
 from hf_compress.pruning import drop_layers
 from hf_compress.pruning.budget import Shape, count_parameters, search_budget
@@ -59,26 +64,63 @@ def text_spec(value: str) -> tuple[str, int]:
     return name, int(repeats or 1)
 
 
-def kd_pool(tokenizer, specs: list[tuple[str, int]], seq: int, needed: int) -> tuple[torch.Tensor, list[dict]]:
+def kd_pool(
+    tokenizer, specs: list[tuple[str, int]], seq: int, needed: int, shift: bool = False
+) -> tuple[torch.Tensor, list[dict]]:
     """The KD rows: every text's ``seq``-token rows, in order, each repeated its times; the first ``needed`` tokens.
 
     The trainer samples the rows in random order and repeats the pool, epoch after epoch, when it is shorter than the
-    budget. One text with one repeat is the stream's first ``needed`` tokens, as before this option existed.
+    budget. One text with one repeat is the stream's first ``needed`` tokens, as before this option existed. With
+    ``shift``, repeat ``r`` of a text ``N`` times cuts its rows ``r * seq // N`` tokens into the stream, so each repeat
+    sees the same tokens at other positions and after other contexts (the trailing partial row is dropped).
     """
     parts, used, texts = [], 0, []
     for name, repeats in specs:
         if used >= needed // seq:  # the budget is full: the texts after it are not read
             texts.append({"text": name, "repeats": repeats, "distinct_tokens": 0})
             continue
-        rows = blocks(token_stream(tokenizer, name), seq)
-        take = min(len(rows) * repeats, max(0, needed // seq - used))
-        parts.append(rows.repeat(repeats, 1)[:take])
+        stream = token_stream(tokenizer, name)
+        offsets = [r * seq // repeats for r in range(repeats)] if shift else [0] * repeats
+        rows = torch.cat([blocks(stream[offset:], seq) for offset in offsets])
+        take = min(len(rows), max(0, needed // seq - used))
+        parts.append(rows[:take])
         used += take
-        texts.append({"text": name, "repeats": repeats, "distinct_tokens": int(min(take, len(rows)) * seq)})
+        distinct = min(take * seq, len(stream)) if shift else min(take, len(blocks(stream, seq))) * seq
+        texts.append({"text": name, "repeats": repeats, "distinct_tokens": int(distinct)})
     pool = torch.cat(parts)
     if len(pool) == 0:
         raise ValueError(f"the KD texts {specs} give no row of {seq} tokens.")
     return pool, texts
+
+
+def teacher_samples(
+    teacher, source: torch.Tensor, n: int, prompt: int, top_p: float, eos_token_id, pad_token_id: int, batch: int = 64
+) -> tuple[torch.Tensor, int]:
+    """Up to ``n`` KD rows written by the teacher (sequence-level KD data) and how many were dropped.
+
+    Row ``i`` starts with the first ``prompt`` tokens of one of ``source``'s rows (``n`` of them, evenly spaced) and is
+    completed to ``source``'s row length by sampling from the teacher (temperature 1, nucleus ``top_p``, seed ``i``:
+    the rows do not depend on the batch). A row whose completion ends at an EOS token is dropped, so every kept row
+    is full length and unpadded.
+    """
+    seq = source.shape[1]
+    if not 0 < prompt < seq:
+        raise ValueError(f"`prompt` must be in [1, {seq - 1}] (the rows have {seq} tokens), got {prompt}.")
+    if n < 1:
+        raise ValueError(f"`n` must be >= 1, got {n}.")
+    picks = torch.linspace(0, len(source) - 1, n).round().long()
+    stops = torch.tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long).view(-1)
+    kept = []
+    for start in range(0, n, batch):
+        prompts = source[picks[start : start + batch], :prompt]
+        seeds = list(range(start, start + len(prompts)))
+        completion, _ = generate_completions(
+            teacher, prompts, torch.ones_like(prompts), seq - prompt, eos_token_id, pad_token_id, 1.0, top_p, seeds
+        )
+        full = ~torch.isin(completion, stops).any(1)
+        kept.append(torch.cat([prompts, completion], 1)[full])
+    rows = torch.cat(kept)
+    return rows, n - len(rows)
 
 
 def _params(model) -> int:
@@ -172,6 +214,20 @@ def main(argv: list[str] | None = None) -> dict:
         metavar="NAME[:REPEATS]",
         help="KD texts, e.g. wikitext2_valid:2 ag_news mrpc (default: wikitext2_valid).",
     )
+    parser.add_argument(
+        "--shift-repeats",
+        action="store_true",
+        help="Repeat r of a text N times starts its rows r*seq/N tokens in (the same text in new contexts).",
+    )
+    parser.add_argument(
+        "--teacher-samples",
+        type=int,
+        default=0,
+        metavar="ROWS",
+        help="Also distil on ROWS rows the teacher writes, each from a WikiText-2 valid row's first --prompt tokens.",
+    )
+    parser.add_argument("--prompt", type=int, default=32, help="Prompt tokens of every --teacher-samples row.")
+    parser.add_argument("--top-p", type=float, default=0.9, help="Nucleus mass of the teacher's sampling.")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "minitron.json", help="JSON result path.")
     args = parser.parse_args(argv)
     size = dict(SIZES[args.size])
@@ -181,6 +237,12 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"argument --steps: must be >= 1, got {size['steps']}")
     if any(step < 1 or step >= size["steps"] for step in args.eval_at):
         parser.error(f"argument --eval-at: every step must be in [1, {size['steps'] - 1}], got {args.eval_at}")
+    if args.teacher_samples < 0:
+        parser.error(f"argument --teacher-samples: must be >= 0, got {args.teacher_samples}")
+    if args.teacher_samples and not 0 < args.prompt < SIZES[args.size]["seq"]:
+        parser.error(f"argument --prompt: must be in [1, {SIZES[args.size]['seq'] - 1}], got {args.prompt}")
+    if not 0 < args.top_p <= 1:
+        parser.error(f"argument --top-p: must be in (0, 1], got {args.top_p}")
     size["bf16"] = args.bf16
     setup_threads(args.threads)
     hf_logging.set_verbosity_error()
@@ -198,10 +260,26 @@ def main(argv: list[str] | None = None) -> dict:
     rows = blocks(token_stream(tokenizer, TEXTS["tinyshakespeare"], n * size["seq"]), size["seq"])
     batches = [{"input_ids": rows[i : i + size["batch"]]} for i in range(0, n, size["batch"])]
     needed = size["steps"] * size["batch"] * size["seq"]
-    train_rows, train_texts = kd_pool(tokenizer, args.train_text, size["seq"], needed)
+    sampled, sampling = torch.empty(0, size["seq"], dtype=torch.long), None
+    if args.teacher_samples:
+        print(f"the teacher writes {args.teacher_samples} KD rows ...", flush=True)
+        sample_start = time.perf_counter()
+        source = blocks(token_stream(tokenizer, "wikitext2_valid"), size["seq"])
+        eos, pad = special_token_ids(teacher, tokenizer)
+        sampled, dropped = teacher_samples(teacher, source, args.teacher_samples, args.prompt, args.top_p, eos, pad)
+        sampling = {"rows": len(sampled), "dropped_at_eos": dropped, "prompt_tokens": args.prompt}
+        sampling |= {"top_p": args.top_p, "seconds": time.perf_counter() - sample_start}
+        sampled = sampled[: needed // size["seq"]]
+    text_needed = needed - len(sampled) * size["seq"]
+    train_rows, train_texts = (
+        kd_pool(tokenizer, args.train_text, size["seq"], text_needed, args.shift_repeats)
+        if text_needed >= size["seq"]
+        else (sampled[:0], [])
+    )
+    train_rows = torch.cat([train_rows, sampled])  # the texts first: the held-in KL reads the first rows
     if len(train_rows) < size["batch"]:
         raise ValueError(f"the KD texts have fewer than {size['batch']} rows of {size['seq']} tokens.")
-    distinct = sum(t["distinct_tokens"] for t in train_texts)
+    distinct = sum(t["distinct_tokens"] for t in train_texts) + len(sampled) * size["seq"]
     columns = {"input_ids": train_rows.tolist(), "attention_mask": torch.ones_like(train_rows).tolist()}
     train = datasets.Dataset.from_dict({**columns, "labels": train_rows.tolist()}).with_format("torch")
     rows_eval = blocks(token_stream(tokenizer, TEXTS["wikitext2_test"], size["eval_tokens"]), size["seq"])
@@ -249,6 +327,8 @@ def main(argv: list[str] | None = None) -> dict:
         "distinct_train_tokens": distinct,
         "epochs": needed / distinct,
         "train_text": train_texts,
+        "shifted_repeats": args.shift_repeats,
+        "teacher_samples": sampling,
         "precision": "bf16 autocast (teacher bf16)" if args.bf16 else "fp32",
         "calibration": f"{size['calibration']} batches of tinyshakespeare",
         "learning_rate": args.lr,

@@ -83,15 +83,21 @@ def test_depth_keeps_width_and_width_keeps_depth(minitron):
 
 @pytest.mark.slow
 def test_one_variant_in_bf16_with_a_perplexity_curve(tiny_root):
-    """``--variants search --bf16 --eval-at --train-text``: only that student, recovered in bf16 autocast on MRPC
-    text, measured on the way."""
+    """``--variants search --bf16 --eval-at --train-text --shift-repeats --teacher-samples``: only that student,
+    recovered in bf16 autocast on MRPC text and rows the teacher wrote, measured on the way."""
     extra = ("--variants", "search", "--bf16", "--steps", "5", "--eval-at", "2", "4", "--train-text", "mrpc:2")
+    extra += ("--shift-repeats", "--teacher-samples", "2", "--prompt", "8")
     result = run_bench(tiny_root, "curve", *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads((tiny_root / "curve.json").read_text())
     assert set(payload["variants"]) == {"search"}
-    assert payload["settings"]["precision"].startswith("bf16") and payload["settings"]["steps"] == 5
-    assert payload["settings"]["train_text"] == [{"text": "mrpc", "repeats": 2, "distinct_tokens": 5 * 2 * 32}]
+    settings = payload["settings"]
+    assert settings["precision"].startswith("bf16") and settings["steps"] == 5 and settings["shifted_repeats"]
+    sampled = settings["teacher_samples"]  # rows the teacher wrote take the place of text rows in the budget
+    assert sampled["rows"] + sampled["dropped_at_eos"] == 2 and sampled["prompt_tokens"] == 8
+    text_rows = 5 * 2 - sampled["rows"]
+    assert settings["train_text"] == [{"text": "mrpc", "repeats": 2, "distinct_tokens": text_rows * 32}]
+    assert settings["distinct_train_tokens"] == 5 * 2 * 32
     curve = payload["variants"]["search"]["recovery"]["curve"]
     assert [point["step"] for point in curve] == [2, 4]
     teacher = payload["teacher"]["ppl"]
@@ -106,3 +112,15 @@ def test_eval_steps_outside_the_run_are_refused(tiny_root):
     result = run_bench(tiny_root, "bad", "--steps", "5", "--eval-at", "5")
     assert result.returncode == 2 and "--eval-at" in result.stderr and "[1, 4]" in result.stderr
     assert not (tiny_root / "bad.json").exists()
+
+
+@pytest.mark.slow
+def test_bad_sampling_options_are_refused(tiny_root):
+    for extra, message in (
+        (("--teacher-samples", "-1"), "--teacher-samples: must be >= 0"),
+        (("--teacher-samples", "2", "--prompt", "32"), "--prompt: must be in [1, 31]"),
+        (("--top-p", "0"), "--top-p: must be in (0, 1]"),
+    ):
+        result = run_bench(tiny_root, "bad_sampling", *extra)
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert not (tiny_root / "bad_sampling.json").exists()

@@ -13,7 +13,7 @@ from tests.bench.test_bench_llm import REPO, word_tokenizer
 from tests.tiny_models import tiny_inputs, tiny_model
 
 sys.path.insert(0, str(REPO / "bench"))
-from bench_minitron import kd_pool, text_spec  # noqa: E402
+from bench_minitron import kd_pool, teacher_samples, text_spec  # noqa: E402
 from lm_common import TABLE_TEXTS, blocks, mean_kl, text_lines, token_stream  # noqa: E402
 
 
@@ -79,3 +79,35 @@ def test_texts_past_a_full_budget_are_recorded_but_not_used(tokenizer):
     pool, texts = kd_pool(tokenizer, [("tinyshakespeare", 1), ("mrpc", 1)], seq=16, needed=64)
     assert torch.equal(pool, blocks(token_stream(tokenizer, "tinyshakespeare", 64), 16))
     assert texts[1] == {"text": "mrpc", "repeats": 1, "distinct_tokens": 0}
+
+
+def test_shifted_repeats_cut_each_repeat_further_into_the_stream(tokenizer):
+    stream = token_stream(tokenizer, "tinyshakespeare")
+    pool, texts = kd_pool(tokenizer, [("tinyshakespeare", 4)], seq=16, needed=10**9, shift=True)
+    parts = [blocks(stream[offset:], 16) for offset in (0, 4, 8, 12)]
+    assert len(pool) == sum(len(part) for part in parts)
+    start = 0
+    for part in parts:
+        assert torch.equal(pool[start : start + len(part)], part)
+        start += len(part)
+    assert not torch.equal(parts[0][0], parts[1][0])  # the repeats are not copies
+    assert texts == [{"text": "tinyshakespeare", "repeats": 4, "distinct_tokens": len(stream)}]
+    unshifted, _ = kd_pool(tokenizer, [("tinyshakespeare", 4)], seq=16, needed=10**9)
+    assert torch.equal(unshifted[: len(parts[0])], unshifted[len(parts[0]) : 2 * len(parts[0])])
+
+
+def test_teacher_samples_keep_the_prompts_and_are_seeded_per_row():
+    teacher = tiny_model("llama", head="causal_lm", seed=0)
+    source = tiny_inputs(batch=6, seq=8)["input_ids"]
+    rows, dropped = teacher_samples(teacher, source, n=3, prompt=3, top_p=1.0, eos_token_id=None, pad_token_id=0)
+    assert rows.shape == (3, 8) and dropped == 0
+    picks = [0, 2, 5]  # evenly spaced over the six source rows (rounded)
+    assert torch.equal(rows[:, :3], source[picks, :3])
+    alone, _ = teacher_samples(teacher, source, n=3, prompt=3, top_p=1.0, eos_token_id=None, pad_token_id=0, batch=1)
+    assert torch.equal(rows, alone)  # a row's sample does not depend on the other rows of its batch
+    # a token that every row emits somewhere counts as EOS: every row stops early, and every row is dropped
+    common = int(rows[0, 3])
+    kept, dropped = teacher_samples(teacher, source, n=1, prompt=3, top_p=1.0, eos_token_id=common, pad_token_id=0)
+    assert len(kept) == 0 and dropped == 1
+    with pytest.raises(ValueError, match="`prompt` must be in"):
+        teacher_samples(teacher, source, n=1, prompt=8, top_p=1.0, eos_token_id=None, pad_token_id=0)
