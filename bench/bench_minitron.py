@@ -267,9 +267,9 @@ def main(argv: list[str] | None = None) -> dict:
         source = blocks(token_stream(tokenizer, "wikitext2_valid"), size["seq"])
         eos, pad = special_token_ids(teacher, tokenizer)
         sampled, dropped = teacher_samples(teacher, source, args.teacher_samples, args.prompt, args.top_p, eos, pad)
+        sampled = sampled[: needed // size["seq"]]  # never more rows than the budget
         sampling = {"rows": len(sampled), "dropped_at_eos": dropped, "prompt_tokens": args.prompt}
         sampling |= {"top_p": args.top_p, "seconds": time.perf_counter() - sample_start}
-        sampled = sampled[: needed // size["seq"]]
     text_needed = needed - len(sampled) * size["seq"]
     train_rows, train_texts = (
         kd_pool(tokenizer, args.train_text, size["seq"], text_needed, args.shift_repeats)

@@ -105,7 +105,7 @@ def test_teacher_samples_keep_the_prompts_and_are_seeded_per_row():
     assert torch.equal(rows[:, :3], source[picks, :3])
     alone, _ = teacher_samples(teacher, source, n=3, prompt=3, top_p=1.0, eos_token_id=None, pad_token_id=0, batch=1)
     assert torch.equal(rows, alone)  # a row's sample does not depend on the other rows of its batch
-    # a token that every row emits somewhere counts as EOS: every row stops early, and every row is dropped
+    # the first token row 0 samples, declared EOS: that row stops early, so it is dropped
     common = int(rows[0, 3])
     kept, dropped = teacher_samples(teacher, source, n=1, prompt=3, top_p=1.0, eos_token_id=common, pad_token_id=0)
     assert len(kept) == 0 and dropped == 1
