@@ -85,7 +85,7 @@ def kd_pool(
         take = min(len(rows), max(0, needed // seq - used))
         parts.append(rows[:take])
         used += take
-        distinct = min(take * seq, len(stream)) if shift else min(take, len(blocks(stream, seq))) * seq
+        distinct = min(take * seq, len(stream) if shift else len(stream) // seq * seq)  # unshifted: whole rows only
         texts.append({"text": name, "repeats": repeats, "distinct_tokens": int(distinct)})
     pool = torch.cat(parts)
     if len(pool) == 0:
