@@ -35,7 +35,7 @@ from pathlib import Path
 import datasets
 import torch
 from common import RESULTS_DIR, machine_info, setup_threads, summarize, write_json
-from lm_common import TABLE_TEXTS, TEXTS, blocks, kd_trainer, mean_kl, perplexity, token_stream
+from lm_common import TABLE_TEXTS, TEXTS, TokenNoise, blocks, kd_trainer, mean_kl, perplexity, token_stream
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
 from transformers import logging as hf_logging
 
@@ -171,8 +171,11 @@ class PerplexityCurve(TrainerCallback):
             print(f"  step {state.global_step}: ppl {result['ppl']:.2f} ({ratio:.3f}x the teacher)", flush=True)
 
 
-def distil(teacher, student, tokenizer, train, size: dict, lr: float, out: str, curve=None) -> dict:
-    trainer, timer = kd_trainer(teacher, student, tokenizer, train, size, lr, out, () if curve is None else (curve,))
+def distil(
+    teacher, student, tokenizer, train, size: dict, lr: float, out: str, curve=None, collator=None, **options
+) -> dict:
+    callbacks = () if curve is None else (curve,)
+    trainer, timer = kd_trainer(teacher, student, tokenizer, train, size, lr, out, callbacks, collator, **options)
     trainer.remove_callback(PrinterCallback)
     start = time.perf_counter()
     trainer.train()
@@ -228,6 +231,21 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--prompt", type=int, default=32, help="Prompt tokens of every --teacher-samples row.")
     parser.add_argument("--top-p", type=float, default=0.9, help="Nucleus mass of the teacher's sampling.")
+    parser.add_argument(
+        "--token-noise",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="Replace each KD input token with probability P by a token of the KD text (both models read it).",
+    )
+    parser.add_argument(
+        "--hidden-loss-weight",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="Add W x the cosine hidden-state loss, each student block matched to the teacher block it was pruned "
+        "from (a learned projection bridges the widths).",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "minitron.json", help="JSON result path.")
     args = parser.parse_args(argv)
     size = dict(SIZES[args.size])
@@ -243,6 +261,10 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"argument --prompt: must be in [1, {SIZES[args.size]['seq'] - 1}], got {args.prompt}")
     if not 0 < args.top_p <= 1:
         parser.error(f"argument --top-p: must be in (0, 1], got {args.top_p}")
+    if not args.hidden_loss_weight >= 0:
+        parser.error(f"argument --hidden-loss-weight: must be >= 0, got {args.hidden_loss_weight}")
+    if not 0 <= args.token_noise < 1:
+        parser.error(f"argument --token-noise: must be in [0, 1), got {args.token_noise}")
     size["bf16"] = args.bf16
     setup_threads(args.threads)
     hf_logging.set_verbosity_error()
@@ -295,7 +317,9 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         print(f"budget search ({name}):", flush=True)
         result = search_budget(teacher, budget, batches, **grid, **extra)
-        students[name] = (result.model, {"shape": vars(result.shape), "table": result.table})
+        kept = [i for i in range(teacher.config.num_hidden_layers) if i not in set(result.removed.get("layers", ()))]
+        info = {"shape": vars(result.shape), "table": result.table, "kept_layers": kept}
+        students[name] = (result.model, info)
 
     variants = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -303,7 +327,17 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name}: {info['shape']} -> distilling ...", flush=True)
             pruned = _measure(student, rows_eval)
             curve = PerplexityCurve(rows_eval, args.eval_at, teacher_eval["ppl"], size["batch"] * size["seq"])
-            recovery = distil(teacher, student.train(), tokenizer, train, size, args.lr, f"{tmp}/{name}", curve)
+            noise = TokenNoise(train_rows, args.token_noise) if args.token_noise else None  # fresh seed per variant
+            hidden = {}
+            if args.hidden_loss_weight:
+                kept = info.get("kept_layers") or [
+                    i for i in range(teacher.config.num_hidden_layers) if i not in info["dropped_layers"]
+                ]
+                layer_map = {student_layer: teacher_layer for student_layer, teacher_layer in enumerate(kept)}
+                hidden = dict(hidden_loss_weight=args.hidden_loss_weight, hidden_loss="cosine", layer_map=layer_map)
+            recovery = distil(
+                teacher, student.train(), tokenizer, train, size, args.lr, f"{tmp}/{name}", curve, noise, **hidden
+            )
             recovered = _measure(student, rows_eval)
             held_in = train_rows[: len(rows_eval)]  # the first KD rows, as many as the test rows
             kl = {"held_in": mean_kl(teacher, student, held_in), "held_out": mean_kl(teacher, student, rows_eval)}
@@ -329,6 +363,10 @@ def main(argv: list[str] | None = None) -> dict:
         "train_text": train_texts,
         "shifted_repeats": args.shift_repeats,
         "teacher_samples": sampling,
+        "token_noise": args.token_noise,
+        "hidden_loss": {"weight": args.hidden_loss_weight, "distance": "cosine", "layers": "the blocks kept"}
+        if args.hidden_loss_weight
+        else None,
         "precision": "bf16 autocast (teacher bf16)" if args.bf16 else "fp32",
         "calibration": f"{size['calibration']} batches of tinyshakespeare",
         "learning_rate": args.lr,

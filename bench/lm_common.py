@@ -111,6 +111,33 @@ def mean_kl(teacher, student, rows: torch.Tensor, batch: int = 8) -> float:
     return total / count
 
 
+class TokenNoise:
+    """Collate equal-length rows, then replace every token with probability ``p`` by one drawn from ``pool``.
+
+    An input augmentation for distillation: the teacher and the student read the same changed rows, so the target
+    is still the teacher's exact distribution, on contexts the KD text does not hold verbatim. Drawing from ``pool``
+    (the KD tokens, repeats included) keeps the unigram frequencies of the text. ``labels`` follow ``input_ids``.
+    Seeded, so a run is repeatable with ``dataloader_num_workers=0``.
+    """
+
+    def __init__(self, pool: torch.Tensor, p: float, seed: int = 0):
+        if not 0 <= p < 1:
+            raise ValueError(f"`p` must be in [0, 1), got {p}.")
+        self.pool, self.p = pool.flatten(), p
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, features: list[dict]) -> dict:
+        batch = default_data_collator(features)
+        ids = batch["input_ids"].clone()
+        hit = torch.rand(ids.shape, generator=self.generator) < self.p
+        draws = torch.randint(len(self.pool), (int(hit.sum()),), generator=self.generator)
+        ids[hit] = self.pool[draws]
+        batch["input_ids"] = ids
+        if "labels" in batch:
+            batch["labels"] = ids.clone()
+        return batch
+
+
 class CpuStepTimer(StepTimer):
     """``StepTimer`` that also records the process CPU time (all threads) of every step."""
 
@@ -150,10 +177,21 @@ def common_args(size: dict, lr: float, out: str) -> dict:
     )
 
 
-def kd_trainer(teacher, student, tokenizer, train, size: dict, lr: float, out: str, callbacks=()):
-    """Our forward-KL `DistillationTrainer` for the LM benches (chunked loss), and its CPU step timer."""
+def kd_trainer(
+    teacher, student, tokenizer, train, size: dict, lr: float, out: str, callbacks=(), collator=None, **options
+):
+    """Our forward-KL `DistillationTrainer` for the LM benches (chunked loss), and its CPU step timer.
+
+    ``collator`` replaces ``default_data_collator`` (e.g. ``TokenNoise``, which changes the rows both models read);
+    ``options`` are more `DistillationConfig` fields (e.g. ``hidden_loss_weight``).
+    """
     config = DistillationConfig(
-        **common_args(size, lr, out), alpha=1.0, temperature=1.0, distillation_loss="kl", loss_chunk_size=size["chunk"]
+        **common_args(size, lr, out),
+        alpha=1.0,
+        temperature=1.0,
+        distillation_loss="kl",
+        loss_chunk_size=size["chunk"],
+        **options,
     )
     timer = CpuStepTimer()
     trainer = DistillationTrainer(
@@ -162,7 +200,7 @@ def kd_trainer(teacher, student, tokenizer, train, size: dict, lr: float, out: s
         args=config,
         train_dataset=train,
         processing_class=tokenizer,
-        data_collator=default_data_collator,
+        data_collator=collator or default_data_collator,
         callbacks=[timer, *callbacks],
     )
     return trainer, timer

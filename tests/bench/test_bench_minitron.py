@@ -83,16 +83,21 @@ def test_depth_keeps_width_and_width_keeps_depth(minitron):
 
 @pytest.mark.slow
 def test_one_variant_in_bf16_with_a_perplexity_curve(tiny_root):
-    """``--variants search --bf16 --eval-at --train-text --shift-repeats --teacher-samples``: only that student,
-    recovered in bf16 autocast on MRPC text and rows the teacher wrote, measured on the way."""
+    """``--variants search --bf16 --eval-at --train-text --shift-repeats --teacher-samples --token-noise``: only that
+    student, recovered in bf16 autocast on MRPC text and rows the teacher wrote (10% of tokens replaced, a hidden-state
+    loss on the kept blocks), measured on the way."""
     extra = ("--variants", "search", "--bf16", "--steps", "5", "--eval-at", "2", "4", "--train-text", "mrpc:2")
-    extra += ("--shift-repeats", "--teacher-samples", "2", "--prompt", "8")
+    extra += ("--shift-repeats", "--teacher-samples", "2", "--prompt", "8", "--token-noise", "0.1")
+    extra += ("--hidden-loss-weight", "0.5")
     result = run_bench(tiny_root, "curve", *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads((tiny_root / "curve.json").read_text())
     assert set(payload["variants"]) == {"search"}
     settings = payload["settings"]
     assert settings["precision"].startswith("bf16") and settings["steps"] == 5 and settings["shifted_repeats"]
+    assert settings["token_noise"] == 0.1 and settings["hidden_loss"]["weight"] == 0.5
+    kept = payload["variants"]["search"]["kept_layers"]  # what the hidden loss matches each student block to
+    assert len(kept) == payload["variants"]["search"]["shape"]["layers"] and kept == sorted(set(kept))
     sampled = settings["teacher_samples"]  # rows the teacher wrote take the place of text rows in the budget
     assert sampled["rows"] + sampled["dropped_at_eos"] == 2 and sampled["prompt_tokens"] == 8
     text_rows = 5 * 2 - sampled["rows"]
@@ -120,6 +125,8 @@ def test_bad_sampling_options_are_refused(tiny_root):
         (("--teacher-samples", "-1"), "--teacher-samples: must be >= 0"),
         (("--teacher-samples", "2", "--prompt", "32"), "--prompt: must be in [1, 31]"),
         (("--top-p", "0"), "--top-p: must be in (0, 1]"),
+        (("--token-noise", "1"), "--token-noise: must be in [0, 1)"),
+        (("--hidden-loss-weight", "-1"), "--hidden-loss-weight: must be >= 0"),
     ):
         result = run_bench(tiny_root, "bad_sampling", *extra)
         assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]

@@ -14,7 +14,7 @@ from tests.tiny_models import tiny_inputs, tiny_model
 
 sys.path.insert(0, str(REPO / "bench"))
 from bench_minitron import kd_pool, teacher_samples, text_spec  # noqa: E402
-from lm_common import TABLE_TEXTS, blocks, mean_kl, text_lines, token_stream  # noqa: E402
+from lm_common import TABLE_TEXTS, TokenNoise, blocks, mean_kl, text_lines, token_stream  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +111,29 @@ def test_teacher_samples_keep_the_prompts_and_are_seeded_per_row():
     assert len(kept) == 0 and dropped == 1
     with pytest.raises(ValueError, match="`prompt` must be in"):
         teacher_samples(teacher, source, n=1, prompt=8, top_p=1.0, eos_token_id=None, pad_token_id=0)
+
+
+def test_token_noise_replaces_about_p_of_the_tokens_with_pool_tokens():
+    """Every changed token comes from the pool, about ``p`` of them change, labels follow, and a seed repeats it."""
+    rows = torch.arange(4000).view(100, 40)  # every id distinct, so a changed position is visible
+    pool = torch.tensor([7000, 7001, 7002])
+    features = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r} for r in rows]
+    batch = TokenNoise(pool, 0.2, seed=3)(features)
+    changed = batch["input_ids"] != rows
+    assert torch.isin(batch["input_ids"][changed], pool).all()
+    assert torch.equal(batch["input_ids"][~changed], rows[~changed])
+    assert 0.17 < changed.float().mean() < 0.23  # 4,000 draws at p = 0.2
+    assert torch.equal(batch["labels"], batch["input_ids"]) and torch.equal(
+        batch["attention_mask"], torch.ones(100, 40)
+    )
+    assert torch.equal(TokenNoise(pool, 0.2, seed=3)(features)["input_ids"], batch["input_ids"])
+    again = TokenNoise(pool, 0.2, seed=3)
+    first, second = again(features)["input_ids"], again(features)["input_ids"]
+    assert not torch.equal(first, second)  # a new draw every batch, not the same noise each epoch
+    assert torch.equal(TokenNoise(pool, 0.0)(features)["input_ids"], rows)
+
+
+def test_token_noise_refuses_a_bad_probability():
+    for p in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=r"`p` must be in \[0, 1\)"):
+            TokenNoise(torch.arange(3), p)
