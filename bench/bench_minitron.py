@@ -21,7 +21,10 @@ trainer shuffles them); never on WikiText-2 test, the text every perplexity is m
 repeat ``r`` of ``N`` ``r * seq / N`` tokens further into its text, so the repeats are the same tokens in new
 contexts, not copies. ``--teacher-samples 1200 --prompt 32 --top-p 0.9`` adds sequence-level KD data: 1,200 rows the
 teacher writes itself (``hf_compress.distillation.on_policy.generate_completions``), each continuing the first 32
-tokens of a WikiText-2 valid row; they take the place of as many text rows in the budget.
+tokens of a WikiText-2 valid row; they take the place of as many text rows in the budget. ``--token-noise 0.1``
+replaces each KD input token, with probability 0.1 and new draws every batch, by a token of the KD text (both models
+read the changed rows); ``--hidden-loss-weight 0.5`` adds a cosine hidden-state loss between each student block and
+the teacher block it was pruned from.
 """
 
 from __future__ import annotations
@@ -145,7 +148,12 @@ def depth_only(teacher, batches: list[dict], budget: int) -> tuple[torch.nn.Modu
         raise ValueError(f"`budget` {budget:,} cannot be reached by dropping blocks alone.")
     drop = sorted(torch.argsort(scores)[: num_layers - keep].tolist())
     student = drop_layers(copy.deepcopy(teacher), drop)
-    return student, {"dropped_layers": drop, "shape": vars(Shape(keep, config.hidden_size, heads, ffn))}
+    kept = [i for i in range(num_layers) if i not in drop]
+    return student, {
+        "dropped_layers": drop,
+        "kept_layers": kept,
+        "shape": vars(Shape(keep, config.hidden_size, heads, ffn)),
+    }
 
 
 class PerplexityCurve(TrainerCallback):
@@ -329,11 +337,8 @@ def main(argv: list[str] | None = None) -> dict:
             curve = PerplexityCurve(rows_eval, args.eval_at, teacher_eval["ppl"], size["batch"] * size["seq"])
             noise = TokenNoise(train_rows, args.token_noise) if args.token_noise else None  # fresh seed per variant
             hidden = {}
-            if args.hidden_loss_weight:
-                kept = info.get("kept_layers") or [
-                    i for i in range(teacher.config.num_hidden_layers) if i not in info["dropped_layers"]
-                ]
-                layer_map = {student_layer: teacher_layer for student_layer, teacher_layer in enumerate(kept)}
+            if args.hidden_loss_weight:  # each student block matched to the teacher block it was pruned from
+                layer_map = dict(enumerate(info["kept_layers"]))
                 hidden = dict(hidden_loss_weight=args.hidden_loss_weight, hidden_loss="cosine", layer_map=layer_map)
             recovery = distil(
                 teacher, student.train(), tokenizer, train, size, args.lr, f"{tmp}/{name}", curve, noise, **hidden
