@@ -13,7 +13,7 @@ from tests.bench.test_bench_llm import REPO, word_tokenizer
 from tests.tiny_models import tiny_inputs, tiny_model
 
 sys.path.insert(0, str(REPO / "bench"))
-from bench_minitron import kd_pool, teacher_samples, text_spec  # noqa: E402
+from kd_texts import kd_pool, teacher_samples, text_spec  # noqa: E402
 from lm_common import TABLE_TEXTS, TokenNoise, blocks, mean_kl, text_lines, token_stream  # noqa: E402
 
 
