@@ -24,7 +24,9 @@ teacher writes itself (``hf_compress.distillation.on_policy.generate_completions
 tokens of a WikiText-2 valid row; they take the place of as many text rows in the budget. ``--token-noise 0.1``
 replaces each KD input token, with probability 0.1 and new draws every batch, by a token of the KD text (both models
 read the changed rows); ``--hidden-loss-weight 0.5`` adds a cosine hidden-state loss between each student block and
-the teacher block it was pruned from.
+the teacher block it was pruned from; ``--calibration-text wikitext2_valid`` scores importance and the budget
+candidates on the KD text instead of tinyshakespeare; ``--alpha 0.5`` mixes the KD text's own next-token
+cross-entropy (weight ``1 - alpha``) into the forward KL.
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ from pathlib import Path
 
 import datasets
 import torch
-from common import RESULTS_DIR, machine_info, setup_threads, summarize, write_json
+from common import RESULTS_DIR, machine_info, setup_threads, write_json
 from kd_texts import kd_pool, teacher_samples, text_spec
-from lm_common import TEXTS, TokenNoise, blocks, kd_trainer, mean_kl, perplexity, token_stream
-from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+from lm_common import TEXTS, TokenNoise, blocks, mean_kl, perplexity, token_stream
+from lm_recovery import PerplexityCurve, correct_teacher, distil
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers import logging as hf_logging
 
 from hf_compress.distillation.on_policy import special_token_ids
@@ -84,47 +87,6 @@ def depth_only(teacher, batches: list[dict], budget: int) -> tuple[torch.nn.Modu
         "dropped_layers": drop,
         "kept_layers": kept,
         "shape": vars(Shape(keep, config.hidden_size, heads, ffn)),
-    }
-
-
-class PerplexityCurve(TrainerCallback):
-    """WikiText-2 test perplexity of the student after each of ``steps`` (the learning rate not yet decayed there)."""
-
-    def __init__(self, rows: torch.Tensor, steps, teacher_ppl: float, tokens_per_step: int):
-        self.rows, self.steps, self.teacher_ppl, self.tokens_per_step = rows, set(steps), teacher_ppl, tokens_per_step
-        self.points: list[dict] = []
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step in self.steps and state.global_step < state.max_steps:
-            result = perplexity(model, self.rows)
-            model.train()
-            self.points.append(
-                {
-                    "step": state.global_step,
-                    "train_tokens": state.global_step * self.tokens_per_step,
-                    "ppl": result["ppl"],
-                    "ppl_ratio": result["ppl"] / self.teacher_ppl,
-                }
-            )
-            ratio = self.points[-1]["ppl_ratio"]
-            print(f"  step {state.global_step}: ppl {result['ppl']:.2f} ({ratio:.3f}x the teacher)", flush=True)
-
-
-def distil(
-    teacher, student, tokenizer, train, size: dict, lr: float, out: str, curve=None, collator=None, **options
-) -> dict:
-    callbacks = () if curve is None else (curve,)
-    trainer, timer = kd_trainer(teacher, student, tokenizer, train, size, lr, out, callbacks, collator, **options)
-    trainer.remove_callback(PrinterCallback)
-    start = time.perf_counter()
-    trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return {
-        "train_seconds": time.perf_counter() - start,
-        "step_s": summarize(timer.step_times(skip=size["skip"])),
-        "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None,
-        "curve": [] if curve is None else curve.points,
     }
 
 
@@ -185,6 +147,30 @@ def main(argv: list[str] | None = None) -> dict:
         help="Add W x the cosine hidden-state loss, each student block matched to the teacher block it was pruned "
         "from (a learned projection bridges the widths).",
     )
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        default=1.0,
+        help="Weight of the forward KL to the teacher; the KD text's own next-token cross-entropy gets 1 - alpha "
+        "(default 1: pure KD).",
+    )
+    parser.add_argument(
+        "--calibration-text",
+        choices=[name for name in TEXTS if name != "wikitext2_test"],
+        default="tinyshakespeare",
+        help="Text of the calibration batches that score importance and the budget candidates.",
+    )
+    parser.add_argument(
+        "--teacher-correction",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="First fine-tune the teacher for STEPS steps on the KD text (cross-entropy; Minitron's teacher "
+        "correction), then prune and distil from it; ratios are given to both teachers.",
+    )
+    parser.add_argument(
+        "--correction-lr", type=float, default=1e-4, help="Peak learning rate of --teacher-correction."
+    )
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "minitron.json", help="JSON result path.")
     args = parser.parse_args(argv)
     size = dict(SIZES[args.size])
@@ -202,6 +188,12 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"argument --top-p: must be in (0, 1], got {args.top_p}")
     if not args.hidden_loss_weight >= 0:
         parser.error(f"argument --hidden-loss-weight: must be >= 0, got {args.hidden_loss_weight}")
+    if args.teacher_correction < 0:
+        parser.error(f"argument --teacher-correction: must be >= 0, got {args.teacher_correction}")
+    if not args.correction_lr > 0:
+        parser.error(f"argument --correction-lr: must be > 0, got {args.correction_lr}")
+    if not 0 <= args.alpha <= 1:
+        parser.error(f"argument --alpha: must be in [0, 1], got {args.alpha}")
     if not 0 <= args.token_noise < 1:
         parser.error(f"argument --token-noise: must be in [0, 1), got {args.token_noise}")
     size["bf16"] = args.bf16
@@ -218,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"teacher {args.model}: {_params(teacher):,} params; budget {budget:,}", flush=True)
 
     n = size["calibration"] * size["batch"]
-    rows = blocks(token_stream(tokenizer, TEXTS["tinyshakespeare"], n * size["seq"]), size["seq"])
+    rows = blocks(token_stream(tokenizer, TEXTS[args.calibration_text], n * size["seq"]), size["seq"])
     batches = [{"input_ids": rows[i : i + size["batch"]]} for i in range(0, n, size["batch"])]
     needed = size["steps"] * size["batch"] * size["seq"]
     sampled, sampling = torch.empty(0, size["seq"], dtype=torch.long), None
@@ -246,6 +238,14 @@ def main(argv: list[str] | None = None) -> dict:
     rows_eval = blocks(token_stream(tokenizer, TEXTS["wikitext2_test"], size["eval_tokens"]), size["seq"])
     teacher_eval = _measure(teacher, rows_eval)
     payload["teacher"] = teacher_eval
+    reference = teacher_eval["ppl"]  # what every student is also compared with: the teacher it learns from
+    if args.teacher_correction:
+        print(f"teacher correction: {args.teacher_correction} steps on the KD text ...", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            correction = correct_teacher(teacher, train, size, args.teacher_correction, args.correction_lr, tmp)
+        payload["corrected_teacher"] = {**_measure(teacher, rows_eval), "correction": correction}
+        reference = payload["corrected_teacher"]["ppl"]
+        print(f"  corrected teacher: ppl {reference:.2f} (was {teacher_eval['ppl']:.2f})", flush=True)
 
     students = {}
     if "depth" in args.variants:
@@ -267,12 +267,12 @@ def main(argv: list[str] | None = None) -> dict:
             pruned = _measure(student, rows_eval)
             curve = PerplexityCurve(rows_eval, args.eval_at, teacher_eval["ppl"], size["batch"] * size["seq"])
             noise = TokenNoise(train_rows, args.token_noise) if args.token_noise else None  # fresh seed per variant
-            hidden = {}
+            options = {"alpha": args.alpha}
             if args.hidden_loss_weight:  # each student block matched to the teacher block it was pruned from
                 layer_map = dict(enumerate(info["kept_layers"]))
-                hidden = dict(hidden_loss_weight=args.hidden_loss_weight, hidden_loss="cosine", layer_map=layer_map)
+                options |= dict(hidden_loss_weight=args.hidden_loss_weight, hidden_loss="cosine", layer_map=layer_map)
             recovery = distil(
-                teacher, student.train(), tokenizer, train, size, args.lr, f"{tmp}/{name}", curve, noise, **hidden
+                teacher, student.train(), tokenizer, train, size, args.lr, f"{tmp}/{name}", curve, noise, **options
             )
             recovered = _measure(student, rows_eval)
             held_in = train_rows[: len(rows_eval)]  # the first KD rows, as many as the test rows
@@ -286,6 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "recovery": recovery,
                 "ppl_ratio_pruned": pruned["ppl"] / teacher_eval["ppl"],
                 "ppl_ratio_recovered": recovered["ppl"] / teacher_eval["ppl"],
+                "ppl_ratio_to_distilled_teacher": recovered["ppl"] / reference,
                 "tokens_per_s_ratio": recovered["tokens_per_s"] / teacher_eval["tokens_per_s"],
                 "kl_to_teacher": kl,
             }
@@ -300,11 +301,13 @@ def main(argv: list[str] | None = None) -> dict:
         "shifted_repeats": args.shift_repeats,
         "teacher_samples": sampling,
         "token_noise": args.token_noise,
+        "alpha": args.alpha,
+        "teacher_correction": payload.get("corrected_teacher", {}).get("correction"),
         "hidden_loss": {"weight": args.hidden_loss_weight, "distance": "cosine", "layers": "the blocks kept"}
         if args.hidden_loss_weight
         else None,
         "precision": "bf16 autocast (teacher bf16)" if args.bf16 else "fp32",
-        "calibration": f"{size['calibration']} batches of tinyshakespeare",
+        "calibration": f"{size['calibration']} batches of {args.calibration_text}",
         "learning_rate": args.lr,
         "layer_importance": "block_influence (the search's skip-loss option costs num_layers + 1 forwards per batch)",
     }
@@ -319,6 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
             "params": v["params"],
             "ppl/teacher pruned": round(v["ppl_ratio_pruned"], 3),
             "ppl/teacher recovered": round(v["ppl_ratio_recovered"], 3),
+            "ppl/corrected teacher": round(v["ppl_ratio_to_distilled_teacher"], 3) if args.teacher_correction else "-",
             "tokens/s": round(v["recovered"]["tokens_per_s"]),
         }
         for name, v in variants.items()

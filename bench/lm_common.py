@@ -183,16 +183,11 @@ def kd_trainer(
     """Our forward-KL `DistillationTrainer` for the LM benches (chunked loss), and its CPU step timer.
 
     ``collator`` replaces ``default_data_collator`` (e.g. ``TokenNoise``, which changes the rows both models read);
-    ``options`` are more `DistillationConfig` fields (e.g. ``hidden_loss_weight``).
+    ``options`` are more `DistillationConfig` fields (e.g. ``hidden_loss_weight``), or replace the defaults (pure
+    forward KL: ``alpha=1``, ``T=1``).
     """
-    config = DistillationConfig(
-        **common_args(size, lr, out),
-        alpha=1.0,
-        temperature=1.0,
-        distillation_loss="kl",
-        loss_chunk_size=size["chunk"],
-        **options,
-    )
+    defaults = dict(alpha=1.0, temperature=1.0, distillation_loss="kl", loss_chunk_size=size["chunk"])
+    config = DistillationConfig(**common_args(size, lr, out), **{**defaults, **options})
     timer = CpuStepTimer()
     trainer = DistillationTrainer(
         model=student,

@@ -85,17 +85,24 @@ def test_depth_keeps_width_and_width_keeps_depth(minitron):
 def test_one_variant_in_bf16_with_a_perplexity_curve(tiny_root):
     """``--variants search --bf16 --eval-at --train-text --shift-repeats --teacher-samples --token-noise``: only that
     student, recovered in bf16 autocast on MRPC text and rows the teacher wrote (10% of tokens replaced, a hidden-state
-    loss on the kept blocks), measured on the way."""
+    loss on the kept blocks, the text's own cross-entropy at weight 0.5) from a teacher first fine-tuned on that text,
+    measured on the way."""
     extra = ("--variants", "search", "--bf16", "--steps", "5", "--eval-at", "2", "4", "--train-text", "mrpc:2")
     extra += ("--shift-repeats", "--teacher-samples", "2", "--prompt", "8", "--token-noise", "0.1")
-    extra += ("--hidden-loss-weight", "0.5")
+    extra += ("--hidden-loss-weight", "0.5", "--alpha", "0.5", "--calibration-text", "wikitext2_valid")
+    extra += ("--teacher-correction", "2")
     result = run_bench(tiny_root, "curve", *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads((tiny_root / "curve.json").read_text())
     assert set(payload["variants"]) == {"search"}
     settings = payload["settings"]
     assert settings["precision"].startswith("bf16") and settings["steps"] == 5 and settings["shifted_repeats"]
-    assert settings["token_noise"] == 0.1 and settings["hidden_loss"]["weight"] == 0.5
+    assert settings["token_noise"] == 0.1 and settings["hidden_loss"]["weight"] == 0.5 and settings["alpha"] == 0.5
+    assert settings["calibration"].endswith("of wikitext2_valid") and settings["teacher_correction"]["steps"] == 2
+    corrected = payload["corrected_teacher"]["ppl"]  # two steps at lr 1e-4 move the teacher's test perplexity
+    assert math.isfinite(corrected) and corrected != payload["teacher"]["ppl"]
+    student = payload["variants"]["search"]
+    assert math.isclose(student["ppl_ratio_to_distilled_teacher"], student["recovered"]["ppl"] / corrected)
     kept = payload["variants"]["search"]["kept_layers"]  # what the hidden loss matches each student block to
     assert len(kept) == payload["variants"]["search"]["shape"]["layers"] and kept == sorted(set(kept))
     sampled = settings["teacher_samples"]  # rows the teacher wrote take the place of text rows in the budget
@@ -127,6 +134,7 @@ def test_bad_sampling_options_are_refused(tiny_root):
         (("--top-p", "0"), "--top-p: must be in (0, 1]"),
         (("--token-noise", "1"), "--token-noise: must be in [0, 1)"),
         (("--hidden-loss-weight", "-1"), "--hidden-loss-weight: must be >= 0"),
+        (("--alpha", "1.5"), "--alpha: must be in [0, 1]"),
     ):
         result = run_bench(tiny_root, "bad_sampling", *extra)
         assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
