@@ -150,7 +150,8 @@ def test_plan_lists_the_candidates_and_prunes_a_meta_model_to_the_largest():
 def test_shipped_minitron_recipe_plans_the_budget_with_a_tiny_stand_in(tmp_path, capsys, monkeypatch):
     source = REPO_ROOT / "recipes" / "smollm2_minitron.yaml"
     raw = yaml.safe_load(source.read_text())
-    assert raw["model"]["teacher"] == "builtin:SmolLM2-135M" and raw["stages"][0]["pruning"]["budget"] == 70_000_000
+    assert raw["model"]["teacher"] == "builtin:SmolLM2-135M" and raw["stages"][1]["pruning"]["budget"] == 70_000_000
+    assert raw["stages"][0]["type"] == "finetune_teacher"  # teacher correction before the search prunes it
     folder = tmp_path / "recipes"
     lm = tiny_model("llama", "causal_lm")
     lm.save_pretrained(folder / "tiny-llama")
