@@ -139,3 +139,25 @@ def teacher_forward(teacher: nn.Module, inputs: dict[str, Any], flags: dict[str,
     context = torch.no_grad() if flags else torch.inference_mode()
     with context:
         return teacher(**inputs, **teacher_flags)
+
+
+def check_student_trains(student: nn.Module, teacher: nn.Module | None) -> None:
+    """
+    Raise a `ValueError` when no parameter of `student` would train (all frozen, e.g. the teacher itself or a model
+    built in place from it, whose tensors the frozen teacher shares); warn when only some tensors are shared.
+    """
+    params = list(student.parameters())
+    teacher_ids = set() if teacher is None else {id(p) for p in teacher.parameters()}
+    shared = sum(id(p) in teacher_ids for p in params)
+    if not any(p.requires_grad for p in params):
+        reason = f"it shares {shared} of its {len(params)} tensors with the frozen teacher" if shared else "all frozen"
+        raise ValueError(
+            f"`model` (the student) has no parameter with requires_grad=True ({reason}), so training would not change "
+            "it; pass a copy of the teacher to shrink (`copy.deepcopy(teacher)`) or unfreeze it "
+            "(`model.requires_grad_(True)`)."
+        )
+    if shared:
+        logger.warning(
+            f"`model` (the student) shares {shared} of its {len(params)} parameter tensors with `teacher_model`, "
+            "which is frozen: those tensors will not train. Pass a copy (`copy.deepcopy(teacher)`) to train them."
+        )

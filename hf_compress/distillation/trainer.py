@@ -61,6 +61,7 @@ from hf_compress.distillation.teacher import (
     DISTILLED_HEADS,
     build_teacher,
     check_compatible,
+    check_student_trains,
     distilled_head,
     teacher_forward,
 )
@@ -150,6 +151,7 @@ class DistillationTrainer(Trainer):
         self.teacher_model = None if teacher_model is None else self._build_teacher(teacher_model)
         if self.teacher_model is not None:
             self._check_compatible(student, self.teacher_model)
+        check_student_trains(student, self.teacher_model)
         self._configure_intermediate_losses(student, self.teacher_model)
         if self.teacher_model is not None:
             self.teacher_model = prepare_teacher(self.teacher_model, self.teacher_placement, self.accelerator)

@@ -90,3 +90,23 @@ def test_guard_misc(tmp_path):
         build(tmp_path, tiny_model("bert", "seq_cls"), 3)
     with pytest.raises(ValueError, match="`compute_loss_func` is not supported"):
         build(tmp_path, tiny_model("bert", "seq_cls"), tiny_model("bert", "seq_cls"), compute_loss_func=len)
+
+
+def test_a_student_that_cannot_train_is_refused(tmp_path):
+    teacher = tiny_model("llama", "causal_lm")
+    with pytest.raises(ValueError, match=r"no parameter with requires_grad=True \(it shares \d+ of its \d+ tensors"):
+        build(tmp_path, teacher, teacher)  # the teacher passed as its own student: frozen by the trainer
+    frozen = tiny_model("llama", "causal_lm", seed=1).requires_grad_(False)
+    with pytest.raises(ValueError, match=r"requires_grad=True \(all frozen\).*model.requires_grad_\(True\)"):
+        build(tmp_path, frozen, tiny_model("llama", "causal_lm"))
+
+
+def test_a_student_sharing_some_tensors_with_the_teacher_is_warned_about(tmp_path, caplog):
+    teacher = tiny_model("llama", "causal_lm")
+    student = tiny_model("llama", "causal_lm", seed=1)
+    student.model.embed_tokens = teacher.model.embed_tokens  # one shared tensor (tied to the LM head)
+    student.lm_head.weight = teacher.model.embed_tokens.weight
+    caplog.set_level("WARNING")
+    build(tmp_path, student, teacher)
+    assert "shares 1 of its" in caplog.text and "will not train" in caplog.text
+    assert not teacher.model.embed_tokens.weight.requires_grad and student.model.norm.weight.requires_grad
